@@ -1,0 +1,63 @@
+"""The interface every model implements: [0, 1] inputs, normalisation inside, named features.
+
+``model(x)`` returns logits; ``model(x, features=("layer1", "layer2"))`` returns
+``(logits, {"layer1": A1, "layer2": A2})`` with each ``A`` a B x C x H x W tensor. MixACM reads
+the activated channel maps from these features, so no string hooks reach into modules.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FeatureClassifier(nn.Module):
+    """Base class: owns the input normalisation and the feature-name contract.
+
+    Subclasses set ``feature_names`` (in forward order) and implement
+    ``_forward(z, want)`` on the normalised input ``z``, filling ``feats`` for every
+    name in ``want`` and returning logits.
+    """
+
+    feature_names: tuple[str, ...] = ()
+
+    def __init__(self, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def _forward(self, z: Tensor, want: frozenset[str], feats: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def check_features(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in self.feature_names]
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no feature(s) {unknown}; valid: {list(self.feature_names)}"
+            )
+
+    def forward(self, x: Tensor, features: Sequence[str] = ()) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        z = (x - self.mean) / self.std
+        if not features:
+            return self._forward(z, frozenset(), {})
+        self.check_features(features)
+        feats: dict[str, Tensor] = {}
+        logits = self._forward(z, frozenset(features), feats)
+        return logits, {name: feats[name] for name in features}
+
+    @torch.no_grad()
+    def feature_channels(self, image_size: int = 32) -> dict[str, int]:
+        """Channel count of every named feature (found by one forward pass on a dummy batch)."""
+        was_training = self.training
+        self.eval()
+        p = next(self.parameters())
+        x = torch.zeros(1, self.mean.shape[1], image_size, image_size, device=p.device, dtype=p.dtype)
+        _, feats = self(x, features=self.feature_names)
+        self.train(was_training)
+        return {name: int(t.shape[1]) for name, t in feats.items()}
