@@ -1,0 +1,133 @@
+"""L-inf projected gradient descent (Madry et al., ICLR 2018) on [0, 1] images.
+
+Each step ascends the loss with the sign of its input gradient and projects back onto the
+intersection of the eps ball around ``x`` and the image box:
+
+    x_{t+1} = clip_[0,1]( x + clip_[-eps,eps]( x_t + step_size * sign(grad_x L(f(x_t), y)) - x ) )
+
+starting from ``x + U(-eps, eps)`` (random start) or ``x``. With several restarts every example
+keeps the perturbation that misclassifies it, or failing that the one with the highest loss.
+
+The model's train/eval mode is never changed here (the caller decides, visibly), and the
+gradient is taken with ``torch.autograd.grad`` w.r.t. the input only, so parameter ``.grad``
+buffers are left as they were.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _per_example_ce(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def _uniform_like(x: Tensor, eps: float, generator: torch.Generator | None) -> Tensor:
+    # Draw on the generator's own device, then move: the same seed gives the same start on
+    # CPU and GPU, which keeps evaluations reproducible across machines.
+    gen_device = generator.device if generator is not None else x.device
+    u = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
+    return (2 * u - 1).mul_(eps).to(x.device)
+
+
+def _check_args(x: Tensor, eps: float, steps: int, step_size: float, restarts: int) -> None:
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps={eps!r} is outside (0, 1]; it is a fraction of the [0, 1] pixel range")
+    if steps < 0:
+        raise ValueError(f"steps={steps!r} must be >= 0")
+    if step_size <= 0 and steps > 0:
+        raise ValueError(f"step_size={step_size!r} must be > 0")
+    if restarts < 1:
+        raise ValueError(f"restarts={restarts!r} must be >= 1")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a float image tensor in [0, 1], got dtype {x.dtype}")
+
+
+def _one_run(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+    loss_fn: LossFn,
+    start: Tensor,
+) -> Tensor:
+    x_adv = start
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(model(x_adv), y)
+            # Summing per-example losses keeps each example's gradient independent of the
+            # batch size (only the sign is used anyway).
+            (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        x_adv = x_adv.detach() + step_size * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+    return x_adv.detach()
+
+
+def pgd_linf(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    random_start: bool = True,
+    restarts: int = 1,
+    loss_fn: LossFn | None = None,
+    generator: torch.Generator | None = None,
+    x_init: Tensor | None = None,
+) -> Tensor:
+    """Return adversarial images ``x_adv`` with ``|x_adv - x|_inf <= eps`` and ``0 <= x_adv <= 1``.
+
+    ``loss_fn(logits, y)`` is maximised; it may return per-example losses (shape B) or a
+    scalar (default: per-example cross-entropy). ``y`` is passed to it untouched, so it may be
+    labels or any target (e.g. clean logits for TRADES). ``generator`` draws the random start
+    (and nothing else), so a seeded generator makes the attack reproducible. ``x_init`` is an
+    explicit starting point (e.g. TRADES' ``x + 0.001 * N(0, 1)``); it is projected first and
+    replaces the random start of the first restart.
+    """
+    _check_args(x, eps, steps, step_size, restarts)
+    loss_fn = loss_fn or _per_example_ce
+    x = x.detach()
+    labels = y if (not y.is_floating_point() and y.dim() == 1 and y.shape[0] == x.shape[0]) else None
+
+    best: Tensor | None = None
+    best_wrong: Tensor | None = None
+    best_loss: Tensor | None = None
+    for r in range(restarts):
+        if r == 0 and x_init is not None:
+            start = torch.min(torch.max(x_init.detach(), x - eps), x + eps).clamp(0.0, 1.0)
+        elif random_start:
+            start = (x + _uniform_like(x, eps, generator)).clamp_(0.0, 1.0)
+        else:
+            start = x.clone()
+        x_adv = _one_run(model, x, y, eps, steps, step_size, loss_fn, start)
+        if restarts == 1:
+            return x_adv
+
+        with torch.no_grad():
+            logits = model(x_adv)
+            per_ex = loss_fn(logits, y)
+            if per_ex.dim() != 1:
+                # A scalar loss cannot rank examples: fall back to cross-entropy when y are labels.
+                per_ex = _per_example_ce(logits, labels) if labels is not None else torch.zeros(len(x), device=x.device)
+            wrong = logits.argmax(1) != labels if labels is not None else torch.zeros_like(per_ex, dtype=torch.bool)
+        if best is None:
+            best, best_wrong, best_loss = x_adv, wrong, per_ex
+            continue
+        # Misclassified beats correct; between equals the higher loss wins.
+        better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (per_ex > best_loss))
+        mask = better.view(-1, *([1] * (x.dim() - 1)))
+        best = torch.where(mask, x_adv, best)
+        best_wrong = torch.where(better, wrong, best_wrong)
+        best_loss = torch.where(better, per_ex, best_loss)
+    assert best is not None
+    return best
