@@ -51,6 +51,20 @@ class FeatureClassifier(nn.Module):
         logits = self._forward(z, frozenset(features), feats)
         return logits, {name: feats[name] for name in features}
 
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map a state dict saved outside this project onto this model's key names.
+
+        Foreign files carry no normalisation buffers (they normalise elsewhere), so this model's
+        own ``mean``/``std`` fill them in; a ``module.`` prefix on every key (left by
+        ``DataParallel``) is dropped. Models whose upstream key names differ override this.
+        """
+        sd = dict(state_dict)
+        if sd and all(k.startswith("module.") for k in sd):
+            sd = {k[len("module."):]: v for k, v in sd.items()}
+        for name in ("mean", "std"):
+            sd.setdefault(name, getattr(self, name))
+        return sd
+
     @torch.no_grad()
     def feature_channels(self, image_size: int = 32) -> dict[str, int]:
         """Channel count of every named feature (found by one forward pass on a dummy batch)."""

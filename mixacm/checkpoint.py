@@ -1,0 +1,234 @@
+"""Model files: one format for teachers, trained students and final models.
+
+A model file is a ``torch.save`` of::
+
+    {"format": "mixacm-model", "version": 1,
+     "model": {"name": "wrn-34-10", "num_classes": 10, "kwargs": {...}},   # the spec
+     "state_dict": {...}, "meta": {...}}
+
+The spec rebuilds the architecture through the model registry, so a file needs no code beside it,
+and the weights load with strict key matching. Everything in it is plain data (tensors, numbers,
+strings, lists, dicts), so files load with ``torch.load(weights_only=True)`` and never run pickled
+code. Besides this format, ``load_foreign_state_dict`` reads raw state dicts published elsewhere
+(e.g. the teachers in ``../shared/models``) into a registered architecture, and ``load_any_model``
+also accepts a TorchScript file (a foreign model that takes [0, 1] images).
+
+Every failure raises ``CheckpointError`` naming the file and the cause.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from mixacm.models import MODELS, FeatureClassifier
+from mixacm.utils import atomic_torch_save, resolve_device
+
+FORMAT = "mixacm-model"
+VERSION = 1
+SPEC_KEYS = ("name", "num_classes", "kwargs")
+_SHOW = 5  # mismatched keys listed in an error message
+
+
+class CheckpointError(Exception):
+    """A model file that cannot be read or does not match its architecture."""
+
+
+def model_spec(name: str, num_classes: int = 10, **kwargs: Any) -> dict:
+    """The architecture part of a model file: ``{"name", "num_classes", "kwargs"}``."""
+    spec = {"name": name, "num_classes": int(num_classes), "kwargs": dict(kwargs)}
+    validate_spec(spec)
+    return spec
+
+
+def validate_spec(spec: Any) -> dict:
+    """Check a spec's shape and that its name is registered; raise ValueError/KeyError if not."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"model spec must be a dict with keys {list(SPEC_KEYS)}, got {type(spec).__name__}")
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    extra = [k for k in spec if k not in SPEC_KEYS]
+    if missing or extra:
+        raise ValueError(f"model spec {dict(spec)!r}: missing keys {missing}, unexpected keys {extra}")
+    if not isinstance(spec["name"], str):
+        raise ValueError(f"model spec name must be a string, got {spec['name']!r}")
+    if isinstance(spec["num_classes"], bool) or not isinstance(spec["num_classes"], int) or spec["num_classes"] < 1:
+        raise ValueError(f"model spec num_classes must be a positive integer, got {spec['num_classes']!r}")
+    if not isinstance(spec["kwargs"], Mapping):
+        raise ValueError(f"model spec kwargs must be a dict, got {spec['kwargs']!r}")
+    MODELS.get(spec["name"])  # KeyError listing the valid names
+    return dict(spec)
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> FeatureClassifier:
+    """Build the (randomly initialised) model a spec describes."""
+    spec = validate_spec(spec)
+    return MODELS.get(spec["name"])(num_classes=spec["num_classes"], **spec["kwargs"])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # Save the bare network: DDP/DataParallel add "module.", torch.compile adds "_orig_mod.".
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def _plain(meta: Mapping[str, Any] | None) -> dict:
+    # A JSON round trip turns Paths, tuples and numpy scalars into plain data, which keeps the
+    # file loadable with weights_only=True.
+    return json.loads(json.dumps(dict(meta or {}), default=str))
+
+
+def _mismatch(model: nn.Module, state_dict: Mapping[str, Any]) -> str | None:
+    """Describe how ``state_dict`` differs from ``model``'s (keys and shapes), or None if it fits."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and isinstance(state_dict[k], Tensor) and state_dict[k].shape != v.shape
+    ]
+    not_tensors = [k for k in expected if k in state_dict and not isinstance(state_dict[k], Tensor)]
+    parts = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", shapes), ("non-tensor values", not_tensors)):
+        if items:
+            more = f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:_SHOW])}{more}")
+    return "; ".join(parts) or None
+
+
+def save_model_file(model: nn.Module, spec: Mapping[str, Any], path: str | os.PathLike,
+                    meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights with its spec and metadata to ``path`` atomically.
+
+    The weights are checked against the spec's architecture first (built on the meta device, so
+    no memory is spent), so a file that could not be loaded back is never written.
+    """
+    spec = validate_spec(spec)
+    model = _unwrap(model)
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        reference = build_from_spec(spec)
+    problem = _mismatch(reference, state_dict)
+    if problem:
+        raise CheckpointError(f"not saving {path}: the weights do not match spec {spec}: {problem}")
+    blob = {"format": FORMAT, "version": VERSION, "model": spec, "state_dict": state_dict,
+            "meta": _plain(meta)}
+    return atomic_torch_save(blob, path)
+
+
+def _read(path: Path, device: torch.device) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # pickle, zip and EOF errors all mean the same thing here
+        raise CheckpointError(
+            f"{path}: not a readable torch file (corrupt, truncated or not plain data): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+
+
+def _load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, what: str) -> None:
+    problem = _mismatch(model, state_dict)
+    if problem:
+        raise CheckpointError(f"{path}: weights do not match {what}: {problem}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu"
+                    ) -> tuple[FeatureClassifier, dict]:
+    """Load a mixacm model file; returns the model in eval mode and the file's dict minus weights."""
+    path = Path(path)
+    dev = resolve_device(device)
+    blob = _read(path, dev)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        hint = ""
+        if isinstance(blob, dict) and "format" not in blob:
+            hint = (" (a raw state dict? read it with mixacm.checkpoint.load_foreign_state_dict "
+                    "or convert it with `mixacm teacher`)")
+        raise CheckpointError(f"{path}: not a {FORMAT} file (format: {found!r}){hint}")
+    if blob.get("version") != VERSION:
+        raise CheckpointError(f"{path}: unsupported {FORMAT} version {blob.get('version')!r}; "
+                              f"this code reads version {VERSION}")
+    for key in ("model", "state_dict", "meta"):
+        if key not in blob:
+            raise CheckpointError(f"{path}: {FORMAT} file lacks the {key!r} entry")
+    try:
+        model = build_from_spec(blob["model"])
+    except (KeyError, ValueError, TypeError) as exc:
+        msg = exc.args[0] if exc.args else exc
+        raise CheckpointError(f"{path}: cannot build the architecture: {msg}") from exc
+    if not isinstance(blob["state_dict"], Mapping):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(blob['state_dict']).__name__}, not a dict")
+    _load_strict(model, blob["state_dict"], path, f"architecture {blob['model']}")
+    info = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model.to(dev).eval(), info
+
+
+def load_foreign_state_dict(path: str | os.PathLike, arch: str, num_classes: int = 10,
+                            key: str | None = "state_dict", device: str | torch.device = "cpu",
+                            **kwargs: Any) -> FeatureClassifier:
+    """Load a raw state dict published outside this project into the registered ``arch``.
+
+    ``key`` is the entry holding the weights (``None``: the file is the state dict itself). The
+    model's ``adapt_state_dict`` maps upstream key names (and adds the normalisation buffers);
+    then keys and shapes must match exactly. Returns the model in eval mode.
+    """
+    path = Path(path)
+    dev = resolve_device(device)
+    try:
+        model = MODELS.get(arch)(num_classes=num_classes, **kwargs)
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: {exc.args[0]}") from exc
+    blob = _read(path, dev)
+    if key is not None:
+        if not isinstance(blob, Mapping) or key not in blob:
+            found = list(blob)[:10] if isinstance(blob, Mapping) else type(blob).__name__
+            raise CheckpointError(f"{path}: no {key!r} entry holding the weights (found: {found})")
+        blob = blob[key]
+    if not isinstance(blob, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found a {type(blob).__name__}")
+    _load_strict(model, model.adapt_state_dict(blob), path, f"architecture {arch!r}")
+    return model.to(dev).eval()
+
+
+def _is_torchscript(path: Path) -> bool:
+    # TorchScript archives hold compiled code under "<archive>/code/"; torch.save files do not.
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_any_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load a mixacm model file or a TorchScript file (a foreign model taking [0, 1] images).
+
+    Returns the model in eval mode and the file's information: for a mixacm file the dict minus
+    weights, for TorchScript ``{"format": "torchscript", "model": {"name": "torchscript"}, "meta": {}}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if _is_torchscript(path):
+        dev = resolve_device(device)
+        try:
+            # torch marks TorchScript deprecated, but it is the format users export foreign models in.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model = torch.jit.load(str(path), map_location=dev)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable TorchScript file: {type(exc).__name__}: {exc}") from exc
+        return model.eval(), {"format": "torchscript", "model": {"name": "torchscript"}, "meta": {}}
+    return load_model_file(path, device)
