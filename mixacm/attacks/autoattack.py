@@ -1,0 +1,142 @@
+"""AutoAttack (Croce & Hein, ICML 2020) through one adapter over its two Python packagings.
+
+* ``pyautoattack`` (PyPI): ``AutoAttack(model, *, attacks=, device=, eps=, norm=, seed=, version=)``
+  and ``run_standard_evaluation(x, y, *, batch_size=) -> (x_adv, y_adv)``; progress goes to
+  ``logging.getLogger("auto-attack")`` at DEBUG level.
+* upstream ``autoattack`` (fra31/auto-attack from git): ``AutoAttack(model, norm=, eps=, version=,
+  device=, seed=, attacks_to_run=, verbose=, log_path=)`` and
+  ``run_standard_evaluation(x, y, bs=) -> x_adv``.
+
+Both contain the same attack code (pyautoattack 0.2.0 = upstream commit a392200). pyautoattack is
+preferred when both are installed. Versions (read from pyautoattack 0.2.0's source):
+
+* ``standard``: APGD-CE (1 restart), APGD-T (9 target classes), FAB-T (9), Square (5,000 queries);
+* ``rand``: APGD-CE and APGD-DLR with 20 EOT iterations (for randomised defences);
+* ``custom``: the given attack list with the package's constructor defaults, i.e. APGD-CE with
+  5 restarts and APGD-T with 9 target classes, 1 restart.
+
+The seed is always explicit (both packages fall back to the wall clock otherwise), and the
+packages' ``torch.manual_seed`` calls are confined to a forked RNG so the caller's random stream
+is unchanged. The packages' own resume (``state_path``) is broken, so it is not used here:
+``mixacm.evaluate`` resumes per batch.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+from types import ModuleType
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+# Preference order: the PyPI packaging first, then upstream from git.
+BACKENDS = ("pyautoattack", "autoattack")
+VERSIONS = ("standard", "rand", "custom")
+ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+# What each fixed version runs (mirrors the packages' _set_version).
+VERSION_ATTACKS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+
+
+def find_backend(prefer: str | None = None) -> tuple[str, ModuleType]:
+    """Import the AutoAttack package to use: ``prefer`` if given, else the first of ``BACKENDS``."""
+    names = (prefer,) if prefer else BACKENDS
+    for name in names:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown AutoAttack backend {name!r}; valid: {', '.join(BACKENDS)}")
+        try:
+            return name, importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError(
+        f"no AutoAttack package found (tried {', '.join(names)}): install it with "
+        "`pip install pyautoattack`, or upstream with "
+        "`pip install git+https://github.com/fra31/auto-attack`"
+    )
+
+
+def _package_version(name: str, module: ModuleType) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        # Upstream installed from a checkout may have no distribution metadata.
+        return getattr(module, "__version__", None)
+
+
+class AutoAttackAdapter:
+    """Run AutoAttack on one batch: ``adapter(model, x, y, seed=...) -> x_adv``.
+
+    The model must already be on ``x``'s device and in the mode the caller wants (eval);
+    AutoAttack runs on ``x.device``.
+    """
+
+    def __init__(
+        self,
+        eps: float,
+        *,
+        version: str = "standard",
+        attacks: Sequence[str] | None = None,
+        norm: str = "Linf",
+        backend: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if not 0.0 < eps <= 1.0:
+            raise ValueError(f"eps={eps!r} is outside (0, 1]; it is a fraction of the [0, 1] pixel range")
+        if version not in VERSIONS:
+            raise ValueError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
+        if version == "custom":
+            if not attacks:
+                raise ValueError("AutoAttack version 'custom' needs a list of attacks, e.g. ['apgd-ce', 'apgd-t']")
+            bad = [a for a in attacks if a not in ATTACK_NAMES]
+            if bad:
+                raise ValueError(f"unknown AutoAttack attack(s) {bad}; valid: {', '.join(ATTACK_NAMES)}")
+            self.attacks = tuple(attacks)
+        elif attacks is not None:
+            raise ValueError(f"an attack list is only allowed with version='custom', not {version!r}")
+        else:
+            self.attacks = VERSION_ATTACKS[version]
+        self.eps = float(eps)
+        self.version = version
+        self.norm = norm
+        self.verbose = verbose
+        self.backend, self._module = find_backend(backend)
+        self.package_version = _package_version(self.backend, self._module)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What a result file records about this attack."""
+        return {
+            "name": "autoattack",
+            "aa_version": self.version,
+            "attacks": list(self.attacks),
+            "norm": self.norm,
+            "eps": self.eps,
+            "package": self.backend,
+            "version": self.package_version,
+        }
+
+    def _build(self, model: nn.Module, device: torch.device, seed: int) -> Any:
+        custom = list(self.attacks) if self.version == "custom" else None
+        if self.backend == "pyautoattack":
+            return self._module.AutoAttack(
+                model, attacks=custom, device=str(device), eps=self.eps, norm=self.norm,
+                seed=seed, version=self.version,
+            )
+        return self._module.AutoAttack(
+            model, norm=self.norm, eps=self.eps, seed=seed, verbose=self.verbose,
+            attacks_to_run=custom or [], version=self.version, device=str(device), log_path=None,
+        )
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, seed: int) -> Tensor:
+        device = x.device
+        adversary = self._build(model, device, int(seed))
+        fork_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):
+            if self.backend == "pyautoattack":
+                x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+            else:
+                x_adv = adversary.run_standard_evaluation(x, y, bs=len(x))
+        return x_adv.detach()
