@@ -1,0 +1,18 @@
+"""Tables, figures and the HTML report, built only from result files and the paper's numbers."""
+from mixacm.report.tables import (
+    ATTACK_COLUMNS,
+    PAPER_NUMBERS,
+    TABLE_KINDS,
+    ResultFileError,
+    build_table,
+    collect_costs,
+    collect_results,
+    load_paper_numbers,
+    read_benchmark,
+    write_table,
+)
+
+__all__ = [
+    "ATTACK_COLUMNS", "PAPER_NUMBERS", "TABLE_KINDS", "ResultFileError", "build_table",
+    "collect_costs", "collect_results", "load_paper_numbers", "read_benchmark", "write_table",
+]

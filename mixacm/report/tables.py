@@ -1,0 +1,469 @@
+"""Result files -> the paper's tables (pandas), built from the files alone.
+
+A reproduced row aggregates the evaluations of one training set-up (method, loss variant,
+student, teacher, dataset, data fraction, eps) over seeds: for each of clean, PGD-20 and
+AutoAttack the mean and the sample standard deviation (ddof = 1, empty for a single seed) of the
+accuracy in %, the number of test points and the attack's package and version. Beside it stand
+the paper's reported clean and robust accuracy (``paper_numbers.yaml``) and the difference
+reproduced - paper; the robust difference uses AutoAttack when the row has it, else PGD-20, and
+``diff_robust_vs`` says which. Methods the paper cites but the pipeline does not train appear as
+rows with status ``cited``.
+
+Training cost is in device-hours: a Snakemake benchmark's wall seconds / 3600 x the number of
+devices the job used (one for a CPU job), or the training summary's own ``device_hours``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from mixacm.utils import atomic_write
+
+PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
+TABLE_KINDS = ("cifar10", "imagenet", "less_data", "ablation")
+RESULT_SCHEMA = 1
+
+# Table column -> metric keys of a result file, in order of preference. The AutoAttack column takes
+# the standard version when a run has it, else the APGD-CE + APGD-T custom version (CPU runs).
+ATTACK_COLUMNS: dict[str, tuple[str, ...]] = {
+    "clean": ("clean",),
+    "pgd20": ("pgd20",),
+    "autoattack": ("autoattack", "autoattack-apgd", "autoattack-rand"),
+}
+ATTACK_TITLES = {"clean": "Clean", "pgd20": "PGD-20", "autoattack": "AutoAttack"}
+AUTOATTACK_VERSIONS = {
+    "autoattack": "standard",
+    "autoattack-apgd": "APGD-CE+APGD-T",
+    "autoattack-rand": "rand",
+}
+# A MixACM run without run.variant, or with one of these, is the full method (ACM + KD + mixup).
+FULL_VARIANTS = {"full", "acmkdmixup"}
+_REQUIRED_RUN = ("method", "arch", "dataset", "data_fraction", "seed", "config_hash")
+_KNOWN_RUN = set(_REQUIRED_RUN) | {
+    "teacher", "data_source", "variant", "checkpoint", "checkpoint_sha256"}
+
+
+class ResultFileError(ValueError):
+    """A result, cost or paper-numbers file is missing or does not follow its documented format."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Paper numbers
+
+def load_paper_numbers(path: str | Path = PAPER_NUMBERS) -> dict[str, Any]:
+    """The paper's numbers (``paper_numbers.yaml``), checked for the keys the tables use."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ResultFileError(f"cannot read the paper's numbers from {path}: {err}") from None
+    tables = data.get("tables") if isinstance(data, dict) else None
+    if not isinstance(tables, dict):
+        raise ResultFileError(f"{path}: no 'tables' mapping")
+    for kind in TABLE_KINDS:
+        spec = tables.get(kind)
+        if not isinstance(spec, dict) or not isinstance(spec.get("rows"), list):
+            raise ResultFileError(f"{path}: tables.{kind} must be a mapping with a 'rows' list")
+        for i, row in enumerate(spec["rows"]):
+            for key in ("clean", "robust"):
+                value = row.get(key)
+                if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 100):
+                    raise ResultFileError(
+                        f"{path}: tables.{kind}.rows[{i}].{key} = {value!r} is not a percentage")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Result files
+
+def _fail(path: Path, msg: str) -> ResultFileError:
+    return ResultFileError(f"result file {path}: {msg}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _eps_text(eps: float) -> str:
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-3 else f"{eps:g}"
+
+
+def _read_result(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise ResultFileError(f"result file {path} does not exist")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise _fail(path, f"not valid JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise _fail(path, "top level is not a JSON object")
+    if doc.get("schema") != RESULT_SCHEMA:
+        raise _fail(path, f"schema is {doc.get('schema')!r}; expected {RESULT_SCHEMA}")
+    run, metrics = doc.get("run"), doc.get("metrics")
+    if not isinstance(run, dict):
+        raise _fail(path, "'run' is missing or not an object")
+    for key in _REQUIRED_RUN:
+        if key not in run:
+            raise _fail(path, f"run.{key} is missing")
+    if not isinstance(run["seed"], int) or isinstance(run["seed"], bool):
+        raise _fail(path, f"run.seed = {run['seed']!r} is not an integer")
+    if not _is_number(run["data_fraction"]) or not 0 < run["data_fraction"] <= 1:
+        raise _fail(path, f"run.data_fraction = {run['data_fraction']!r} is not in (0, 1]")
+    eps = doc.get("eps")
+    if not _is_number(eps) or not 0 < eps <= 1:
+        raise _fail(path, f"eps = {eps!r} is not a fraction in (0, 1]")
+    if not isinstance(metrics, dict) or not metrics:
+        raise _fail(path, "'metrics' is missing or empty")
+    prov = doc.get("provenance") if isinstance(doc.get("provenance"), dict) else {}
+    variant = run.get("variant")
+    base = {
+        "file": str(path),
+        "method": str(run["method"]),
+        "variant": None if variant is None else str(variant),
+        "arch": str(run["arch"]),
+        "teacher": run.get("teacher"),
+        "dataset": str(run["dataset"]),
+        "data_source": run.get("data_source") or str(run["dataset"]),
+        "data_fraction": float(run["data_fraction"]),
+        "seed": int(run["seed"]),
+        "config_hash": str(run["config_hash"]),
+        "checkpoint": run.get("checkpoint"),
+        "eps": float(eps),
+        "eps_text": doc.get("eps_text") or _eps_text(eps),
+        "git_commit": prov.get("git_commit"),
+        "git_dirty": prov.get("git_dirty"),
+        "eval_device": prov.get("device"),
+        # Knobs and other run keys (e.g. MixACM's CHOICE values) travel to the report as they are.
+        "run_extra": json.dumps({k: v for k, v in run.items() if k not in _KNOWN_RUN}, sort_keys=True),
+    }
+    rows = []
+    for key, m in metrics.items():
+        where = f"metrics.{key}"
+        if not isinstance(m, dict):
+            raise _fail(path, f"{where} is not an object")
+        acc, n = m.get("accuracy_pct"), m.get("n")
+        if not _is_number(acc) or not 0 <= acc <= 100:
+            raise _fail(path, f"{where}.accuracy_pct = {acc!r} is not a percentage in [0, 100]")
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise _fail(path, f"{where}.n = {n!r} is not a positive integer")
+        correct = m.get("correct")
+        if correct is not None and not (isinstance(correct, int) and 0 <= correct <= n):
+            raise _fail(path, f"{where}.correct = {correct!r} is not an integer in [0, n]")
+        attack = m.get("attack")
+        if not isinstance(attack, dict) or not attack.get("name") or not attack.get("package"):
+            raise _fail(path, f"{where}.attack must be an object with 'name' and 'package'")
+        params = {k: v for k, v in attack.items() if k not in ("name", "package", "version")}
+        rows.append({
+            **base,
+            "metric": str(key),
+            "accuracy_pct": float(acc),
+            "correct": correct,
+            "n": n,
+            "attack_name": str(attack["name"]),
+            "attack_package": str(attack["package"]),
+            "attack_version": None if attack.get("version") is None else str(attack["version"]),
+            "attack_params": json.dumps(params, sort_keys=True),
+        })
+    return rows
+
+
+RESULT_COLUMNS = [
+    "file", "method", "variant", "arch", "teacher", "dataset", "data_source", "data_fraction",
+    "seed", "config_hash", "checkpoint", "eps", "eps_text", "git_commit", "git_dirty",
+    "eval_device", "run_extra", "metric", "accuracy_pct", "correct", "n", "attack_name",
+    "attack_package", "attack_version", "attack_params",
+]
+
+
+def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Read result JSON files into one row per (result file, metric) (``RESULT_COLUMNS``).
+
+    Raises ``ResultFileError`` naming the file and key for a missing file or a malformed one,
+    and naming both files when two report the same metric of the same run (config hash, seed, eps).
+    """
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple, str] = {}
+    for p in paths:
+        for row in _read_result(Path(p)):
+            key = (row["config_hash"], row["seed"], row["eps"], row["metric"])
+            if key in seen:
+                raise ResultFileError(
+                    f"result files {seen[key]} and {row['file']} both report metric "
+                    f"{row['metric']!r} of run {row['config_hash']} seed {row['seed']}")
+            seen[key] = row["file"]
+            rows.append(row)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training cost
+
+COST_COLUMNS = ["config_hash", "name", "device_hours", "wall_time_s", "devices", "device",
+                "cost_source", "cost_file"]
+
+
+def _devices(summary: Mapping[str, Any]) -> int:
+    # The summary's own device_hours / wall time is the number of devices it counted (DDP).
+    if summary.get("world_size"):
+        return int(summary["world_size"])
+    dh, wall = summary.get("device_hours"), summary.get("wall_time_s")
+    if _is_number(dh) and _is_number(wall) and wall > 0:
+        return max(1, round(dh * 3600 / wall))
+    return 1
+
+
+def read_benchmark(path: str | Path) -> float:
+    """Wall seconds of a Snakemake ``benchmark:`` file (the mean over repeats)."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, sep="\t")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ResultFileError(f"benchmark file {path}: cannot be read ({err})") from None
+    if "s" not in frame.columns or frame.empty:
+        raise ResultFileError(f"benchmark file {path}: no 's' column or no rows")
+    return float(frame["s"].mean())
+
+
+def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Training cost per run, from ``train_summary.json`` files and Snakemake benchmark TSVs.
+
+    A summary gives ``config_hash``, ``name`` (the run id) and its own ``device_hours``. A
+    benchmark file belongs to the run whose name ends its path without the suffix (e.g.
+    ``benchmarks/train/cifar10/mixacm/tiny/seed0.tsv`` for run ``cifar10/mixacm/tiny/seed0``)
+    and, when present, replaces the summary's figure: it times the whole job. One row per run.
+    """
+    summaries: list[tuple[Path, dict[str, Any]]] = []
+    benchmarks: list[Path] = []
+    for p in map(Path, paths):
+        if p.suffix == ".json":
+            try:
+                summary = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ResultFileError(f"training summary {p}: cannot be read ({err})") from None
+            if not isinstance(summary, dict) or not summary.get("config_hash"):
+                raise ResultFileError(f"training summary {p}: config_hash is missing")
+            summaries.append((p, summary))
+        else:
+            benchmarks.append(p)
+    rows = {}
+    for p, s in summaries:
+        wall = s.get("wall_time_s")
+        dh = s.get("device_hours")
+        if not _is_number(dh):
+            dh = wall * _devices(s) / 3600 if _is_number(wall) else None
+        rows[s["config_hash"]] = {
+            "config_hash": s["config_hash"], "name": s.get("name"), "device_hours": dh,
+            "wall_time_s": wall, "devices": _devices(s), "device": s.get("device"),
+            "cost_source": "train_summary", "cost_file": str(p)}
+    for b in benchmarks:
+        stem = b.with_suffix("").as_posix()
+        match = [r for r in rows.values()
+                 if r["name"] and (stem == r["name"] or stem.endswith("/" + r["name"]))]
+        if len(match) != 1:
+            names = ", ".join(sorted(str(r["name"]) for r in rows.values())) or "none"
+            raise ResultFileError(
+                f"benchmark file {b} matches {len(match)} training summaries; its path without "
+                f"the suffix must end with exactly one run name (run names given: {names})")
+        seconds = read_benchmark(b)
+        match[0].update(wall_time_s=seconds, device_hours=seconds / 3600 * match[0]["devices"],
+                        cost_source="benchmark", cost_file=str(b))
+    return pd.DataFrame(list(rows.values()), columns=COST_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+def _norm_variant(v: Any) -> str | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else \
+        re.sub(r"[^a-z0-9]", "", str(v).lower())
+
+
+def _is_full(v: Any) -> bool:
+    n = _norm_variant(v)
+    return n is None or n in FULL_VARIANTS
+
+
+def _select(kind: str, results: pd.DataFrame, spec: Mapping[str, Any]) -> pd.DataFrame:
+    r = results[results["dataset"] == spec["dataset"]]
+    full_data = (r["data_fraction"] - 1.0).abs() < 1e-9
+    if kind == "ablation":
+        methods = {row["method"] for row in spec["rows"] if row.get("method")}
+        return r[full_data & r["method"].isin(methods)]
+    full_method = r["variant"].map(_is_full).astype(bool)
+    return r[full_method] if kind == "less_data" else r[full_method & full_data]
+
+
+def _unique(values: Iterable[Any]) -> list[Any]:
+    out = []
+    for v in values:
+        if v is not None and not (isinstance(v, float) and math.isnan(v)) and v not in out:
+            out.append(v)
+    return out
+
+
+def _round(x: float | None, nd: int = 4) -> float:
+    return float("nan") if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, nd)
+
+
+def _aggregate(group: pd.DataFrame, costs: pd.DataFrame | None) -> dict[str, Any]:
+    """One reproduced row: per-attack mean / std over seeds, test points, package, cost."""
+    by_seed = group.groupby("seed")["config_hash"].nunique()
+    if (by_seed > 1).any():
+        seed = int(by_seed[by_seed > 1].index[0])
+        files = ", ".join(_unique(group[group["seed"] == seed]["file"]))
+        raise ResultFileError(
+            f"result files {files} are different runs (config hashes) with the same set-up and "
+            f"seed {seed}; give them distinct run.variant values to keep them apart")
+    row: dict[str, Any] = {"n_seeds": int(group["seed"].nunique()),
+                           "seeds": ";".join(map(str, sorted(group["seed"].unique())))}
+    for col, keys in ATTACK_COLUMNS.items():
+        key = next((k for k in keys if (group["metric"] == k).any()), None)
+        m = group[group["metric"] == key]
+        acc = m["accuracy_pct"]
+        row[f"{col}_mean"] = _round(acc.mean() if len(m) else None)
+        row[f"{col}_std"] = _round(acc.std(ddof=1) if len(m) > 1 else None)
+        row[f"{col}_n"] = int(m["n"].min()) if len(m) else None
+        row[f"{col}_seeds"] = int(m["seed"].nunique())
+        row[f"{col}_package"] = "; ".join(_unique(
+            f"{p} {v}" if v else p for p, v in zip(m["attack_package"], m["attack_version"])))
+        if col == "autoattack":
+            row["autoattack_version"] = AUTOATTACK_VERSIONS.get(key, "")
+    hashes = _unique(group["config_hash"])
+    dh, src = [], []
+    if costs is not None and len(costs):
+        c = costs.set_index("config_hash")
+        for h in hashes:
+            if h in c.index and pd.notna(c.at[h, "device_hours"]):
+                dh.append(float(c.at[h, "device_hours"]))
+                src.append(c.at[h, "cost_source"])
+    row["train_device_hours"] = _round(sum(dh) / len(dh), 6) if dh else float("nan")
+    row["cost_runs"] = len(dh)
+    row["cost_source"] = ";".join(_unique(src))
+    row["config_hashes"] = ";".join(hashes)
+    row["git_commits"] = ";".join(_unique(group["git_commit"]))
+    row["files"] = ";".join(_unique(group["file"]))
+    return row
+
+
+_GROUP_KEYS = ["method", "variant_key", "arch", "teacher", "dataset", "data_source",
+               "data_fraction", "eps_text"]
+
+TABLE_COLUMNS = [
+    "status", "method", "method_key", "variant", "student", "teacher", "dataset", "data_source",
+    "data_fraction", "eps", "n_seeds", "seeds",
+    *[f"{c}_{s}" for c in ATTACK_COLUMNS for s in ("mean", "std", "n", "seeds", "package")],
+    "autoattack_version",
+    "paper_student", "paper_eps", "same_setting", "paper_clean", "paper_robust", "paper_note",
+    "paper_source", "diff_clean", "diff_robust", "diff_robust_vs",
+    "ref_clean", "ref_autoattack", "ref_source",
+    "train_device_hours", "cost_runs", "cost_source", "config_hashes", "git_commits", "files",
+]
+_PAPER_ONLY = [c for c in TABLE_COLUMNS if c.startswith(("paper_", "diff_", "ref_"))] + ["same_setting"]
+
+
+def _paper_key(kind: str, method: Any, variant: Any) -> tuple[str, str | None]:
+    if kind != "ablation":
+        return (str(method), None)
+    v = _norm_variant(variant)
+    return (str(method), "full" if v is None or v in FULL_VARIANTS else v)
+
+
+def _paper_columns(prow: Mapping[str, Any] | None, spec: Mapping[str, Any],
+                   refs: list[Mapping[str, Any]], source: str) -> dict[str, Any]:
+    if prow is None:
+        return {"paper_student": spec.get("student"), "paper_eps": spec.get("eps"),
+                "paper_source": source}
+    ref = next((r for r in refs if r.get("paper_label") == prow["label"]), None)
+    return {
+        "paper_student": spec.get("student"), "paper_eps": spec.get("eps"),
+        "paper_clean": prow.get("clean"), "paper_robust": prow.get("robust"),
+        "paper_note": prow.get("note", ""), "paper_source": source,
+        "ref_clean": ref["clean"] if ref else None,
+        "ref_autoattack": ref["autoattack"] if ref else None,
+        "ref_source": (f"RobustBench {ref.get('model') or ref['label']} "
+                       f"({ref.get('arch')}, {ref.get('eps')})" if ref else ""),
+    }
+
+
+def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | None = None,
+                costs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One of the paper's tables (``TABLE_KINDS``) from ``collect_results`` output.
+
+    ``costs`` is ``collect_costs`` output (joined on the run's config hash). Columns are
+    ``TABLE_COLUMNS``; the less-data table has no paper, difference or reference columns.
+    Accuracies are in %, rounded to 4 decimals; ``*_std`` is empty for a single seed.
+    """
+    if kind not in TABLE_KINDS:
+        raise ValueError(f"unknown table kind {kind!r}; valid kinds: {', '.join(TABLE_KINDS)}")
+    paper = load_paper_numbers() if paper is None else paper
+    spec = paper["tables"][kind]
+    source = f"{paper.get('paper', 'paper')}: {spec.get('source', '')}"
+    refs = [r for r in paper.get("robustbench", {}).get("models", [])
+            if r.get("dataset") == spec["dataset"]]
+    paper_rows = {}
+    for prow in spec["rows"]:
+        keys = [prow.get("variant")] + list(prow.get("aliases", []))
+        for v in keys:
+            paper_rows[_paper_key(kind, prow.get("method") or f"cited:{prow['label']}", v)] = prow
+
+    sel = _select(kind, results, spec).copy()
+    sel["variant_key"] = sel["variant"].map(_norm_variant)
+    sel["teacher"] = sel["teacher"].where(sel["teacher"].notna(), "")
+    reproduced: dict[int, list[dict[str, Any]]] = {}
+    extra: list[dict[str, Any]] = []
+    for key, group in sel.groupby(_GROUP_KEYS, dropna=False, sort=True):
+        ident = dict(zip(_GROUP_KEYS, key))
+        prow = paper_rows.get(_paper_key(kind, ident["method"], group["variant"].iloc[0]))
+        row = {
+            "status": "reproduced",
+            "method": prow["label"] if prow else ident["method"],
+            "method_key": ident["method"],
+            "variant": "" if group["variant"].iloc[0] is None else group["variant"].iloc[0],
+            "student": ident["arch"], "teacher": ident["teacher"] or "",
+            "dataset": ident["dataset"], "data_source": ident["data_source"],
+            "data_fraction": ident["data_fraction"], "eps": ident["eps_text"],
+            **_aggregate(group, costs), **_paper_columns(prow, spec, refs, source),
+        }
+        if prow is not None:
+            row["same_setting"] = (row["student"] == spec.get("student")
+                                   and row["eps"] == spec.get("eps"))
+            robust_col = "autoattack" if pd.notna(row["autoattack_mean"]) else "pgd20"
+            if prow.get("clean") is not None:
+                row["diff_clean"] = _round(row["clean_mean"] - prow["clean"])
+            if prow.get("robust") is not None and pd.notna(row[f"{robust_col}_mean"]):
+                row["diff_robust"] = _round(row[f"{robust_col}_mean"] - prow["robust"])
+                row["diff_robust_vs"] = (
+                    f"AutoAttack ({row['autoattack_version']})" if robust_col == "autoattack"
+                    else "PGD-20")
+            reproduced.setdefault(id(prow), []).append(row)
+        else:
+            extra.append(row)
+
+    rows = []
+    for prow in spec["rows"]:
+        if id(prow) in reproduced:
+            rows.extend(reproduced[id(prow)])
+        else:
+            rows.append({"status": "cited", "method": prow["label"],
+                         "method_key": prow.get("method") or "", "variant": prow.get("variant") or "",
+                         "dataset": spec["dataset"], **_paper_columns(prow, spec, refs, source)})
+    rows.extend(extra)
+    columns = [c for c in TABLE_COLUMNS if kind != "less_data" or c not in _PAPER_ONLY]
+    table = pd.DataFrame(rows, columns=columns)
+    if kind == "less_data":
+        table = table.sort_values(["method", "student", "teacher", "eps", "data_fraction"],
+                                  kind="stable", ignore_index=True)
+    return table
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table as CSV, atomically (a crash leaves the old file or the new one)."""
+    return atomic_write(path, lambda p: df.to_csv(p, index=False))
