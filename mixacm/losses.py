@@ -1,0 +1,111 @@
+"""Loss terms of MixACM and the baselines, as pure functions of tensors.
+
+No modules, no attacks, no train/eval switches: the methods in ``mixacm.methods`` decide what
+the inputs are. Notation follows ``docs/method.md`` (Muhammad et al., NeurIPS 2021, and Zhang et
+al., ICML 2019, for TRADES):
+
+* activated channel map (ACM) of a feature tensor A (B x C x H x W):
+  ``a_c = pool_{h,w}( act(A)_{c,h,w} ** p )``, then optionally ``a / ||a||_2`` -> B x C
+* ACM distance: ``mean_b ||a_s - a_t||_2^2``
+* distillation: ``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch
+* mixup: ``x~ = lam * x + (1 - lam) * x[perm]`` and
+  ``CE_mix = lam * CE(f(x~), y) + (1 - lam) * CE(f(x~), y[perm])``
+* TRADES regulariser: ``KL(f(x) || f(x'))``, averaged over the batch
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+POOLINGS = ("mean", "sum")
+NORMALIZATIONS = ("l2", "none")
+ACTIVATIONS = ("relu", "none")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+def normalize_acm(a: Tensor, normalize: str = "l2") -> Tensor:
+    """Normalise B x C channel maps across channels (``"l2"``) or leave them (``"none"``)."""
+    _check_choice("normalize", normalize, NORMALIZATIONS)
+    return F.normalize(a, p=2.0, dim=1) if normalize == "l2" else a
+
+
+def activated_channel_map(
+    feat: Tensor,
+    p: float = 2,
+    pooling: str = "mean",
+    normalize: str = "l2",
+    activation: str = "relu",
+) -> Tensor:
+    """Map a B x C x H x W feature tensor to its B x C activated channel map.
+
+    ``activation`` is applied first (``"relu"`` for block outputs that are pre-activation, e.g.
+    pre-act ResNets and WideResNets, whose residual sums can be negative), then the p-th power,
+    then pooling over H and W, then normalisation across channels.
+    """
+    if feat.dim() != 4:
+        raise ValueError(f"feat must be B x C x H x W, got shape {tuple(feat.shape)}")
+    if not p > 0:
+        raise ValueError(f"p={p!r} must be > 0")
+    _check_choice("pooling", pooling, POOLINGS)
+    _check_choice("activation", activation, ACTIVATIONS)
+    a = F.relu(feat) if activation == "relu" else feat
+    a = a.pow(p)
+    a = a.mean(dim=(2, 3)) if pooling == "mean" else a.sum(dim=(2, 3))
+    return normalize_acm(a, normalize)
+
+
+def acm_distance(a_s: Tensor, a_t: Tensor) -> Tensor:
+    """Squared L2 distance between two B x C channel maps, averaged over the batch (a scalar)."""
+    if a_s.shape != a_t.shape:
+        raise ValueError(
+            f"student and teacher channel maps differ in shape: {tuple(a_s.shape)} vs {tuple(a_t.shape)}"
+        )
+    return (a_s - a_t).pow(2).sum(dim=1).mean()
+
+
+def kd_kl(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0) -> Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, summed over classes and averaged over the batch.
+
+    The T^2 factor (Hinton et al., 2015) keeps the gradient scale independent of T. Gradients
+    flow into both arguments; detach the teacher's logits (or compute them without grad).
+    """
+    if not T > 0:
+        raise ValueError(f"T={T!r} must be > 0")
+    log_q = F.log_softmax(student_logits / T, dim=1)
+    log_p = F.log_softmax(teacher_logits / T, dim=1)
+    return (T * T) * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def trades_kl(logits_adv: Tensor, logits_nat: Tensor) -> Tensor:
+    """TRADES' regulariser ``KL(f(x) || f(x'))`` (batch mean), gradients into both arguments.
+
+    The same divergence as :func:`kd_kl` at T = 1 with the natural output as the target.
+    """
+    return kd_kl(logits_adv, logits_nat, T=1.0)
+
+
+def mixup(x: Tensor, y: Tensor, lam: float, perm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mix each example with its partner ``perm[i]``: returns ``(x~, y, y[perm])``."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam={lam!r} must be in [0, 1]")
+    return lam * x + (1.0 - lam) * x[perm], y, y[perm]
+
+
+def mixup_ce(logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float) -> Tensor:
+    """Mixup cross-entropy ``lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b)`` (batch mean)."""
+    return lam * F.cross_entropy(logits, y_a) + (1.0 - lam) * F.cross_entropy(logits, y_b)
+
+
+__all__ = [
+    "activated_channel_map",
+    "normalize_acm",
+    "acm_distance",
+    "kd_kl",
+    "trades_kl",
+    "mixup",
+    "mixup_ce",
+]

@@ -1,0 +1,49 @@
+"""Madry PGD adversarial training (Madry et al., ICLR 2018; recipe of Rice et al., ICML 2020).
+
+``L = CE(f(x'), y)`` with ``x' = PGD_eps(x)``: ``steps`` signed-gradient steps of ``step_size``
+from a uniform random start in the L-inf ball, projected onto the ball and [0, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mixacm.attacks import pgd_linf
+from mixacm.methods.base import Method, attack_mode, detach_metrics, knob, register_method, sgd_recipe
+
+
+@dataclass(frozen=True)
+class ATKnobs:
+    eps: float = knob("8/255", "L-inf radius of the training attack", kind="eps", unit="fraction of [0, 1]")
+    steps: int = knob(10, "PGD steps", kind="int", unit="steps", ge=1)
+    step_size: float = knob("2/255", "PGD step size", kind="eps", unit="fraction of [0, 1]")
+    random_start: bool = knob(True, "start from x + U(-eps, eps)", kind="bool")
+    attack_mode: str = knob(
+        "eval", "model mode while the attack runs (eval: BatchNorm running statistics, untouched "
+        "by adversarial passes)", kind="choice", choices=("eval", "train"),
+    )
+
+
+@register_method("at")
+class AT(Method):
+    """PGD-AT. Knobs: eps (default 8/255, fraction of the [0, 1] range), steps (10), step_size
+    (2/255), random_start (true), attack_mode (eval | train, default eval: the attack sees
+    BatchNorm's running statistics and does not update them; the loss is then computed in the
+    model's training mode). Recipe: SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128,
+    200 epochs, lr / 10 at 50 % and 75 % of training; the published recipe keeps the best
+    checkpoint by PGD accuracy (``train.selection: best_pgd``)."""
+
+    Knobs = ATKnobs
+    recipes = {"cifar10": sgd_recipe(weight_decay=5e-4, epochs=200, milestones=[0.5, 0.75])}
+
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        k = self.knobs
+        with attack_mode(self.model, k.attack_mode):
+            x_adv = pgd_linf(
+                self.model, x, y, eps=k.eps, steps=k.steps, step_size=k.step_size, random_start=k.random_start
+            )
+        # Back in the mode the loop set (train) for the loss itself.
+        loss = F.cross_entropy(self.model(x_adv), y)
+        return loss, detach_metrics(loss=loss, ce=loss)

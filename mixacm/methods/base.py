@@ -1,0 +1,230 @@
+"""The Method interface shared by every training method, its knobs and its optimiser recipe.
+
+A method says how to compute one step's loss (``loss(x, y) -> (loss, metrics)``) and declares
+what it needs (a teacher, minibatch replays); the one training loop in ``mixacm.train`` owns
+epochs, the optimiser and checkpoints. Each method's hyperparameters ("knobs") are a frozen
+dataclass whose fields carry their default, unit and valid range; ``knobs()`` lists them for the
+CLI and the report, ``resolved_knobs()`` gives the values a run actually used.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from mixacm.registry import Registry
+from mixacm.utils import parse_eps
+
+METHODS: Registry[type["Method"]] = Registry("method")
+
+
+def register_method(name: str) -> Callable[[type["Method"]], type["Method"]]:
+    """Register a Method subclass under ``name`` (also its ``name`` attribute)."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return deco
+
+
+# ---------------------------------------------------------------------------------------------
+# Knobs: dataclass fields with a kind, a unit and a range, validated in one place.
+
+KINDS = ("float", "int", "bool", "eps", "choice", "any")
+
+
+def knob(
+    default: Any,
+    help: str,
+    *,
+    kind: str,
+    unit: str = "",
+    choices: tuple[Any, ...] | None = None,
+    gt: float | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+) -> Any:
+    """A dataclass field describing one knob (``kind`` in KINDS; ``eps`` accepts "8/255")."""
+    assert kind in KINDS, kind
+    meta = {"help": help, "kind": kind, "unit": unit, "choices": choices, "gt": gt, "ge": ge, "le": le}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _coerce(method: str, name: str, value: Any, meta: dict[str, Any]) -> Any:
+    where = f"knob {name!r} of method {method!r}"
+    kind = meta["kind"]
+    if kind == "eps":
+        try:
+            return parse_eps(value)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind == "choice":
+        if value not in meta["choices"]:
+            raise ValueError(f"{where} must be one of {list(meta['choices'])}, got {value!r}")
+        return value
+    if kind == "any":
+        return value
+    # Numbers: YAML reads 1e-3 as a string, so numeric strings are accepted; booleans are not.
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number, got {value!r}") from None
+    if kind == "int":
+        if number != int(number):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        number = int(number)
+    bounds = [("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="), ("le", lambda v, b: v <= b, "<=")]
+    for key, ok, sign in bounds:
+        if meta[key] is not None and not ok(number, meta[key]):
+            raise ValueError(f"{where} must be {sign} {meta[key]}, got {value!r}")
+    return number
+
+
+@dataclasses.dataclass(frozen=True)
+class NoKnobs:
+    """A method without knobs."""
+
+
+@contextmanager
+def attack_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Run an attack with the model in ``mode`` ("eval" or "train"), then restore its mode.
+
+    Eval mode makes the attack use BatchNorm's running statistics and leaves them untouched
+    by the adversarial forward passes; train mode attacks the very function being trained.
+    """
+    was_training = model.training
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: dicts of optimiser settings; milestones are fractions of the epochs.
+
+RECIPE_KEYS = (
+    "epochs", "batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma",
+)
+
+
+def sgd_recipe(**kw: Any) -> dict[str, Any]:
+    """An SGD recipe: the CIFAR defaults of method.md section 3 (lr 0.1, momentum 0.9, batch 128,
+    step schedule, lr / 10 at each milestone) with ``kw`` replacing some of them."""
+    recipe = {
+        "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+        "nesterov": False, "schedule": "step", "milestones": [0.5, 0.75], "gamma": 0.1,
+    }
+    unknown = set(kw) - set(recipe) - {"replays"}
+    if unknown:
+        raise ValueError(f"unknown recipe key(s) {sorted(unknown)}; valid: {list(RECIPE_KEYS)}")
+    recipe.update(kw)
+    return recipe
+
+
+class Method:
+    """Base class. Subclasses set ``Knobs`` (a frozen dataclass of ``knob`` fields) and ``recipes``
+    (``{"cifar10": {...}}`` plus ``"imagenet"`` where method.md gives one), and implement ``loss``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
+    replays: int = 1
+    Knobs: ClassVar[type] = NoKnobs
+    recipes: ClassVar[dict[str, dict[str, Any]]] = {"cifar10": sgd_recipe()}
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None = None, **knobs: Any) -> None:
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"method {self.name!r} needs a teacher: set `teacher:` in the run config")
+        if not self.needs_teacher and teacher is not None:
+            raise ValueError(f"method {self.name!r} does not use a teacher, but one was given")
+        self.model = model
+        self.teacher = teacher
+        self.knobs = self.resolve(knobs)
+        self.recipe = self.recipe_for("cifar10")
+
+    # -- knobs ------------------------------------------------------------------------------
+    @classmethod
+    def resolve(cls, given: dict[str, Any]) -> Any:
+        """Validate ``given`` knob values and fill in the defaults; errors name the knob."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Knobs)}
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown knob(s) {unknown} for method {cls.name!r}; valid: {sorted(fields) or 'none'}"
+            )
+        values = {k: _coerce(cls.name, k, v, fields[k].metadata) for k, v in given.items()}
+        for k, f in fields.items():
+            if k not in values:
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                values[k] = _coerce(cls.name, k, default, f.metadata)
+        return cls.Knobs(**values)
+
+    @classmethod
+    def knobs(cls) -> list[dict[str, Any]]:
+        """Every knob with its default, kind, unit, choices and help (for ``--help`` and reports)."""
+        out = []
+        for f in dataclasses.fields(cls.Knobs):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            out.append({"name": f.name, "default": default, **f.metadata})
+        return out
+
+    def resolved_knobs(self) -> dict[str, Any]:
+        """The knob values this instance uses (eps values as floats), for the run's records."""
+        return dataclasses.asdict(self.knobs)
+
+    # -- recipe -----------------------------------------------------------------------------
+    def recipe_for(self, dataset: str = "cifar10") -> dict[str, Any]:
+        """The official optimiser recipe for ``dataset`` (a copy; the loop merges overrides).
+
+        ImageNet uses the method's ImageNet recipe where method.md gives one; every other
+        dataset (CIFAR-10/100, small image folders) uses the CIFAR-10 recipe.
+        """
+        key = "imagenet" if dataset == "imagenet" and "imagenet" in self.recipes else "cifar10"
+        recipe = {k: (list(v) if isinstance(v, list) else v) for k, v in self.recipes[key].items()}
+        return self.adjust_recipe(recipe)
+
+    def adjust_recipe(self, recipe: dict[str, Any]) -> dict[str, Any]:
+        """Hook for recipes that depend on knobs (Free-AT: epochs = budget / replays)."""
+        return recipe
+
+    # -- one step ---------------------------------------------------------------------------
+    def extra_modules(self) -> nn.ModuleDict:
+        """Trainable parts outside the model (trained and checkpointed, not exported)."""
+        return nn.ModuleDict()
+
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_backward(self) -> None:
+        """Called by the loop after ``loss.backward()`` and before the optimiser step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
+
+
+def build_method(name: str, model: nn.Module, teacher: nn.Module | None = None, **knobs: Any) -> Method:
+    """Look ``name`` up in METHODS and construct it (unknown names list the valid ones)."""
+    return METHODS.get(name)(model, teacher, **knobs)
+
+
+def detach_metrics(**values: Tensor | float) -> dict[str, float]:
+    """Metrics as plain floats (the loop logs and averages them)."""
+    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
