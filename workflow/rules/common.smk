@@ -1,0 +1,261 @@
+# Shared helpers: checks the JSON schema cannot express, the list of training runs behind each
+# table, the per-run config written for `mixacm train`, and result paths named by conditions:
+#   results/{dataset}/{method}/{arch}/frac{fraction}/seed{seed}/...
+# where {method} is a recipe name (a method plus its knobs, e.g. mixacm_acm_only).
+
+import json
+from fractions import Fraction
+from pathlib import Path
+from shlex import quote as shell_quote
+
+import yaml
+
+from mixacm.methods import METHODS
+
+
+# jsonschema validation has already named the key for unknown keys and wrong types; these checks
+# cover numeric ranges of eps strings and cross-references, and also name the key.
+def _parse_eps(value, key):
+    try:
+        eps = float(Fraction(str(value).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise WorkflowError(f"config key {key}: eps {value!r} is not a number or a fraction like 8/255")
+    if not 0.0 < eps <= 1.0:
+        raise WorkflowError(
+            f"config key {key}: eps {value!r} is outside (0, 1]; give it as a fraction of the "
+            f"[0, 1] pixel range, e.g. {value}/255"
+        )
+    return eps
+
+
+def _check_config(cfg):
+    for ds, ev in cfg["evaluation"].items():
+        _parse_eps(ev["eps"], f"evaluation.{ds}.eps")
+    for name, recipe in cfg["recipes"].items():
+        # The method class checks its own knobs (names, kinds, ranges; eps via parse_eps).
+        try:
+            METHODS.get(recipe["method"]).resolve(recipe.get("knobs", {}))
+        except (ValueError, KeyError) as err:
+            raise WorkflowError(f"config key recipes.{name}.knobs: {err}")
+        if "selection_eps" in recipe.get("train", {}):
+            _parse_eps(recipe["train"]["selection_eps"], f"recipes.{name}.train.selection_eps")
+    for exp_name, exp in cfg["experiments"].items():
+        for i, recipe in enumerate(exp["recipes"]):
+            if recipe not in cfg["recipes"]:
+                raise WorkflowError(
+                    f"config key experiments.{exp_name}.recipes[{i}]: unknown recipe {recipe!r}; "
+                    f"defined under recipes: {', '.join(sorted(cfg['recipes']))}"
+                )
+        if exp["dataset"] not in cfg["evaluation"]:
+            raise WorkflowError(
+                f"config key experiments.{exp_name}.dataset: {exp['dataset']!r} has no "
+                f"evaluation.{exp['dataset']} section (eps, test points)"
+            )
+        needs_teacher = any(
+            cfg["recipes"][r]["method"] in TEACHER_METHODS for r in exp["recipes"]
+        )
+        if needs_teacher and exp["dataset"] not in cfg["teachers"]:
+            raise WorkflowError(
+                f"config key experiments.{exp_name}: its recipes need a teacher but "
+                f"teachers.{exp['dataset']} is not set"
+            )
+    for ds, teacher in cfg["teachers"].items():
+        if teacher["source"] == "file" and not Path(teacher["path"]).is_file():
+            raise WorkflowError(
+                f"config key teachers.{ds}.path: teacher file {teacher['path']!r} does not exist"
+            )
+        if teacher["source"] == "train" and teacher["recipe"] not in cfg["recipes"]:
+            raise WorkflowError(
+                f"config key teachers.{ds}.recipe: unknown recipe {teacher['recipe']!r}"
+            )
+
+
+# Methods that distil from a teacher (Method.needs_teacher in the registry).
+TEACHER_METHODS = {name for name in METHODS.names() if METHODS.get(name).needs_teacher}
+
+_check_config(config)
+
+
+def frac_str(fraction):
+    """The {fraction} wildcard: 1.0 -> "1.0", 0.05 -> "0.05" (Python's shortest repr)."""
+    return repr(float(fraction))
+
+
+def run_dir(dataset, method, arch, fraction, seed):
+    return f"results/{dataset}/{method}/{arch}/frac{frac_str(fraction)}/seed{seed}"
+
+
+RUN_PATTERN = "results/{dataset}/{method}/{arch}/frac{fraction}/seed{seed}"
+LOG_PATTERN = "logs/{dataset}/{method}/{arch}/frac{fraction}/seed{seed}"
+
+
+def experiment_runs(name):
+    """(dataset, recipe, arch, fraction, seed) of every training run behind one table."""
+    exp = config["experiments"].get(name)
+    if exp is None:
+        return []
+    seeds = exp.get("seeds", config["seeds"])
+    return [
+        (exp["dataset"], recipe, exp["arch"], fraction, seed)
+        for recipe in exp["recipes"]
+        for fraction in exp["fractions"]
+        for seed in seeds
+    ]
+
+
+def experiment_files(name, filename):
+    return [f"{run_dir(*run)}/{filename}" for run in experiment_runs(name)]
+
+
+def resources_of(dataset, kind):
+    res = config["resources"].get(dataset, {}).get(kind, {})
+    return {
+        "threads": res.get("threads", 1),
+        "mem_mb": res.get("mem_mb", 4000),
+        "runtime": res.get("runtime", 60),
+        "gpu": res.get("gpu", 0),
+    }
+
+
+def res(kind, key):
+    """A resource of a job kind ("teacher", "train", "evaluate", "autoattack") per dataset."""
+    return lambda w: resources_of(w.dataset, kind)[key]
+
+
+def teacher_file(dataset):
+    """Where the teacher model file of a dataset's students comes from (one rule per source)."""
+    source = config["teachers"][dataset]["source"]
+    if source == "train":
+        return f"results/teachers/{dataset}/trained/model.pt"
+    return f"results/teachers/{dataset}/{source}/model.pt"
+
+
+def _dataset_section(dataset, fraction, seed_augment=True):
+    data = config["data"].get(dataset, {})
+    return {
+        "name": dataset,
+        "root": data.get("root"),
+        "download": data.get("download", False),
+        "fraction": float(fraction),
+        "subset_seed": data.get("subset_seed", 0),
+        "holdout": data.get("holdout", 0),
+        "cache": data.get("cache", True),
+        "augment": seed_augment,
+    }
+
+
+def run_config(name, dataset, recipe_name, arch, fraction, seed, teacher):
+    """The run config `mixacm train` reads (docs/architecture.md, "The run config")."""
+    recipe = config["recipes"][recipe_name]
+    return {
+        "name": name,
+        "seed": int(seed),
+        "device": config["device"],
+        "dataset": _dataset_section(dataset, fraction),
+        "model": {"name": arch, "kwargs": {}},
+        "teacher": teacher,
+        "method": {"name": recipe["method"], **recipe.get("knobs", {})},
+        "optim": dict(recipe.get("optim", {})),
+        "train": {"progress": False, **recipe.get("train", {})},
+    }
+
+
+def student_config(w):
+    method = config["recipes"][w.method]["method"]
+    teacher = teacher_file(w.dataset) if method in TEACHER_METHODS else None
+    name = f"{w.dataset}/{w.method}/{w.arch}/frac{w.fraction}/seed{w.seed}"
+    return run_config(name, w.dataset, w.method, w.arch, w.fraction, w.seed, teacher)
+
+
+def teacher_config(w):
+    t = config["teachers"][w.dataset]
+    name = f"teachers/{w.dataset}/trained"
+    return run_config(name, w.dataset, t["recipe"], t["arch"], t["fraction"], t["seed"], None)
+
+
+def as_yaml(cfg):
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def launcher(gpus):
+    """`mixacm` for one process; torchrun with one process per GPU for multi-GPU jobs."""
+    if int(gpus) > 1:
+        return f"torchrun --standalone --nproc-per-node {int(gpus)} -m mixacm.cli"
+    return "mixacm"
+
+
+def teacher_label(dataset):
+    """How the tables name a dataset's teacher: its RobustBench name, or its file and arch."""
+    t = config["teachers"].get(dataset)
+    if t is None:
+        return None
+    if t["source"] == "robustbench":
+        return t["name"]
+    if t["source"] == "train":
+        return f"{t['arch']} ({t['recipe']}, trained in the workflow)"
+    origin = t["url"] if t["source"] == "url" else t["path"]
+    return f"{t['arch'] or 'model file'} ({Path(origin).name})"
+
+
+def run_info(w):
+    """Conditions of a run, recorded in its result JSONs (the report groups rows by them)."""
+    recipe = config["recipes"][w.method]
+    method = recipe["method"]
+    return json.dumps(
+        {
+            "recipe": w.method,
+            "method": method,
+            "variant": recipe.get("variant", recipe.get("knobs", {}).get("ablation")),
+            "arch": w.arch,
+            "teacher": teacher_label(w.dataset) if method in TEACHER_METHODS else None,
+            "data_fraction": float(w.fraction),
+            "seed": int(w.seed),
+        },
+        sort_keys=True,
+    )
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+def eval_args(w):
+    """Arguments shared by both evaluation rules (data location, threat model, run info)."""
+    ev = config["evaluation"][w.dataset]
+    root = config["data"].get(w.dataset, {}).get("root")
+    args = [
+        f"--dataset {w.dataset}",
+        f"--eps {shell_quote(str(ev['eps']))}",
+        f"--batch-size {ev['batch_size']}",
+        f"--seed {ev['seed']}",
+        f"--device {config['device']}",
+        f"--run-info {shell_quote(run_info(w))}",
+    ]
+    if root:
+        args.append(f"--data-root {shell_quote(root)}")
+    return " ".join(args)
+
+
+def n_arg(n):
+    return "" if n is None else f"--n {n}"
+
+
+# -- tables, figures, report ---------------------------------------------------------------------
+
+TABLE_NAMES = ["cifar10", "imagenet", "less_data", "ablation"]
+TABLES = expand("results/table_{table}.csv", table=TABLE_NAMES)
+FIGURES = expand(
+    "results/figures/{figure}.png", figure=["less_data", "clean_vs_robust", "training_cost"]
+)
+
+
+def table_inputs(table):
+    return {
+        "results": experiment_files(table, "eval_clean_pgd.json")
+        + experiment_files(table, "eval_autoattack.json"),
+        "summaries": experiment_files(table, "train_summary.json"),
+        "benchmarks": experiment_files(table, "benchmark_train.tsv"),
+    }
+
+
+def all_results(w):
+    return sorted({f for t in TABLE_NAMES for f in table_inputs(t)["results"]})

@@ -1,0 +1,58 @@
+# Evaluation of every trained student: clean + PGD in one job, AutoAttack in another (it is by
+# far the slower one and is scheduled with its own resources). One result JSON each. The
+# per-batch evaluation state lives beside the result but is not an output, so a killed
+# evaluation resumes where it stopped.
+
+
+rule evaluate_clean_pgd:
+    input:
+        model=f"{RUN_PATTERN}/model.pt",
+    output:
+        f"{RUN_PATTERN}/eval_clean_pgd.json",
+    params:
+        args=eval_args,
+        attacks=lambda w: ",".join(config["evaluation"][w.dataset]["clean_pgd"]["attacks"]),
+        n=lambda w: n_arg(config["evaluation"][w.dataset]["clean_pgd"]["n"]),
+        state=lambda w, output: f"{output[0]}.state",
+    threads: res("evaluate", "threads")
+    resources:
+        mem_mb=res("evaluate", "mem_mb"),
+        runtime=res("evaluate", "runtime"),
+        gpu=res("evaluate", "gpu"),
+    log:
+        f"{LOG_PATTERN}/evaluate_clean_pgd.log",
+    benchmark:
+        f"{RUN_PATTERN}/benchmark_evaluate_clean_pgd.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "OMP_NUM_THREADS={threads} mixacm evaluate --checkpoint {input.model} {params.args}"
+        " --attacks {params.attacks} {params.n} --state-file {params.state} --out {output}"
+        " > {log} 2>&1"
+
+
+rule evaluate_autoattack:
+    input:
+        model=f"{RUN_PATTERN}/model.pt",
+    output:
+        f"{RUN_PATTERN}/eval_autoattack.json",
+    params:
+        args=eval_args,
+        attacks=lambda w: config["evaluation"][w.dataset]["autoattack"]["version"],
+        n=lambda w: n_arg(config["evaluation"][w.dataset]["autoattack"]["n"]),
+        state=lambda w, output: f"{output[0]}.state",
+    threads: res("autoattack", "threads")
+    resources:
+        mem_mb=res("autoattack", "mem_mb"),
+        runtime=res("autoattack", "runtime"),
+        gpu=res("autoattack", "gpu"),
+    log:
+        f"{LOG_PATTERN}/evaluate_autoattack.log",
+    benchmark:
+        f"{RUN_PATTERN}/benchmark_evaluate_autoattack.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "OMP_NUM_THREADS={threads} mixacm evaluate --checkpoint {input.model} {params.args}"
+        " --attacks {params.attacks} {params.n} --state-file {params.state} --out {output}"
+        " > {log} 2>&1"

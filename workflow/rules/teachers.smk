@@ -1,0 +1,118 @@
+# The robust teacher of each dataset's students, one rule per source. Every rule writes the
+# project's model-file format (mixacm.checkpoint), so students load any teacher the same way.
+# Downloads run on the submitting host (localrules): compute nodes often have no internet.
+
+localrules:
+    fetch_teacher_robustbench,
+    fetch_teacher_url,
+    import_teacher_file,
+    write_teacher_config,
+
+
+rule fetch_teacher_robustbench:
+    output:
+        "results/teachers/{dataset}/robustbench/model.pt",
+    params:
+        name=lambda w: config["teachers"][w.dataset]["name"],
+        threat_model=lambda w: config["teachers"][w.dataset]["threat_model"],
+        arch=lambda w: config["teachers"][w.dataset]["arch"] or "",
+    threads: res("teacher", "threads")
+    resources:
+        mem_mb=res("teacher", "mem_mb"),
+        runtime=res("teacher", "runtime"),
+        gpu=0,
+    log:
+        "logs/teachers/{dataset}/robustbench.log",
+    benchmark:
+        "results/teachers/{dataset}/robustbench/benchmark_teacher.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "mixacm teacher --robustbench {params.name:q} --threat-model {params.threat_model}"
+        " --dataset {wildcards.dataset} --arch {params.arch:q} --out {output} > {log} 2>&1"
+
+
+rule fetch_teacher_url:
+    output:
+        "results/teachers/{dataset}/url/model.pt",
+    params:
+        url=lambda w: config["teachers"][w.dataset]["url"],
+        sha256=lambda w: config["teachers"][w.dataset]["sha256"],
+        arch=lambda w: config["teachers"][w.dataset]["arch"],
+    threads: res("teacher", "threads")
+    resources:
+        mem_mb=res("teacher", "mem_mb"),
+        runtime=res("teacher", "runtime"),
+        gpu=0,
+    log:
+        "logs/teachers/{dataset}/url.log",
+    benchmark:
+        "results/teachers/{dataset}/url/benchmark_teacher.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "mixacm teacher --url {params.url:q} --sha256 {params.sha256} --arch {params.arch:q}"
+        " --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+
+
+rule import_teacher_file:
+    input:
+        lambda w: config["teachers"][w.dataset]["path"],
+    output:
+        "results/teachers/{dataset}/file/model.pt",
+    params:
+        arch=lambda w: config["teachers"][w.dataset]["arch"] or "",
+    threads: res("teacher", "threads")
+    resources:
+        mem_mb=res("teacher", "mem_mb"),
+        runtime=res("teacher", "runtime"),
+        gpu=0,
+    log:
+        "logs/teachers/{dataset}/file.log",
+    benchmark:
+        "results/teachers/{dataset}/file/benchmark_teacher.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "mixacm teacher --path {input:q} --arch {params.arch:q} --dataset {wildcards.dataset}"
+        " --out {output} > {log} 2>&1"
+
+
+rule write_teacher_config:
+    output:
+        "results/teachers/{dataset}/trained/run.yaml",
+    params:
+        text=lambda w: as_yaml(teacher_config(w)),
+    log:
+        "logs/teachers/{dataset}/write_config.log",
+    conda:
+        "../../environment.yml"
+    run:
+        Path(output[0]).write_text(params.text)
+
+
+# state.pt, metrics.jsonl and the log stay outside the declared outputs, so a killed job keeps
+# its checkpoint and `mixacm train` resumes from it on the next run.
+rule train_teacher:
+    input:
+        "results/teachers/{dataset}/trained/run.yaml",
+    output:
+        model="results/teachers/{dataset}/trained/model.pt",
+        summary="results/teachers/{dataset}/trained/train_summary.json",
+    params:
+        out_dir=subpath(output.model, parent=True),
+        launch=lambda w, resources: launcher(resources.gpu),
+    threads: res("teacher", "threads")
+    resources:
+        mem_mb=res("teacher", "mem_mb"),
+        runtime=res("teacher", "runtime"),
+        gpu=res("teacher", "gpu"),
+    log:
+        "logs/teachers/{dataset}/train.log",
+    benchmark:
+        "results/teachers/{dataset}/trained/benchmark_train.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launch} train --config {input} --out-dir {params.out_dir}"
+        " > {log} 2>&1"

@@ -1,0 +1,52 @@
+# Student training: one job per (dataset, recipe, arch, data fraction, seed). The run config is
+# written from the pipeline config by its own small rule, so it can be read and re-run by hand
+# (`mixacm train --config run.yaml --out-dir DIR`), and a config change re-triggers training.
+
+localrules:
+    write_run_config,
+
+
+rule write_run_config:
+    output:
+        f"{RUN_PATTERN}/run.yaml",
+    params:
+        text=lambda w: as_yaml(student_config(w)),
+    log:
+        f"{LOG_PATTERN}/write_run_config.log",
+    conda:
+        "../../environment.yml"
+    run:
+        Path(output[0]).write_text(params.text)
+
+
+# state.pt (rolling, every epoch) and metrics.jsonl are deliberately not outputs: Snakemake
+# deletes a failed job's outputs, and the checkpoint must survive a killed job so that the next
+# run resumes from it. Only the final model and the summary are declared.
+rule train_student:
+    input:
+        config=f"{RUN_PATTERN}/run.yaml",
+        teacher=lambda w: (
+            teacher_file(w.dataset)
+            if config["recipes"][w.method]["method"] in TEACHER_METHODS
+            else []
+        ),
+    output:
+        model=f"{RUN_PATTERN}/model.pt",
+        summary=f"{RUN_PATTERN}/train_summary.json",
+    params:
+        out_dir=lambda w, output: Path(output.model).parent,
+        launch=lambda w, resources: launcher(resources.gpu),
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=res("train", "gpu"),
+    log:
+        f"{LOG_PATTERN}/train_student.log",
+    benchmark:
+        f"{RUN_PATTERN}/benchmark_train.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launch} train --config {input.config}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
