@@ -1,0 +1,331 @@
+"""Training methods: one optimiser step each, frozen teacher, Free-AT's carried perturbation,
+knob validation, mode handling around attacks, and MixACM's blocks and ablation presets."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixacm.losses import acm_distance, kd_kl
+from mixacm.methods import METHODS, build_method
+from mixacm.models import build_model
+from mixacm.models.base import FeatureClassifier
+
+
+def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def student() -> FeatureClassifier:
+    torch.manual_seed(0)
+    return build_model("tiny")
+
+
+def tiny_teacher() -> FeatureClassifier:
+    # Other widths than the student, so MixACM needs its channel transformations.
+    torch.manual_seed(1)
+    return build_model("tiny", widths=(8, 16, 32))
+
+
+class TwoGroupNet(FeatureClassifier):
+    """A teacher with a stem and two residual groups (like the shared resnet4b)."""
+
+    feature_names = ("stem", "layer1", "layer2")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, 2, 1)
+        self.layer1 = nn.Conv2d(4, 6, 3, 2, 1)
+        self.layer2 = nn.Conv2d(6, 12, 3, 2, 1)
+        self.fc = nn.Linear(12, 10)
+
+    def _forward(self, z, want, feats):
+        out = z
+        for name in self.feature_names:
+            out = torch.relu(getattr(self, name)(out))
+            if name in want:
+                feats[name] = out
+        return self.fc(out.mean(dim=(2, 3)))
+
+
+def make(name: str, **knobs):
+    cls = METHODS.get(name)
+    return build_method(name, student(), tiny_teacher() if cls.needs_teacher else None, **knobs)
+
+
+def params(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_takes_one_step(name):
+    method = make(name)
+    model, teacher = method.model, method.teacher
+    model.train()
+    before = params(model)
+    teacher_before = params(teacher) if teacher is not None else []
+    trainable = list(model.parameters()) + list(method.extra_modules().parameters())
+    opt = torch.optim.SGD(trainable, lr=0.1)
+
+    x, y = batch()
+    opt.zero_grad()
+    loss, metrics = method.loss(x, y)
+    assert model.training, "the method must leave the model in training mode"
+    loss.backward()
+    method.after_backward()
+    opt.step()
+
+    assert metrics["loss"] == pytest.approx(loss.item())
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+    changed = [not torch.equal(a, b) for a, b in zip(before, params(model))]
+    assert any(changed), f"{name}: no parameter changed"
+    if teacher is not None:
+        assert not teacher.training
+        assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(teacher_before, params(teacher)))
+
+
+def bn_updates(model: FeatureClassifier) -> int:
+    return int(model.layer1.bn1.num_batches_tracked)
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs", "forwards_in_train_mode"),
+    [
+        ("at", {}, 1),  # the attack's 10 forwards run in eval mode: only the loss's counts
+        ("at", {"attack_mode": "train"}, 11),  # 10 PGD forwards + the loss's
+        ("fast_at", {}, 2),  # official: the FGSM forward is an ordinary training forward
+        ("fast_at", {"attack_mode": "eval"}, 1),
+        ("trades", {}, 2),  # eval-mode attack; clean and adversarial forwards of the loss
+        ("trades", {"attack_mode": "train"}, 2 + 1 + 10),  # + target logits + 10 steps
+        ("standard", {}, 1),
+        ("free_at", {}, 1),
+    ],
+)
+def test_attack_mode_decides_which_forwards_update_batchnorm(name, knobs, forwards_in_train_mode):
+    method = make(name, **knobs)
+    method.model.train()
+    method.loss(*batch())
+    assert bn_updates(method.model) == forwards_in_train_mode
+    assert method.model.training
+
+
+def test_trades_with_beta_zero_is_ce():
+    method = make("trades", beta=0)
+    method.model.train()
+    x, y = batch()
+    loss, metrics = method.loss(x, y)
+    expected = F.cross_entropy(method.model(x), y)
+    torch.testing.assert_close(loss, expected)
+    assert metrics["kl"] > 0  # the regulariser was computed, only weighted by 0
+
+
+def test_free_at_delta_stays_within_eps_and_changes_across_replays():
+    eps = 8 / 255
+    method = make("free_at", eps="8/255", replays=3)
+    assert method.replays == 3 and method.recipe["replays"] == 3
+    assert method.recipe["epochs"] == math.ceil(200 / 3)
+    model = method.model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch()
+    deltas = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss, _ = method.loss(x, y)
+        loss.backward()
+        method.after_backward()
+        opt.step()
+        deltas.append(method.delta.clone())
+    for d in deltas:
+        assert d.shape == x.shape
+        assert d.abs().max().item() <= eps + 1e-7
+    # First replay starts from 0, so one FGSM step of size eps reaches the corners of the ball.
+    assert torch.allclose(deltas[0].abs()[deltas[0] != 0], torch.tensor(eps))
+    assert not torch.equal(deltas[0], deltas[1]) and not torch.equal(deltas[1], deltas[2])
+
+    # A smaller last batch continues from the leading part of the carried perturbation ...
+    method.loss(x[:5], y[:5])
+    torch.testing.assert_close(method._leaf.detach(), deltas[-1][:5])
+    # ... and a larger one starts again from zero.
+    x_big, y_big = batch(12, seed=1)
+    method.loss(x_big, y_big)
+    assert torch.count_nonzero(method._leaf) == 0
+
+    # The carried perturbation survives a state round trip (resume).
+    fresh = make("free_at", replays=3)
+    fresh.load_state_dict(method.state_dict())
+    torch.testing.assert_close(fresh.delta, method.delta)
+
+
+def test_free_at_after_backward_without_backward_is_an_error():
+    method = make("free_at")
+    method.loss(*batch())
+    with pytest.raises(RuntimeError, match="after_backward"):
+        method.after_backward()
+
+
+@pytest.mark.parametrize(
+    ("name", "knobs", "word"),
+    [
+        ("at", {"epss": 0.1}, "epss"),
+        ("at", {"eps": 8}, "eps"),
+        ("at", {"steps": 0}, "steps"),
+        ("at", {"steps": 2.5}, "steps"),
+        ("at", {"random_start": "yes"}, "random_start"),
+        ("at", {"attack_mode": "test"}, "attack_mode"),
+        ("trades", {"beta": -1}, "beta"),
+        ("trades", {"step_size": "x"}, "step_size"),
+        ("free_at", {"replays": 0}, "replays"),
+        ("fast_at", {"step_scale": 0}, "step_scale"),
+        ("standard", {"eps": "8/255"}, "eps"),
+        ("mixacm", {"pooling": "max"}, "pooling"),
+        ("mixacm", {"p": 3}, "p"),
+        ("mixacm", {"T": 0}, "T"),
+        ("mixacm", {"mixup_alpha": -1}, "mixup_alpha"),
+        ("mixacm", {"transform": "conv"}, "transform"),
+        ("mixacm", {"blocks": "all"}, "blocks"),
+        ("mixacm", {"blocks": [["layer3", "layer9"]]}, "blocks"),
+        ("mixacm", {"blocks": [["layer3"]]}, "blocks"),
+        ("mixacm", {"ablation": "acm", "kd": True}, "kd"),
+        ("mixacm", {"mixup": "yes"}, "mixup"),
+        ("mixacm", {"ablation": "everything"}, "ablation"),
+    ],
+)
+def test_bad_knobs_raise_naming_the_knob(name, knobs, word):
+    with pytest.raises(ValueError, match=f"'{word}'"):
+        make(name, **knobs)
+
+
+def test_teacher_presence_is_checked():
+    with pytest.raises(ValueError, match="needs a teacher"):
+        build_method("mixacm", student(), None)
+    with pytest.raises(ValueError, match="does not use a teacher"):
+        build_method("at", student(), tiny_teacher())
+    with pytest.raises(KeyError, match="unknown method 'madry'"):
+        build_method("madry", student())
+
+
+def test_knob_listing_and_resolved_values():
+    listed = {k["name"]: k for k in METHODS.get("at").knobs()}
+    assert listed["eps"]["default"] == "8/255" and listed["eps"]["unit"] == "fraction of [0, 1]"
+    method = make("at", eps="4/255", steps="5")
+    assert method.resolved_knobs() == {
+        "eps": 4 / 255, "steps": 5, "step_size": 2 / 255, "random_start": True, "attack_mode": "eval",
+    }
+
+
+def test_recipes_follow_method_md():
+    at, trades, mix = make("at"), make("trades"), make("mixacm")
+    assert (at.recipe["epochs"], at.recipe["weight_decay"], at.recipe["milestones"]) == (200, 5e-4, [0.5, 0.75])
+    assert (trades.recipe["epochs"], trades.recipe["weight_decay"]) == (76, 2e-4)
+    assert trades.recipe["epochs"] * trades.recipe["milestones"][0] == pytest.approx(75)
+    assert mix.recipe_for("cifar100") == mix.recipe_for("cifar10") == mix.recipe
+    imagenet = mix.recipe_for("imagenet")
+    assert (imagenet["epochs"], imagenet["weight_decay"], imagenet["lr"], imagenet["batch_size"]) == (90, 1e-4, 0.1, 256)
+    assert make("fast_at").recipe["schedule"] == "cyclic"
+    # A copy: editing it does not change the method's recipe.
+    mix.recipe_for("cifar10")["milestones"].append(0.9)
+    assert mix.recipe_for("cifar10")["milestones"] == [0.5, 0.75]
+
+
+# -- MixACM ---------------------------------------------------------------------------------
+
+
+def test_mixacm_default_blocks_pair_groups_from_the_last_one():
+    method = build_method("mixacm", student(), TwoGroupNet())
+    assert method.pairs == [("layer2", "layer1"), ("layer3", "layer2")]
+    assert method.resolved_knobs()["blocks"] == [["layer2", "layer1"], ["layer3", "layer2"]]
+    # tiny: layer2 has 32 channels, layer3 64; teacher layer1 6, layer2 12.
+    shapes = {k: tuple(m.weight.shape) for k, m in method.extra_modules().items()}
+    assert shapes == {"layer2_to_layer1": (6, 32), "layer3_to_layer2": (12, 64)}
+
+    with_stem = build_method("mixacm", student(), TwoGroupNet(), blocks="groups+stem")
+    assert with_stem.pairs[0] == ("stem", "stem")
+
+    explicit = build_method("mixacm", student(), TwoGroupNet(), blocks=[["layer1", "stem"]], transform="interpolate")
+    assert explicit.pairs == [("layer1", "stem")]
+    assert sum(p.numel() for p in explicit.extra_modules().parameters()) == 0
+
+
+def test_mixacm_equal_channels_use_identity_and_linear_starts_at_interpolation():
+    same = build_method("mixacm", student(), build_model("tiny"))
+    assert all(isinstance(m, nn.Identity) for m in same.extra_modules().values())
+
+    lin = build_method("mixacm", student(), tiny_teacher(), transform="linear")
+    interp = build_method("mixacm", student(), tiny_teacher(), transform="interpolate")
+    a = torch.rand(4, 64)
+    torch.testing.assert_close(lin.transforms["layer3_to_layer3"](a), interp.transforms["layer3_to_layer3"](a))
+    # Interpolating 64 -> 32 points with aligned ends keeps the first and last values.
+    out = interp.transforms["layer3_to_layer3"](a)
+    torch.testing.assert_close(out[:, [0, -1]], a[:, [0, -1]])
+
+
+def test_mixacm_teacher_sees_the_student_batch_and_transforms_get_gradients():
+    method = make("mixacm")
+    seen: dict[str, torch.Tensor] = {}
+    method.model.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0]))
+    method.teacher.register_forward_pre_hook(lambda m, args: seen.__setitem__("teacher", args[0]))
+    method.teacher.train()  # a careless caller: the method still runs the teacher in eval mode
+    x, y = batch()
+    torch.manual_seed(3)
+    loss, metrics = method.loss(x, y)
+    assert not method.teacher.training
+    assert torch.equal(seen["student"], seen["teacher"])
+    assert 0 < metrics["lam"] < 1 and not torch.equal(seen["student"], x)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.extra_modules().parameters())
+
+
+@pytest.mark.parametrize(
+    ("preset", "on"),
+    [
+        ("full", {"acm", "kd", "mixup"}),
+        ("acm", {"acm"}),
+        ("acm+kd", {"acm", "kd"}),
+        ("acm+mixup", {"acm", "mixup"}),
+        ("kd", {"kd"}),
+    ],
+)
+def test_mixacm_ablation_presets_switch_terms(preset, on):
+    beta, gamma = 0.5, 3.0
+    method = make("mixacm", ablation=preset, beta=beta, gamma=gamma)
+    knobs = method.resolved_knobs()
+    assert {s for s in ("acm", "kd", "mixup") if knobs[s]} == on and knobs["ablation"] == preset
+    model, teacher = method.model.train(), method.teacher
+    x, y = batch()
+    loss, m = method.loss(x, y)
+
+    assert loss.item() == pytest.approx(m["ce"] + beta * m["kd"] + gamma * m["acm"], rel=1e-6)
+    for term in ("acm", "kd"):
+        assert (m[term] > 0) == (term in on)
+        if term not in on:
+            assert m[term] == 0.0
+    if "mixup" in on:
+        assert 0 < m["lam"] < 1
+        return
+    # Clean inputs and plain CE: every term can be recomputed from the networks directly.
+    assert m["lam"] == 1.0
+    with torch.no_grad():
+        logits, s_feats = model(x, features=("layer1", "layer2", "layer3"))
+        t_logits, t_feats = teacher(x, features=("layer1", "layer2", "layer3"))
+    assert m["ce"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    if "kd" in on:
+        assert m["kd"] == pytest.approx(kd_kl(logits, t_logits).item(), rel=1e-5)
+    if "acm" in on:
+        with torch.no_grad():
+            expected = sum(
+                acm_distance(method.student_channel_map(n, n, s_feats[n]), method.channel_map(t_feats[n])).item()
+                for n in ("layer1", "layer2", "layer3")
+            )
+        assert m["acm"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_mixacm_switches_without_preset_name_the_matching_preset():
+    assert make("mixacm", kd=False).resolved_knobs()["ablation"] == "acm+mixup"
+    custom = make("mixacm", acm=False, kd=False, mixup=True).resolved_knobs()
+    assert custom["ablation"] == "custom" and custom["mixup"] and not custom["acm"]
+    assert make("mixacm", ablation="acm", kd=False).resolved_knobs()["ablation"] == "acm"
