@@ -171,3 +171,33 @@ def test_batch_seed_and_eps_text():
     assert len(seeds) == 200 and all(0 <= s < 2**31 for s in seeds)
     assert batch_seed(0, "pgd20", 3) == batch_seed(0, "pgd20", 3)
     assert eps_text(2 / 255) == "2/255" and eps_text(0.031) == "0.031" and eps_text(" 8/255") == "8/255"
+
+
+@pytest.fixture(scope="module")
+def teacher_and_test_set(cifar10_jpeg_root, shared_models, tmp_path_factory):
+    from mixacm.checkpoint import load_foreign_state_dict
+    from mixacm.data import load_dataset
+
+    data = load_dataset("cifar10", "test", root=cifar10_jpeg_root, cache_dir=tmp_path_factory.mktemp("cache"))
+    return load_foreign_state_dict(shared_models / "resnet2b.pth", "resnet2b"), data
+
+
+def test_real_teacher_matches_independent_measurement(teacher_and_test_set):
+    # shared/models/README.md, measured on the JPEG copy: resnet2b 68.70 % clean (10k images),
+    # 55.5 % under PGD-20 at 2/255 on 1,000 images (100 a class, step eps/4, one random start).
+    model, data = teacher_and_test_set
+    result = evaluate(model, data, ["clean", "pgd20"], "2/255", n=1000, batch_size=250, progress=False,
+                      device="cpu")
+    clean, pgd = result["metrics"]["clean"], result["metrics"]["pgd20"]
+    assert clean["n"] == pgd["n"] == 1000
+    assert abs(clean["accuracy_pct"] - 68.70) <= 3.0
+    assert abs(pgd["accuracy_pct"] - 55.5) <= 2.5
+
+
+@pytest.mark.slow
+def test_real_teacher_autoattack_no_weaker_than_pgd(teacher_and_test_set):
+    model, data = teacher_and_test_set
+    result = evaluate(model, data, ["clean", "pgd20", "autoattack-apgd"], "2/255", n=200, batch_size=100,
+                      progress=False, device="cpu")
+    m = {k: v["accuracy_pct"] for k, v in result["metrics"].items()}
+    assert m["autoattack-apgd"] <= m["pgd20"] + 1.0 < m["clean"]
