@@ -66,6 +66,14 @@ def _package_version(name: str, module: ModuleType) -> str | None:
         return getattr(module, "__version__", None)
 
 
+def _forked_rng(device: torch.device):
+    """Restore the CPU RNG (and ``device``'s, for an accelerator) after the block."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
 class AutoAttackAdapter:
     """Run AutoAttack on one batch: ``adapter(model, x, y, seed=...) -> x_adv``.
 
@@ -133,8 +141,7 @@ class AutoAttackAdapter:
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, seed: int) -> Tensor:
         device = x.device
         adversary = self._build(model, device, int(seed))
-        fork_devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices):
+        with _forked_rng(device):
             if self.backend == "pyautoattack":
                 x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
             else:
