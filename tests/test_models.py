@@ -32,16 +32,74 @@ PARAMS = {
 }
 
 
+
+
+def _bn(c: int) -> int:
+    return 2 * c
+
+
+def _preact_block(c_in: int, c_out: int, stride: int) -> int:
+    # bn1, 3x3 conv1, bn2, 3x3 conv2 (no biases), 1x1 projection when the shape changes
+    proj = c_in * c_out if stride != 1 or c_in != c_out else 0
+    return _bn(c_in) + 9 * c_in * c_out + _bn(c_out) + 9 * c_out * c_out + proj
+
+
+def wrn_params(depth: int, k: int, classes: int = 10) -> int:
+    n = (depth - 4) // 6
+    widths = [16, 16 * k, 32 * k, 64 * k]
+    total = 27 * 16 + _bn(64 * k) + 64 * k * classes + classes
+    for g in range(3):
+        total += _preact_block(widths[g], widths[g + 1], 1 if g == 0 else 2)
+        total += (n - 1) * _preact_block(widths[g + 1], widths[g + 1], 1)
+    return total
+
+
+def preact18_params(classes: int = 10) -> int:
+    total, c_in = 27 * 64 + _bn(512) + 512 * classes + classes, 64
+    for i, width in enumerate((64, 128, 256, 512)):
+        total += _preact_block(c_in, width, 1 if i == 0 else 2) + _preact_block(width, width, 1)
+        c_in = width
+    return total
+
+
+PARAMS.update({
+    "wrn-28-10": wrn_params(28, 10),
+    "wrn-34-10": wrn_params(34, 10),
+    "wrn-34-20": wrn_params(34, 20),
+    "wrn-70-16": wrn_params(70, 16),
+    "preact_resnet18": preact18_params(),
+})
+
+
+def test_hand_counts_agree_with_published_figures() -> None:
+    # RobustBench / torchvision / Rice et al. figures.
+    assert wrn_params(34, 10) == 46_160_474
+    assert wrn_params(28, 10) == 36_479_194
+    # Rice et al.'s PreAct ResNet-18 ends with BN + ReLU before pooling: 1,024 parameters more than
+    # the often-quoted 11,171,146 of the variant without that final BN.
+    assert preact18_params() == 11_171_146 + _bn(512)
+
+
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_parameter_counts(name: str) -> None:
     assert n_params(on_meta(name)) == PARAMS[name]
 
 
+def test_resnet50_parameter_count() -> None:
+    from torchvision.models import resnet50
+
+    with torch.device("meta"):
+        reference = resnet50(weights=None)
+    assert n_params(on_meta("resnet50", num_classes=1000)) == n_params(reference) == 25_557_032
+    # build_model's default is 10 classes (the dataset decides): fc 2048 -> 10.
+    assert n_params(on_meta("resnet50")) == 25_557_032 - 2048 * 990 - 990
+
+
 def test_counts_equal_the_shared_checkpoints(shared_models: Path) -> None:
     # ../shared/models/README.md lists 105,238 for resnet4b, but its own architecture description
     # and the file's tensors both give 123,734; 112,006 for resnet2b agrees.
-    assert PARAMS == {"resnet2b": 112_006, "resnet4b": 123_734}
-    for name in PARAMS:
+    assert (PARAMS["resnet2b"], PARAMS["resnet4b"]) == (112_006, 123_734)
+    for name in ("resnet2b", "resnet4b"):
         raw = torch.load(shared_models / f"{name}.pth", map_location="cpu", weights_only=True)["state_dict"]
         assert sum(v.numel() for v in raw.values()) == PARAMS[name]
 
@@ -69,6 +127,55 @@ def test_feature_names_and_shapes(name: str) -> None:
     assert list(some) == list(reversed(model.feature_names))
 
 
+# Big models on the meta device: feature shapes propagate without any computation.
+# name -> (kwargs, image size, {feature: (channels, height)})
+META_FEATURES = {
+    "wrn-34-10": ({}, 32, {"stem": (16, 32), "layer1": (160, 32), "layer2": (320, 16), "layer3": (640, 8)}),
+    "wrn-70-16": ({}, 32, {"stem": (16, 32), "layer1": (256, 32), "layer2": (512, 16), "layer3": (1024, 8)}),
+    "preact_resnet18": ({}, 32, {"stem": (64, 32), "layer1": (64, 32), "layer2": (128, 16),
+                                 "layer3": (256, 8), "layer4": (512, 4)}),
+    "resnet50": ({"num_classes": 1000}, 224, {"stem": (64, 56), "layer1": (256, 56), "layer2": (512, 28),
+                           "layer3": (1024, 14), "layer4": (2048, 7)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(META_FEATURES))
+def test_big_model_feature_shapes(name: str) -> None:
+    kwargs, size, expected = META_FEATURES[name]
+    model = on_meta(name, **kwargs)
+    assert model.feature_names == tuple(expected)
+    x = torch.empty(2, 3, size, size, device="meta")
+    logits, feats = model(x, features=model.feature_names)
+    assert logits.shape == (2, kwargs.get("num_classes", 10))
+    assert {k: (v.shape[1], v.shape[2]) for k, v in feats.items()} == expected
+    assert model.feature_channels(image_size=size) == {k: c for k, (c, _) in expected.items()}
+
+
+# Small real configurations of each family, for forward tests on real numbers.
+SMALL = {
+    "wide_resnet": ({"depth": 10, "widen_factor": 1}, 32),
+    "preact_resnet18": ({}, 32),
+    "resnet50": ({"num_classes": 10}, 64),
+    "tiny": ({}, 32),
+    "resnet2b": ({}, 32),
+    "resnet4b": ({}, 32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_features_do_not_change_logits(name: str) -> None:
+    kwargs, size = SMALL[name]
+    torch.manual_seed(0)
+    model = build_model(name, **kwargs).eval()
+    x = torch.rand(2, 3, size, size)
+    logits, feats = model(x, features=model.feature_names)
+    assert torch.equal(model(x), logits)
+    assert list(feats) == list(model.feature_names)
+    # The stem is the first layer's output, at most halving the resolution of a CIFAR-sized input
+    # (ImageNet's stride-2 conv plus max-pool quarter it).
+    assert feats["stem"].shape[-1] in (size, size // 2, size // 4)
+
+
 @pytest.mark.parametrize("name", sorted(FEATURES))
 def test_cert_features_are_activated_maps(name: str) -> None:
     # Every feature of these networks is the output of a ReLU.
@@ -89,15 +196,17 @@ def test_unknown_model_is_a_key_error_listing_names() -> None:
 
 CIFAR = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-NORMALISATION = {"resnet2b": CIFAR, "resnet4b": CIFAR}
+NORMALISATION = {"resnet2b": CIFAR, "resnet4b": CIFAR, "tiny": CIFAR, "wide_resnet": CIFAR,
+                 "preact_resnet18": CIFAR, "resnet50": IMAGENET}
 
 
 @pytest.mark.parametrize("name", sorted(NORMALISATION))
 def test_normalisation_is_inside(name: str) -> None:
     torch.manual_seed(0)
-    model = build_model(name).eval()
+    kwargs, size = SMALL[name]
+    model = build_model(name, **kwargs).eval()
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALISATION[name])
-    x = torch.rand(2, 3, 32, 32)
+    x = torch.rand(2, 3, size, size)
     raw = model._forward((x - mean) / std, frozenset(), {})
     assert torch.allclose(model(x), raw, atol=1e-6)
     assert not torch.allclose(model(x), model._forward(x, frozenset(), {}), atol=1e-3)
@@ -176,3 +285,109 @@ def test_every_registered_model_is_a_feature_classifier() -> None:
         model = on_meta(name)
         assert isinstance(model, FeatureClassifier), name
         assert model.feature_names[0] == "stem", name
+
+
+# --- upstream key layouts --------------------------------------------------------------------
+
+def _bn_keys(prefix: str) -> set[str]:
+    return {f"{prefix}.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+
+
+def robustbench_wrn_keys(depth: int, k: int, sub_block1: bool = False) -> set[str]:
+    """RobustBench's WideResNet state-dict keys, from its definition: groups ``blockG.layer.i``
+    with bn1, conv1, bn2, conv2 and ``convShortcut`` where the channel count changes."""
+    n = (depth - 4) // 6
+    widths = [16, 16 * k, 32 * k, 64 * k]
+    keys = {"conv1.weight", "fc.weight", "fc.bias"} | _bn_keys("bn1")
+    groups = [("block1", 0), ("block2", 1), ("block3", 2)] + ([("sub_block1", 0)] if sub_block1 else [])
+    for name, g in groups:
+        for i in range(n):
+            p = f"{name}.layer.{i}"
+            keys |= _bn_keys(f"{p}.bn1") | _bn_keys(f"{p}.bn2") | {f"{p}.conv1.weight", f"{p}.conv2.weight"}
+            if i == 0 and widths[g] != widths[g + 1]:
+                keys.add(f"{p}.convShortcut.weight")
+    return keys
+
+
+@pytest.mark.parametrize("name,depth,k", [("wrn-34-10", 34, 10), ("wrn-28-10", 28, 10), ("wrn-70-16", 70, 16)])
+def test_wide_resnet_keys_are_robustbench_keys(name: str, depth: int, k: int) -> None:
+    assert set(on_meta(name).state_dict()) == robustbench_wrn_keys(depth, k) | {"mean", "std"}
+
+
+def test_wide_resnet_options() -> None:
+    model = on_meta("wide_resnet", depth=16, widen_factor=4, sub_block1=True, bias_last=False)
+    assert set(model.state_dict()) == (robustbench_wrn_keys(16, 4, sub_block1=True) - {"fc.bias"}) | {"mean", "std"}
+    for depth in (27, 4, 0):
+        with pytest.raises(ValueError, match=rf"depth must be 6n \+ 4 .*got {depth}"):
+            build_model("wide_resnet", depth=depth)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        build_model("wide_resnet", depth=10, dropout=1.5)
+    with pytest.raises(TypeError, match="depth"):
+        build_model("wrn-34-10", depth=28)
+
+
+def test_wide_resnet_dropout_only_in_training() -> None:
+    torch.manual_seed(0)
+    model = build_model("wide_resnet", depth=10, widen_factor=1, dropout=0.5)
+    x = torch.rand(2, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, model(x))
+
+
+def test_preact_resnet18_keys() -> None:
+    keys = set(on_meta("preact_resnet18").state_dict())
+    # Rice et al.'s names: projections inside a Sequential, final ``bn`` and ``linear``.
+    assert {"conv1.weight", "layer2.0.shortcut.0.weight", "layer4.1.conv2.weight", "bn.running_var",
+            "linear.weight", "linear.bias"} <= keys
+    assert not any(k.startswith("layer1.0.shortcut") or k.startswith("layer2.1.shortcut") for k in keys)
+    assert not any("bias" in k and "conv" in k for k in keys)
+
+
+def test_preact_block_by_hand() -> None:
+    from mixacm.models.blocks import PreActBlock
+
+    torch.manual_seed(0)
+    for c_in, stride, key, wrap in ((4, 1, "shortcut", False), (2, 2, "convShortcut", False), (2, 1, "shortcut", True)):
+        block = PreActBlock(c_in, 4, stride, shortcut_key=key, wrap_shortcut=wrap).eval()
+        x = torch.randn(1, c_in, 6, 6)
+        a = F.relu(block.bn1(x))
+        proj = getattr(block, key)
+        skip = x if proj is None else proj(a)
+        assert torch.equal(block(x), block.conv2(F.relu(block.bn2(block.conv1(a)))) + skip)
+        assert (proj is None) == (c_in == 4 and stride == 1)
+        if proj is not None:
+            assert isinstance(proj, torch.nn.Sequential) == wrap
+
+
+def test_resnet50_loads_torchvision_and_robustbench_layouts() -> None:
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    reference = resnet50(weights=None, num_classes=10).eval()
+    model = build_model("resnet50", num_classes=10).eval()
+    assert set(model.state_dict()) == {f"model.{k}" for k in reference.state_dict()} | {"mean", "std"}
+    # A plain torchvision state dict: model(x) is torchvision's net on the normalised image.
+    model.load_state_dict(model.adapt_state_dict(reference.state_dict()), strict=True)
+    x = torch.rand(1, 3, 64, 64)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in IMAGENET)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference((x - mean) / std), atol=1e-5)
+    # RobustBench's Sequential(normalize, model) layout: the file's normalisation is kept.
+    rb = {f"model.{k}": v for k, v in reference.state_dict().items()}
+    rb["normalize.mean"], rb["normalize.std"] = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+    model.load_state_dict(model.adapt_state_dict(rb), strict=True)
+    assert torch.equal(model.mean, rb["normalize.mean"]) and torch.equal(model.std, rb["normalize.std"])
+
+
+def test_robustbench_wrapped_cifar_model_is_unwrapped() -> None:
+    src = build_model("wide_resnet", depth=10, widen_factor=1)
+    raw = {f"model.{k}": v for k, v in src.state_dict().items() if k not in ("mean", "std")}
+    raw["normalize.mean"], raw["normalize.std"] = src.mean * 0 + 0.5, src.std * 0 + 0.2
+    target = build_model("wide_resnet", depth=10, widen_factor=1)
+    target.load_state_dict(target.adapt_state_dict(raw), strict=True)
+    assert torch.equal(target.fc.weight, src.fc.weight) and float(target.std.flatten()[0]) == pytest.approx(0.2)

@@ -6,7 +6,7 @@ the activated channel maps from these features, so no string hooks reach into mo
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,15 @@ class FeatureClassifier(nn.Module):
     def _forward(self, z: Tensor, want: frozenset[str], feats: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def _run_stages(self, out: Tensor, stages: Sequence[Callable[[Tensor], Tensor]],
+                    want: frozenset[str], feats: dict[str, Tensor]) -> Tensor:
+        """Apply ``stages`` in order, one per feature name, keeping the outputs in ``want``."""
+        for name, stage in zip(self.feature_names, stages, strict=True):
+            out = stage(out)
+            if name in want:
+                feats[name] = out
+        return out
+
     def check_features(self, names: Sequence[str]) -> None:
         unknown = [n for n in names if n not in self.feature_names]
         if unknown:
@@ -54,13 +63,21 @@ class FeatureClassifier(nn.Module):
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Map a state dict saved outside this project onto this model's key names.
 
-        Foreign files carry no normalisation buffers (they normalise elsewhere), so this model's
-        own ``mean``/``std`` fill them in; a ``module.`` prefix on every key (left by
-        ``DataParallel``) is dropped. Models whose upstream key names differ override this.
+        - RobustBench wraps nets as ``Sequential(normalize=ImageNormalizer, model=net)``: the
+          ``normalize.mean``/``normalize.std`` buffers become this model's ``mean``/``std``.
+        - A ``module.`` (DataParallel) or ``model.`` (wrapper) prefix on every remaining key is
+          dropped when this model's own keys do not carry it.
+        - Files without normalisation buffers (most of them: they normalise elsewhere) get this
+          model's own ``mean``/``std``.
+        Models whose upstream key names differ extend this.
         """
         sd = dict(state_dict)
-        if sd and all(k.startswith("module.") for k in sd):
-            sd = {k[len("module."):]: v for k, v in sd.items()}
+        norm = {name: sd.pop(f"normalize.{name}") for name in ("mean", "std") if f"normalize.{name}" in sd}
+        own = list(self.state_dict())
+        for prefix in ("module.", "model."):
+            if sd and all(k.startswith(prefix) for k in sd) and not any(k.startswith(prefix) for k in own):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+        sd.update(norm)
         for name in ("mean", "std"):
             sd.setdefault(name, getattr(self, name))
         return sd

@@ -66,13 +66,8 @@ class CertResNet(FeatureClassifier):
         self.linear2 = nn.Linear(hidden, num_classes)
 
     def _forward(self, z: Tensor, want: frozenset[str], feats: dict[str, Tensor]) -> Tensor:
-        out = F.relu(self.conv1(z))
-        if "stem" in want:
-            feats["stem"] = out
-        for name in self.feature_names[1:]:
-            out = getattr(self, name)(out)
-            if name in want:
-                feats[name] = out
+        stages = [lambda t: F.relu(self.conv1(t))] + [getattr(self, n) for n in self.feature_names[1:]]
+        out = self._run_stages(z, stages, want, feats)
         return self.linear2(F.relu(self.linear1(out.flatten(1))))
 
 

@@ -8,26 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixacm.models.base import FeatureClassifier
+from mixacm.models.blocks import PreActBlock
 from mixacm.models.registry import MODELS
-
-
-class PreActBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + skip
 
 
 class TinyResNet(FeatureClassifier):
@@ -43,12 +25,8 @@ class TinyResNet(FeatureClassifier):
         self.fc = nn.Linear(widths[2], num_classes)
 
     def _forward(self, z: Tensor, want: frozenset[str], feats: dict[str, Tensor]) -> Tensor:
-        out = z
-        for name in self.feature_names:
-            out = getattr(self, name)(out)
-            if name in want:
-                feats[name] = out
-        out = F.relu(self.bn(out))
+        stages = [getattr(self, name) for name in self.feature_names]
+        out = F.relu(self.bn(self._run_stages(z, stages, want, feats)))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
