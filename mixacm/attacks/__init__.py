@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import mixacm
 from mixacm.attacks.autoattack import AutoAttackAdapter
-from mixacm.attacks.pgd import pgd_linf
+from mixacm.attacks.pgd import pgd_linf, project_linf
 from mixacm.registry import Registry
 
 
@@ -113,5 +113,5 @@ def build_attack(name: str, eps: float, **kw: Any) -> Attack:
 
 __all__ = [
     "ATTACKS", "Attack", "AutoAttackAdapter", "CleanAttack", "PGDAttack",
-    "attack_names", "build_attack", "pgd_linf",
+    "attack_names", "build_attack", "pgd_linf", "project_linf",
 ]

@@ -35,6 +35,11 @@ def _uniform_like(x: Tensor, eps: float, generator: torch.Generator | None) -> T
     return (2 * u - 1).mul_(eps).to(x.device)
 
 
+def project_linf(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Nearest point of the eps ball around ``x`` intersected with the [0, 1] box."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+
+
 def _check_args(x: Tensor, eps: float, steps: int, step_size: float, restarts: int) -> None:
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"eps={eps!r} is outside (0, 1]; it is a fraction of the [0, 1] pixel range")
@@ -67,7 +72,7 @@ def _one_run(
             # batch size (only the sign is used anyway).
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+        x_adv = project_linf(x_adv, x, eps)
     return x_adv.detach()
 
 
@@ -104,7 +109,7 @@ def pgd_linf(
     best_loss: Tensor | None = None
     for r in range(restarts):
         if r == 0 and x_init is not None:
-            start = torch.min(torch.max(x_init.detach(), x - eps), x + eps).clamp(0.0, 1.0)
+            start = project_linf(x_init.detach(), x, eps)
         elif random_start:
             start = (x + _uniform_like(x, eps, generator)).clamp_(0.0, 1.0)
         else:
