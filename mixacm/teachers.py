@@ -1,0 +1,251 @@
+"""Teacher acquisition: a robust pre-trained network, written as a mixacm model file.
+
+MixACM distils from a frozen robust teacher (method.md section 1). A teacher comes from one of
+three sources, each a dict (the config's ``teachers.<dataset>`` block, or ``mixacm teacher``):
+
+* ``{"robustbench": NAME, "dataset": "cifar10", "threat_model": "Linf", "arch": "wrn-34-10"}``:
+  RobustBench's ``load_model`` (optional dependency; its downloads need internet).
+* ``{"url": URL, "sha256": HEX, "arch": ..., "key": "state_dict" | None}``: downloaded with
+  urllib (``http(s)://`` or ``file://``) to a temporary file beside the output; the checksum is
+  required and checked before anything is read.
+* ``{"path": FILE, "arch": ..., "sha256": optional, "key": ...}``: a local file.
+
+A file is either already a mixacm model file (``arch`` not needed) or a foreign state dict read
+strictly into the registered architecture ``arch`` (``kwargs`` are its constructor arguments,
+``key`` the entry that holds the weights; default ``"state_dict"``, falling back to the file
+itself when there is no such entry). The output is written atomically, so a wrong checksum, an
+unreadable file or a key mismatch raises :class:`TeacherError` and leaves no file behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mixacm.checkpoint import (FORMAT, CheckpointError, load_foreign_state_dict, load_model_file,
+                               model_spec, save_model_file)
+from mixacm.provenance import provenance
+from mixacm.utils import sha256_file
+
+_KINDS = ("robustbench", "url", "path")
+_ALLOWED = {
+    "robustbench": {"robustbench", "dataset", "threat_model", "arch", "kwargs"},
+    "url": {"url", "sha256", "arch", "key", "kwargs"},
+    "path": {"path", "sha256", "arch", "key", "kwargs"},
+}
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_DEFAULT_KEY = "state_dict"
+_CHUNK = 1 << 20
+DOWNLOAD_TIMEOUT_S = 60
+
+
+class TeacherError(RuntimeError):
+    """A teacher source that cannot be used; the message names the source and the fix."""
+
+
+def acquire_teacher(source: Mapping[str, Any], out_path: str | os.PathLike, *, num_classes: int = 10) -> Path:
+    """Fetch or read the teacher ``source`` describes and write it as a mixacm model file.
+
+    Returns ``out_path``. The file's ``meta`` records the source, the sha256 of the bytes read
+    (``source_sha256``), any scalars published beside the weights (``published``, e.g. the
+    shared checkpoints' ``test_acc``) and the provenance of this conversion.
+    """
+    kind = _check_source(source)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "path":
+        file = Path(source["path"]).expanduser()
+        if not file.is_file():
+            raise TeacherError(f"teacher file {file} does not exist (teacher source 'path')")
+        digest = _verify_sha256(file, source.get("sha256"), what=str(file))
+        return _convert(file, source, digest, out_path, num_classes)
+    if kind == "url":
+        with _temp_beside(out_path, ".download") as tmp:
+            digest = _download(source["url"], tmp)
+            _compare_sha256(digest, source["sha256"], what=source["url"])
+            return _convert(tmp, source, digest, out_path, num_classes)
+    return _from_robustbench(source, out_path, num_classes)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_source(source: Any) -> str:
+    if not isinstance(source, Mapping):
+        raise TeacherError(f"teacher source must be a dict with one of the keys {list(_KINDS)}, got {source!r}")
+    kinds = [k for k in _KINDS if k in source]
+    if len(kinds) != 1:
+        raise TeacherError(
+            f"teacher source {dict(source)!r} must have exactly one of the keys {list(_KINDS)} "
+            f"(found {kinds or 'none'})"
+        )
+    kind = kinds[0]
+    unknown = sorted(set(source) - _ALLOWED[kind])
+    if unknown:
+        raise TeacherError(
+            f"teacher source ({kind}): unknown key(s) {unknown}; valid: {sorted(_ALLOWED[kind])}"
+        )
+    if kind == "url" and not source.get("sha256"):
+        raise TeacherError(
+            f"teacher source url {source['url']!r}: `sha256` is required for downloads "
+            f"(compute it with `sha256sum FILE` on a trusted copy)"
+        )
+    if source.get("sha256") is not None and not _SHA256.match(str(source["sha256"])):
+        raise TeacherError(f"teacher source ({kind}): sha256 {source['sha256']!r} is not 64 hex digits")
+    if kind == "robustbench" and not source.get("arch"):
+        raise TeacherError(
+            f"teacher source robustbench {source['robustbench']!r}: `arch` is required (the registered "
+            f"architecture the weights are read into, e.g. wrn-34-10 or wrn-28-10)"
+        )
+    if "kwargs" in source and not isinstance(source["kwargs"], Mapping):
+        raise TeacherError(f"teacher source ({kind}): kwargs must be a dict, got {source['kwargs']!r}")
+    return kind
+
+
+def _compare_sha256(actual: str, expected: str, what: str) -> None:
+    if actual.lower() != str(expected).lower():
+        raise TeacherError(
+            f"sha256 mismatch for {what}: expected {str(expected).lower()}, got {actual}; "
+            f"the file was not used and nothing was written"
+        )
+
+
+def _verify_sha256(file: Path, expected: str | None, what: str) -> str:
+    try:
+        digest = sha256_file(file)
+    except OSError as exc:
+        raise TeacherError(f"teacher file {file} cannot be read: {exc}") from exc
+    if expected is not None:
+        _compare_sha256(digest, expected, what)
+    return digest
+
+
+# ----------------------------------------------------------------------------- fetching
+
+
+@contextmanager
+def _temp_beside(out_path: Path, suffix: str) -> Iterator[Path]:
+    """A temporary file in the output's folder (same file system), removed on the way out."""
+    fd, name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=suffix, dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _download(url: str, dest: Path) -> str:
+    """Stream ``url`` into ``dest``, hashing on the way; returns the sha256."""
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as out:
+            for block in iter(lambda: response.read(_CHUNK), b""):
+                h.update(block)
+                out.write(block)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise TeacherError(
+            f"downloading the teacher from {url} failed: {exc}. Downloads need internet access; "
+            f"a local copy works too (teacher source {{path: FILE, arch: ...}}, or a file:// URL)"
+        ) from exc
+    return h.hexdigest()
+
+
+def _from_robustbench(source: Mapping[str, Any], out_path: Path, num_classes: int) -> Path:
+    name = source["robustbench"]
+    dataset = source.get("dataset", "cifar10")
+    threat_model = source.get("threat_model", "Linf")
+    try:
+        from robustbench.utils import load_model
+    except Exception as exc:  # not installed, or (as 1.1.1 from PyPI) failing at import
+        raise TeacherError(
+            f"teacher source robustbench {name!r}: the robustbench package is not usable here "
+            f"({type(exc).__name__}: {exc}). Install it with `pip install 'mixacm[robustbench]'` "
+            f"(or `pip install git+https://github.com/RobustBench/robustbench`); its model downloads "
+            f"need internet access. Without it, give the teacher as a local file "
+            f"({{path: FILE, arch: ...}}) or as {{url: URL, sha256: HEX, arch: ...}}"
+        ) from exc
+    with tempfile.TemporaryDirectory(prefix=".robustbench-", dir=out_path.parent) as model_dir:
+        try:
+            net = load_model(model_name=name, model_dir=model_dir, dataset=dataset, threat_model=threat_model)
+        except Exception as exc:
+            raise TeacherError(
+                f"RobustBench could not load {name!r} ({dataset}, {threat_model}): "
+                f"{type(exc).__name__}: {exc}. Its downloads need internet access"
+            ) from exc
+        weights = Path(model_dir) / "weights.pt"
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, weights)
+        # A raw state dict (no "state_dict" entry): _convert reads the file itself as the weights.
+        return _convert(weights, source, sha256_file(weights), out_path, num_classes)
+
+
+# ----------------------------------------------------------------------------- converting
+
+
+def _peek(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise TeacherError(
+            f"teacher file {file} is not a readable torch file (corrupt, truncated, or pickled code "
+            f"that weights_only loading refuses): {type(exc).__name__}: {first}"
+        ) from exc
+
+
+def _published_scalars(blob: Any) -> dict[str, float | int | str]:
+    """Numbers and strings stored beside the weights (e.g. ``test_acc``), kept as provenance."""
+    if not isinstance(blob, Mapping):
+        return {}
+    return {str(k): v for k, v in blob.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+
+
+def _convert(file: Path, source: Mapping[str, Any], digest: str, out_path: Path, num_classes: int) -> Path:
+    """Read ``file`` (a mixacm model file or a foreign state dict) and write ``out_path``."""
+    blob = _peek(file)
+    meta = {
+        "role": "teacher",
+        "teacher_source": {k: (str(v) if isinstance(v, Path) else v) for k, v in source.items()},
+        "source_sha256": digest,
+        "provenance": provenance("cpu"),
+    }
+    try:
+        if isinstance(blob, Mapping) and blob.get("format") == FORMAT:
+            model, info = load_model_file(file)
+            spec = info["model"]
+            meta["original_meta"] = info.get("meta", {})
+            if spec["num_classes"] != num_classes:
+                raise TeacherError(
+                    f"teacher {file} has {spec['num_classes']} classes, the dataset has {num_classes}"
+                )
+        else:
+            arch = source.get("arch")
+            if not arch:
+                raise TeacherError(
+                    f"teacher file {file} is not a {FORMAT} file, so `arch` is needed: the registered "
+                    f"architecture its weights are read into (e.g. resnet4b, wrn-34-10)"
+                )
+            kwargs = dict(source.get("kwargs") or {})
+            key = source.get("key", _DEFAULT_KEY)
+            if key == _DEFAULT_KEY and isinstance(blob, Mapping) and key not in blob:
+                key = None  # the file is the state dict itself
+            meta["published"] = _published_scalars(blob)
+            del blob  # the loader reads the file again; do not hold two copies of large weights
+            model = load_foreign_state_dict(file, arch, num_classes=num_classes, key=key, **kwargs)
+            spec = model_spec(arch, num_classes, **kwargs)
+        return save_model_file(model, spec, out_path, meta)
+    except CheckpointError as exc:
+        raise TeacherError(f"teacher {source}: {exc}") from exc
+    except (KeyError, ValueError, TypeError) as exc:  # unknown arch, bad kwargs
+        msg = exc.args[0] if exc.args else exc
+        raise TeacherError(f"teacher {source}: {msg}") from exc
+
