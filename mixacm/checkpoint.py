@@ -61,6 +61,13 @@ def validate_spec(spec: Any) -> dict:
         raise ValueError(f"model spec num_classes must be a positive integer, got {spec['num_classes']!r}")
     if not isinstance(spec["kwargs"], Mapping):
         raise ValueError(f"model spec kwargs must be a dict, got {spec['kwargs']!r}")
+    for key, value in spec["kwargs"].items():
+        # Plain values only: the spec is stored in files read with weights_only=True.
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"model spec kwarg {key!r} = {value!r} is not plain data (numbers, "
+                             "strings, lists, dicts)") from None
     MODELS.get(spec["name"])  # KeyError listing the valid names
     return dict(spec)
 

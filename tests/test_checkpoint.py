@@ -175,6 +175,8 @@ def test_save_with_mismatched_spec_writes_nothing(tmp_path: Path) -> None:
         save_model_file(model, {"name": "nope", "num_classes": 10, "kwargs": {}}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="unexpected keys \\['arch'\\]"):
         save_model_file(model, {"name": "tiny", "num_classes": 10, "kwargs": {}, "arch": 1}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="kwarg 'widths' = .* is not plain data"):
+        save_model_file(model, {"name": "tiny", "num_classes": 10, "kwargs": {"widths": {1, 2}}}, tmp_path / "bad.pt")
     assert _files(tmp_path) == []
 
 
