@@ -329,3 +329,13 @@ def test_mixacm_switches_without_preset_name_the_matching_preset():
     custom = make("mixacm", acm=False, kd=False, mixup=True).resolved_knobs()
     assert custom["ablation"] == "custom" and custom["mixup"] and not custom["acm"]
     assert make("mixacm", ablation="acm", kd=False).resolved_knobs()["ablation"] == "acm"
+
+
+def test_mixacm_knobs_are_checked_without_networks():
+    # The config is validated before any job starts, when no network exists yet.
+    cls = METHODS.get("mixacm")
+    with pytest.raises(ValueError, match="'kd'"):
+        cls.resolve({"ablation": "acm", "kd": True})
+    with pytest.raises(ValueError, match="'blocks'"):
+        cls.resolve({"blocks": ["layer1", "layer2"]})
+    assert cls.resolve({"ablation": "kd"}).acm is False

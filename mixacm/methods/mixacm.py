@@ -98,6 +98,18 @@ def residual_groups(model: nn.Module) -> list[str]:
     return [n for n in model.feature_names if n != "stem"]
 
 
+def _check_blocks_format(blocks: Any) -> None:
+    is_pairs = isinstance(blocks, Sequence) and not isinstance(blocks, str) and all(
+        isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 and all(isinstance(n, str) for n in p)
+        for p in blocks
+    )
+    if blocks not in BLOCK_PRESETS and not is_pairs:
+        raise ValueError(
+            f"knob 'blocks' of method 'mixacm' must be one of {list(BLOCK_PRESETS)} or a list of "
+            f"[student, teacher] feature-name pairs, got {blocks!r}"
+        )
+
+
 def _resolve_switches(knobs: MixACMKnobs, preset_given: bool) -> dict[str, Any]:
     preset = ABLATIONS.get(knobs.ablation)
     if preset is None:
@@ -152,9 +164,8 @@ class MixACM(Method):
         self.teacher.requires_grad_(False)
 
         k = self.knobs
-        switches = _resolve_switches(k, preset_given="ablation" in knobs)
-        pairs = self._resolve_blocks(k.blocks) if switches["acm"] else []
-        self.knobs = dataclasses.replace(k, blocks=[list(p) for p in pairs], **switches)
+        pairs = self._resolve_blocks(k.blocks) if k.acm else []
+        self.knobs = dataclasses.replace(k, blocks=[list(p) for p in pairs])
         self.pairs: list[tuple[str, str]] = pairs
 
         c_s = model.feature_channels() if pairs else {}
@@ -164,6 +175,14 @@ class MixACM(Method):
             {self._key(s, t): make_transform(k.transform, c_s[s], c_t[t]) for s, t in pairs}
         ).to(device)
 
+    @classmethod
+    def resolve(cls, given: dict[str, Any]) -> MixACMKnobs:
+        """Validate the knobs; the ablation preset and the acm/kd/mixup switches are reconciled
+        here (no networks needed), the block names against the networks in ``__init__``."""
+        knobs = super().resolve(given)
+        _check_blocks_format(knobs.blocks)
+        return dataclasses.replace(knobs, **_resolve_switches(knobs, preset_given="ablation" in given))
+
     @staticmethod
     def _key(s: str, t: str) -> str:
         return f"{s}_to_{t}"
@@ -171,11 +190,6 @@ class MixACM(Method):
     def _resolve_blocks(self, blocks: Any) -> list[tuple[str, str]]:
         student, teacher = self.model, self.teacher
         if isinstance(blocks, str):
-            if blocks not in BLOCK_PRESETS:
-                raise ValueError(
-                    f"knob 'blocks' of method 'mixacm' must be one of {list(BLOCK_PRESETS)} or a list of "
-                    f"[student, teacher] feature pairs, got {blocks!r}"
-                )
             s_groups, t_groups = residual_groups(student), residual_groups(teacher)
             n = min(len(s_groups), len(t_groups))
             # Pair from the deepest group backwards: the high-level features carry most of the
@@ -183,16 +197,8 @@ class MixACM(Method):
             pairs = list(zip(s_groups[len(s_groups) - n:], t_groups[len(t_groups) - n:]))
             if blocks == "groups+stem":
                 pairs = [("stem", "stem")] + pairs
-        elif isinstance(blocks, Sequence) and all(
-            isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 and all(isinstance(n, str) for n in p)
-            for p in blocks
-        ):
-            pairs = [(p[0], p[1]) for p in blocks]
         else:
-            raise ValueError(
-                f"knob 'blocks' of method 'mixacm' must be a preset or a list of [student, teacher] "
-                f"feature-name pairs, got {blocks!r}"
-            )
+            pairs = [(p[0], p[1]) for p in blocks]
         if not pairs:
             raise ValueError("knob 'blocks' of method 'mixacm' selects no feature pairs, but the ACM term is on")
         for role, net, names in (("student", student, [s for s, _ in pairs]), ("teacher", teacher, [t for _, t in pairs])):
