@@ -1,0 +1,211 @@
+"""The training loop: schedules at known steps, resume equals an uninterrupted run, divergence
+keeps the last good checkpoint, one metrics line an epoch, model selection."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import write_png
+
+from mixacm.checkpoint import load_model_file, model_spec, save_model_file
+from mixacm.config import ConfigError
+from mixacm.methods import METHODS
+from mixacm.models import build_model
+from mixacm.train import LRSchedule, ResumeError, TrainingDiverged, make_schedule, train
+
+N_CLASSES, PER_CLASS = 10, 8  # 80 training images: 5 batches of 16
+
+
+def make_image_folder(root: Path, per_class: int = PER_CLASS, seed: int = 0) -> Path:
+    """A CIFAR-shaped image folder of random PNGs (train/ and test/, 10 class folders)."""
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", per_class), ("test", 2)):
+        for c in range(N_CLASSES):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                # Class-dependent brightness, so a few steps can learn something.
+                img = (torch.rand(3, 32, 32, generator=g) * 80 + 16 * c).clamp(0, 255).to(torch.uint8)
+                write_png(img, str(folder / f"{i}.png"))
+    return root
+
+
+def make_teacher(path: Path, name: str = "tiny", seed: int = 1) -> Path:
+    torch.manual_seed(seed)
+    save_model_file(build_model(name), model_spec(name), path, {"role": "test teacher"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
+def run_config(data_root: Path, method: dict, teacher: Path | None = None, **optim) -> dict:
+    return {
+        "seed": 3,
+        "device": "cpu",
+        "dataset": {"name": "cifar10", "root": str(data_root), "cache": False, "augment": True},
+        "model": {"name": "tiny"},
+        "teacher": str(teacher) if teacher else None,
+        "method": method,
+        "optim": {"epochs": 3, "batch_size": 16, "lr": 0.05, **optim},
+        "train": {"progress": False},
+    }
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def metric_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_step_schedule_drops_at_fraction_milestones():
+    # 200 epochs x 10 steps, lr / 10 at 50 % and 75 %: the drops land on epochs 100 and 150.
+    s = LRSchedule("step", 2000, [0.5, 0.75], gamma=0.1)
+    assert [s(t) for t in (0, 999, 1000, 1499, 1500, 1999)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    # TRADES: 76 epochs, one drop at epoch 75 = 75/76 of training.
+    trades = make_schedule({"schedule": "step", "epochs": 76, "milestones": [75 / 76], "gamma": 0.1}, 391)
+    assert trades(75 * 391 - 1) == 1.0 and trades(75 * 391) == pytest.approx(0.1)
+
+
+def test_cosine_schedule_values():
+    s = LRSchedule("cosine", 100)
+    assert s(0) == 1.0
+    assert s(50) == pytest.approx(0.5)
+    assert s(25) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert s(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cyclic_schedule_is_one_triangle_peaking_at_two_fifths():
+    s = LRSchedule("cyclic", 100)
+    # Evaluated at t + 1: step 39 is the peak, step 19 half way up, the last step reaches 0.
+    assert s(39) == pytest.approx(1.0)
+    assert s(19) == pytest.approx(0.5)
+    assert s(69) == pytest.approx(0.5)  # (70 - 40) / 60 of the way down
+    assert s(99) == pytest.approx(0.0)
+    assert s(0) == pytest.approx(1 / 40)  # the first step already moves
+
+
+def test_warmup_and_constant():
+    s = LRSchedule("constant", 100, warmup_steps=10)
+    assert [s(t) for t in (0, 4, 9, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@pytest.mark.parametrize("method", [{"name": "free_at", "replays": 2}, {"name": "mixacm"}])
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, data_root, teacher_file, method):
+    """Free-AT carries a perturbation and replays; MixACM has extra modules, a teacher and mixup
+    draws: a resumed run must restore all of it (and the RNG) to end on identical weights."""
+    teacher = teacher_file if method["name"] == "mixacm" else None
+    cfg = run_config(data_root, method, teacher)
+    full = train(cfg, tmp_path / "full")
+    replays = method.get("replays", 1)
+    assert full["steps"] == 3 * 5 * replays  # 3 epochs x 5 batches x replays
+
+    out = tmp_path / "killed"
+    # Killed in the middle of epoch 2: nothing of epoch 2 written, epoch 1 checkpointed.
+    partial = train(cfg, out, stop_after_steps=7 * replays)
+    assert partial["completed"] is False
+    assert not (out / "model.pt").exists()
+    assert [line["epoch"] for line in metric_lines(out)] == [1]
+    resumed = train(cfg, out)
+    assert resumed["resumed_from_epoch"] == 1 and resumed["steps"] == full["steps"]
+
+    a, b = weights(tmp_path / "full" / "model.pt"), weights(out / "model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The logs agree too (apart from timings): one line an epoch, same losses.
+    la, lb = metric_lines(tmp_path / "full"), metric_lines(out)
+    assert [line["epoch"] for line in lb] == [1, 2, 3]
+    assert [line["loss"] for line in la] == [line["loss"] for line in lb]
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch):
+    cls = METHODS.get("standard")
+    real_loss = cls.loss
+    out = tmp_path / "run"
+    seen: dict[str, object] = {"calls": 0}
+
+    def loss_going_nan(self, x, y):
+        seen["calls"] += 1
+        loss, metrics = real_loss(self, x, y)
+        if seen["calls"] == 8:  # the 3rd step of epoch 2
+            seen["state"] = (out / "state.pt").read_bytes()
+            seen["metrics"] = (out / "metrics.jsonl").read_bytes()
+            return loss * float("nan"), {**metrics, "ce": float("nan")}
+        return loss, metrics
+
+    monkeypatch.setattr(cls, "loss", loss_going_nan)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 3 .*optimiser step 8.*ce=nan"):
+        train(run_config(data_root, {"name": "standard"}), out)
+    assert (out / "state.pt").read_bytes() == seen["state"]
+    assert (out / "metrics.jsonl").read_bytes() == seen["metrics"]
+    assert torch.load(out / "state.pt", weights_only=False)["epoch"] == 1
+    assert not (out / "model.pt").exists() and not (out / "train_summary.json").exists()
+
+
+def test_resume_refuses_a_state_from_another_config(tmp_path, data_root):
+    out = tmp_path / "run"
+    cfg = run_config(data_root, {"name": "standard"}, epochs=1)
+    train(cfg, out)
+    with pytest.raises(ResumeError, match="config hash"):
+        train(run_config(data_root, {"name": "standard"}, epochs=1, lr=0.01), out)
+    # Renaming the run or hiding progress bars is not another experiment.
+    train({**cfg, "name": "renamed", "train": {"progress": False}}, out)
+
+
+def test_metrics_summary_and_model_file(tmp_path, data_root):
+    out = tmp_path / "run"
+    cfg = run_config(data_root, {"name": "standard"}, epochs=2, schedule="constant")
+    cfg["train"]["max_steps_per_epoch"] = 3
+    summary = train(cfg, out)
+    lines = metric_lines(out)
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert [line["step"] for line in lines] == [3, 6]  # capped at 3 steps an epoch
+    assert all(line["lr"] == 0.05 and line["images_per_s"] > 0 and "ce" in line for line in lines)
+    assert summary["images"] == 2 * 3 * 16
+    on_disk = json.loads((out / "train_summary.json").read_text())
+    assert on_disk["config_hash"] == summary["config_hash"] and on_disk["selection"] == {"mode": "last", "epoch": 2}
+    _, info = load_model_file(out / "model.pt")
+    meta = info["meta"]
+    assert meta["method"] == "standard" and meta["seed"] == 3 and meta["dataset"]["fraction"] == 1.0
+    assert meta["recipe"]["lr"] == 0.05 and meta["provenance"]["torch_version"] == torch.__version__
+
+
+def test_best_pgd_selection_keeps_the_best_holdout_epoch(tmp_path, data_root):
+    cfg = run_config(data_root, {"name": "standard"}, epochs=3, lr=0.2, schedule="constant")
+    cfg["dataset"].update(holdout=20)
+    cfg["train"].update(selection="best_pgd", selection_n=20, selection_eps="2/255")
+    summary = train(cfg, tmp_path / "run")
+    lines = metric_lines(tmp_path / "run")
+    scores = [line["holdout_pgd_pct"] for line in lines]
+    best = scores.index(max(scores)) + 1  # the first epoch reaching the maximum
+    assert summary["selection"]["epoch"] == best
+    assert summary["selection"]["holdout_pgd_pct"] == max(scores)
+    assert summary["images"] == 3 * 3 * 16  # 60 training images left: 3 batches an epoch
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    chosen = weights(tmp_path / "run" / "model.pt")
+    assert all(torch.equal(chosen[k], v) for k, v in state["best"]["model"].items())
+
+
+def test_bad_config_is_refused_before_training(tmp_path, data_root):
+    with pytest.raises(ConfigError, match="dataset.fraction"):
+        train({**run_config(data_root, {"name": "standard"}), "dataset": {"fraction": 0}}, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
