@@ -1,4 +1,6 @@
 """Tables, figures and the HTML report, built only from result files and the paper's numbers."""
+from mixacm.report.figures import FIGURE_NAMES, make_figures
+from mixacm.report.html import render_report
 from mixacm.report.tables import (
     ATTACK_COLUMNS,
     PAPER_NUMBERS,
@@ -13,6 +15,7 @@ from mixacm.report.tables import (
 )
 
 __all__ = [
-    "ATTACK_COLUMNS", "PAPER_NUMBERS", "TABLE_KINDS", "ResultFileError", "build_table",
-    "collect_costs", "collect_results", "load_paper_numbers", "read_benchmark", "write_table",
+    "ATTACK_COLUMNS", "FIGURE_NAMES", "PAPER_NUMBERS", "TABLE_KINDS", "ResultFileError", "build_table",
+    "collect_costs", "collect_results", "load_paper_numbers", "make_figures", "read_benchmark",
+    "render_report", "write_table",
 ]

@@ -408,6 +408,11 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
     source = f"{paper.get('paper', 'paper')}: {spec.get('source', '')}"
     refs = [r for r in paper.get("robustbench", {}).get("models", [])
             if r.get("dataset") == spec["dataset"]]
+    # Reproduced methods the table has no paper row for (the less-data table has none) take the
+    # paper's name of the method from the full-data table of the same dataset.
+    labels = {r["method"]: r["label"] for t in paper["tables"].values()
+              if t.get("dataset") == spec["dataset"] for r in t["rows"]
+              if r.get("method") and not r.get("variant")}
     paper_rows = {}
     for prow in spec["rows"]:
         keys = [prow.get("variant")] + list(prow.get("aliases", []))
@@ -424,7 +429,7 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
         prow = paper_rows.get(_paper_key(kind, ident["method"], group["variant"].iloc[0]))
         row = {
             "status": "reproduced",
-            "method": prow["label"] if prow else ident["method"],
+            "method": prow["label"] if prow else labels.get(ident["method"], ident["method"]),
             "method_key": ident["method"],
             "variant": "" if group["variant"].iloc[0] is None else group["variant"].iloc[0],
             "student": ident["arch"], "teacher": ident["teacher"] or "",

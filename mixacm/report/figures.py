@@ -1,0 +1,165 @@
+"""Figures of the report, drawn with matplotlib's Agg canvas from the tables alone.
+
+- ``less_data.png``: clean and robust (PGD-20, and AutoAttack where evaluated) accuracy against
+  the fraction of the training set, one line per method and student, error bars = std over seeds.
+- ``clean_vs_robust.png``: clean against robust accuracy per dataset; reproduced rows filled,
+  the paper's points hollow circles, RobustBench reference points hollow squares, all labelled.
+  Robust means AutoAttack where a row has it, else PGD-20 (as in the tables' difference column).
+- ``training_cost.png``: training device-hours per reproduced row (mean over seeds).
+
+Figures use ``matplotlib.figure.Figure`` directly (no pyplot), so no global backend or state is
+touched and the functions are safe to call from tests and notebooks.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mixacm.report.tables import load_paper_numbers
+from mixacm.utils import atomic_write
+
+FIGURE_NAMES = ("less_data.png", "clean_vs_robust.png", "training_cost.png")
+_NO_DATA = "no reproduced results yet"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    # No timestamp or version in the PNG metadata, so equal inputs give equal files.
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110,
+                                                    metadata={"Software": None}))
+
+
+def _empty(ax, text: str = _NO_DATA) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _reproduced(table: pd.DataFrame | None) -> pd.DataFrame:
+    if table is None or table.empty:
+        return pd.DataFrame()
+    return table[table["status"] == "reproduced"]
+
+
+def _robust(row: pd.Series) -> tuple[float, str]:
+    if pd.notna(row.get("autoattack_mean")):
+        return float(row["autoattack_mean"]), "AutoAttack"
+    return float(row.get("pgd20_mean", np.nan)), "PGD-20"
+
+
+def less_data_figure(table: pd.DataFrame | None, path: Path) -> Path:
+    rows = _reproduced(table)
+    fig = Figure(figsize=(9, 3.8), layout="constrained")
+    ax_rob, ax_clean = fig.subplots(1, 2, sharex=True)
+    if rows.empty:
+        _empty(ax_rob)
+        _empty(ax_clean)
+    else:
+        for (method, student, teacher, eps), g in rows.groupby(
+                ["method", "student", "teacher", "eps"], sort=True):
+            g = g.sort_values("data_fraction")
+            label = f"{method} ({student}, {eps})"
+            line = ax_rob.errorbar(g["data_fraction"], g["pgd20_mean"], yerr=g["pgd20_std"],
+                                   marker="o", capsize=3, label=f"{label} PGD-20")
+            if g["autoattack_mean"].notna().any():
+                ax_rob.errorbar(g["data_fraction"], g["autoattack_mean"], yerr=g["autoattack_std"],
+                                marker="s", ls="--", capsize=3, color=line.lines[0].get_color(),
+                                label=f"{label} AutoAttack")
+            ax_clean.errorbar(g["data_fraction"], g["clean_mean"], yerr=g["clean_std"],
+                              marker="o", capsize=3, color=line.lines[0].get_color(), label=label)
+        for ax, title in ((ax_rob, "Robust accuracy"), (ax_clean, "Clean accuracy")):
+            ax.set_xscale("log")
+            ax.set_xlabel("fraction of the training set")
+            ax.set_ylabel("accuracy (%)")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="x-small")
+    fig.suptitle("Less data: accuracy against training-set fraction (mean ± std over seeds)")
+    return _save(fig, path)
+
+
+def clean_vs_robust_figure(tables: Mapping[str, pd.DataFrame], paper: Mapping[str, Any],
+                           path: Path) -> Path:
+    kinds = [k for k in ("cifar10", "imagenet") if k in paper["tables"]]
+    fig = Figure(figsize=(5 * len(kinds), 4.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(kinds)))
+    refs = paper.get("robustbench", {}).get("models", [])
+    for ax, kind in zip(axes, kinds):
+        spec = paper["tables"][kind]
+        for prow in spec["rows"]:
+            if prow.get("clean") is not None and prow.get("robust") is not None:
+                ax.scatter(prow["clean"], prow["robust"], s=55, facecolors="none",
+                           edgecolors="tab:blue", label="paper" if prow is spec["rows"][0] else None)
+                ax.annotate(prow["label"], (prow["clean"], prow["robust"]), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points", color="tab:blue")
+        shown = False
+        for ref in refs:
+            if ref.get("dataset") == spec["dataset"]:
+                ax.scatter(ref["clean"], ref["autoattack"], marker="s", s=45, facecolors="none",
+                           edgecolors="tab:green", label=None if shown else "RobustBench (AutoAttack)")
+                ax.annotate(ref.get("model") or ref["label"], (ref["clean"], ref["autoattack"]),
+                            fontsize=6, xytext=(4, -8), textcoords="offset points", color="tab:green")
+                shown = True
+        rows = _reproduced(tables.get(kind))
+        for i, (_, row) in enumerate(rows.iterrows()):
+            robust, attack = _robust(row)
+            if np.isnan(robust) or pd.isna(row["clean_mean"]):
+                continue
+            ax.scatter(row["clean_mean"], robust, s=55, color="tab:red", zorder=3,
+                       label="reproduced" if i == 0 else None)
+            ax.annotate(f"{row['method']} ({row['student']}, {attack})", (row["clean_mean"], robust),
+                        fontsize=7, xytext=(4, 3), textcoords="offset points", color="tab:red")
+        ax.set_xlabel("clean accuracy (%)")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_title(spec.get("title", kind), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small", loc="lower left")
+    fig.suptitle("Clean against robust accuracy: reproduced (filled) and reported (hollow)")
+    return _save(fig, path)
+
+
+def training_cost_figure(tables: Mapping[str, pd.DataFrame], path: Path) -> Path:
+    bars: dict[str, float] = {}
+    seen: set[str] = set()
+    for kind in ("cifar10", "imagenet", "less_data", "ablation"):
+        for _, row in _reproduced(tables.get(kind)).iterrows():
+            # The full-data runs appear in several tables; draw each set of runs once.
+            if pd.notna(row.get("train_device_hours")) and row["config_hashes"] not in seen:
+                seen.add(row["config_hashes"])
+                label = f"{row['method']} · {row['student']} · {row['dataset']}"
+                if row["data_fraction"] < 1:
+                    label += f" · {row['data_fraction']:g} of data"
+                bars[label] = float(row["train_device_hours"])
+    fig = Figure(figsize=(8, 1.2 + 0.35 * max(len(bars), 2)), layout="constrained")
+    ax = fig.subplots()
+    if not bars:
+        _empty(ax, "no training cost recorded yet")
+    else:
+        labels = list(bars)
+        ax.barh(labels, [bars[k] for k in labels], color="tab:gray")
+        ax.invert_yaxis()
+        ax.set_xlabel("training cost (device-hours, mean over seeds)")
+        ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Training cost per method")
+    return _save(fig, path)
+
+
+def make_figures(tables: Mapping[str, pd.DataFrame], out_dir: str | Path,
+                 paper: Mapping[str, Any] | None = None) -> list[Path]:
+    """Write the three figures (``FIGURE_NAMES``) into ``out_dir`` from ``build_table`` output.
+
+    ``tables`` maps a table kind (``cifar10``, ``imagenet``, ``less_data``, ``ablation``) to
+    its table; missing kinds are treated as empty, and an empty figure says so in its canvas.
+    """
+    paper = load_paper_numbers() if paper is None else paper
+    out = Path(out_dir)
+    less, scatter, cost = (out / name for name in FIGURE_NAMES)
+    return [less_data_figure(tables.get("less_data"), less),
+            clean_vs_robust_figure(tables, paper, scatter),
+            training_cost_figure(tables, cost)]

@@ -1,0 +1,118 @@
+"""The HTML report (``report/paper_tables.html``), rendered with jinja2 from the tables, the
+figures and the result files alone.
+
+Every number in the page is a ``<data value="...">`` element holding the value it was formatted
+from, so the page can be checked against the tables and the result files by a parser. Figures are
+embedded as base64 PNGs and the styles are inline: the file displays anywhere, offline, with no
+external scripts or fonts.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+import mixacm
+from mixacm.report.tables import ATTACK_COLUMNS, TABLE_KINDS, load_paper_numbers
+from mixacm.utils import atomic_write
+
+TEMPLATE = "paper_tables.html.j2"
+# Tables in the order the paper presents them; the less-data curve has no paper column.
+REPORT_ORDER = ("cifar10", "imagenet", "ablation", "less_data")
+
+
+def _value(v: Any) -> Any:
+    """Plain Python values for the template: NaN and None become None, numpy scalars unwrap."""
+    if v is None:
+        return None
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def _row_dict(row: pd.Series) -> dict[str, Any]:
+    return {k: _value(v) for k, v in row.items()}
+
+
+def _run_details(row: Mapping[str, Any], results: pd.DataFrame,
+                 costs: pd.DataFrame | None) -> list[dict[str, Any]]:
+    """Per training run behind a reproduced row: seed, config, commit, each metric, cost."""
+    files = set((row.get("files") or "").split(";"))
+    hashes = set((row.get("config_hashes") or "").split(";"))
+    sel = results[results["file"].isin(files) & results["config_hash"].isin(hashes)]
+    cost = costs.set_index("config_hash") if costs is not None and len(costs) else None
+    runs = []
+    for (config_hash, seed), g in sel.groupby(["config_hash", "seed"], sort=True):
+        first = g.iloc[0]
+        metrics = []
+        for key in [k for keys in ATTACK_COLUMNS.values() for k in keys] + sorted(
+                set(g["metric"]) - {k for keys in ATTACK_COLUMNS.values() for k in keys}):
+            for _, m in g[g["metric"] == key].iterrows():
+                metrics.append({k: _value(m[k]) for k in (
+                    "metric", "accuracy_pct", "correct", "n", "attack_name", "attack_package",
+                    "attack_version", "attack_params", "file")})
+        c = cost.loc[config_hash] if cost is not None and config_hash in cost.index else None
+        extra = json.loads(first["run_extra"] or "{}")
+        runs.append({
+            "seed": int(seed), "config_hash": config_hash, "git_commit": _value(first["git_commit"]),
+            "git_dirty": _value(first["git_dirty"]), "eps_text": first["eps_text"],
+            "checkpoint": _value(first["checkpoint"]), "metrics": metrics,
+            "extra": {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in extra.items()},
+            "device_hours": None if c is None else _value(c["device_hours"]),
+            "cost_source": None if c is None else c["cost_source"],
+            "cost_file": None if c is None else c["cost_file"],
+        })
+    return runs
+
+
+def _figure(path: Path) -> dict[str, str]:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return {"name": Path(path).name, "src": f"data:image/png;base64,{data}"}
+
+
+def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Path],
+                  results: pd.DataFrame, out_path: str | Path,
+                  paper: Mapping[str, Any] | None = None,
+                  costs: pd.DataFrame | None = None) -> Path:
+    """Render ``report/paper_tables.html`` (atomically) and return its path.
+
+    ``tables`` maps table kinds to ``build_table`` output, ``figures`` are PNG paths (embedded),
+    ``results`` is ``collect_results`` output and ``costs`` ``collect_costs`` output; the last two
+    give each reproduced row its per-run details (seed, config hash, commit, attacks, cost).
+    """
+    paper = load_paper_numbers() if paper is None else paper
+    unknown = set(tables) - set(TABLE_KINDS)
+    if unknown:
+        raise ValueError(f"unknown table kind(s) {sorted(unknown)}; valid kinds: {TABLE_KINDS}")
+    sections = []
+    for kind in [k for k in REPORT_ORDER if k in tables]:
+        spec = paper["tables"][kind]
+        rows = []
+        for _, r in tables[kind].iterrows():
+            row = _row_dict(r)
+            row["runs"] = (_run_details(row, results, costs)
+                           if row["status"] == "reproduced" else [])
+            rows.append(row)
+        sections.append({"kind": kind, "title": spec.get("title", kind), "source": spec.get("source"),
+                         "student": spec.get("student"), "eps": spec.get("eps"),
+                         "has_paper": kind != "less_data", "rows": rows})
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("mixacm.report", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    html = env.get_template(TEMPLATE).render(
+        sections=sections,
+        figures=[_figure(p) for p in figures],
+        robustbench=paper.get("robustbench", {}),
+        paper_citation=paper.get("paper", ""),
+        n_files=int(results["file"].nunique()) if len(results) else 0,
+        version=mixacm.__version__,
+    )
+    return atomic_write(out_path, lambda p: p.write_text(html, encoding="utf-8"))
