@@ -339,3 +339,10 @@ def test_mixacm_knobs_are_checked_without_networks():
     with pytest.raises(ValueError, match="'blocks'"):
         cls.resolve({"blocks": ["layer1", "layer2"]})
     assert cls.resolve({"ablation": "kd"}).acm is False
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_resolved_knobs_round_trip(name):
+    # A run's recorded knobs rebuild the same method (what a rerun from results relies on).
+    used = make(name, **({"ablation": "acm+kd"} if name == "mixacm" else {})).resolved_knobs()
+    assert make(name, **used).resolved_knobs() == used

@@ -113,7 +113,7 @@ def _check_blocks_format(blocks: Any) -> None:
 def _resolve_switches(knobs: MixACMKnobs, preset_given: bool) -> dict[str, Any]:
     preset = ABLATIONS.get(knobs.ablation)
     if preset is None:
-        # "custom" names a result, not a preset: the switches must then be given.
+        # "custom" is not a preset: switches left unset take the full method's values.
         preset = ABLATIONS["full"]
     switches = {}
     for s in SWITCHES:
