@@ -391,3 +391,14 @@ def test_robustbench_wrapped_cifar_model_is_unwrapped() -> None:
     target = build_model("wide_resnet", depth=10, widen_factor=1)
     target.load_state_dict(target.adapt_state_dict(raw), strict=True)
     assert torch.equal(target.fc.weight, src.fc.weight) and float(target.std.flatten()[0]) == pytest.approx(0.2)
+
+
+def test_tiny_keys_are_unchanged_by_the_shared_block() -> None:
+    # Model files written before the block moved to mixacm.models.blocks must still load.
+    keys = set(build_model("tiny").state_dict())
+    assert {"stem.weight", "layer1.bn1.weight", "layer2.shortcut.weight", "layer3.shortcut.weight",
+            "bn.running_mean", "fc.weight"} <= keys
+    assert "layer1.shortcut.weight" not in keys and not any(".shortcut.0." in k for k in keys)
+    assert n_params(build_model("tiny")) == (
+        27 * 16 + _preact_block(16, 16, 1) + _preact_block(16, 32, 2) + _preact_block(32, 64, 2)
+        + _bn(64) + 64 * 10 + 10)
