@@ -10,6 +10,10 @@ three sources, each a dict (the config's ``teachers.<dataset>`` block, or ``mixa
   required and checked before anything is read.
 * ``{"path": FILE, "arch": ..., "sha256": optional, "key": ...}``: a local file.
 
+The pipeline config's shape, ``{"source": "robustbench" | "url" | "file", "name": ..., ...}``
+(workflow/schemas/config.schema.yaml, ``teachers.<dataset>``), is accepted as well and read as
+the matching form above; ``source: train`` teachers are trained in the DAG, not acquired.
+
 A file is either already a mixacm model file (``arch`` not needed) or a foreign state dict read
 strictly into the registered architecture ``arch`` (``kwargs`` are its constructor arguments,
 ``key`` the entry that holds the weights; default ``"state_dict"``, falling back to the file
@@ -39,9 +43,14 @@ from mixacm.utils import sha256_file
 _KINDS = ("robustbench", "url", "path")
 _ALLOWED = {
     "robustbench": {"robustbench", "dataset", "threat_model", "arch", "kwargs"},
-    "url": {"url", "sha256", "arch", "key", "kwargs"},
-    "path": {"path", "sha256", "arch", "key", "kwargs"},
+    "url": {"url", "sha256", "arch", "key", "kwargs", "dataset"},
+    "path": {"path", "sha256", "arch", "key", "kwargs", "dataset"},
 }
+# The config's teachers.<dataset> block: its source names -> the kinds above.
+_CONFIG_KINDS = {"robustbench": "robustbench", "url": "url", "file": "path"}
+# Config keys that only matter to `source: train` (the schema fills in their defaults).
+_TRAIN_ONLY = {"recipe", "fraction", "seed"}
+_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _DEFAULT_KEY = "state_dict"
 _CHUNK = 1 << 20
@@ -52,14 +61,22 @@ class TeacherError(RuntimeError):
     """A teacher source that cannot be used; the message names the source and the fix."""
 
 
-def acquire_teacher(source: Mapping[str, Any], out_path: str | os.PathLike, *, num_classes: int = 10) -> Path:
+def acquire_teacher(source: Mapping[str, Any], out_path: str | os.PathLike, *,
+                    num_classes: int | None = None) -> Path:
     """Fetch or read the teacher ``source`` describes and write it as a mixacm model file.
+
+    ``num_classes`` defaults to the class count of ``source["dataset"]`` (cifar10 10, cifar100
+    100, imagenet 1000); without either, a mixacm model file keeps its own and foreign weights
+    get 10. A mixacm model file with another class count is an error.
 
     Returns ``out_path``. The file's ``meta`` records the source, the sha256 of the bytes read
     (``source_sha256``), any scalars published beside the weights (``published``, e.g. the
     shared checkpoints' ``test_acc``) and the provenance of this conversion.
     """
+    source = normalize_source(source)
     kind = _check_source(source)
+    if num_classes is None and "dataset" in source:
+        num_classes = _NUM_CLASSES.get(str(source["dataset"]))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "path":
@@ -77,6 +94,29 @@ def acquire_teacher(source: Mapping[str, Any], out_path: str | os.PathLike, *, n
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def normalize_source(source: Any) -> dict:
+    """A teacher source in this module's form; the config's ``{"source": ..., ...}`` is translated."""
+    if not isinstance(source, Mapping):
+        raise TeacherError(f"teacher source must be a dict with one of the keys {list(_KINDS)}, got {source!r}")
+    if "source" not in source:
+        return dict(source)
+    kind = source["source"]
+    if kind == "train":
+        raise TeacherError("teacher source 'train' is trained by the workflow (mixacm train), not acquired")
+    if kind not in _CONFIG_KINDS:
+        raise TeacherError(f"teacher source {kind!r} is unknown; valid: {', '.join([*_CONFIG_KINDS, 'train'])}")
+    out = {k: v for k, v in source.items() if k not in _TRAIN_ONLY | {"source", "name"} and v is not None}
+    if kind != "robustbench":
+        out.pop("threat_model", None)  # the schema's default, meaningless for a file
+    if kind == "robustbench":
+        if not source.get("name"):
+            raise TeacherError("teacher source robustbench: `name` (the RobustBench model name) is required")
+        out["robustbench"] = source["name"]
+    elif "name" in source:
+        raise TeacherError(f"teacher source {kind}: `name` is only for source robustbench")
+    return out
 
 
 def _check_source(source: Any) -> str:
@@ -160,7 +200,7 @@ def _download(url: str, dest: Path) -> str:
     return h.hexdigest()
 
 
-def _from_robustbench(source: Mapping[str, Any], out_path: Path, num_classes: int) -> Path:
+def _from_robustbench(source: Mapping[str, Any], out_path: Path, num_classes: int | None) -> Path:
     name = source["robustbench"]
     dataset = source.get("dataset", "cifar10")
     threat_model = source.get("threat_model", "Linf")
@@ -209,7 +249,8 @@ def _published_scalars(blob: Any) -> dict[str, float | int | str]:
     return {str(k): v for k, v in blob.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
 
-def _convert(file: Path, source: Mapping[str, Any], digest: str, out_path: Path, num_classes: int) -> Path:
+def _convert(file: Path, source: Mapping[str, Any], digest: str, out_path: Path,
+             num_classes: int | None) -> Path:
     """Read ``file`` (a mixacm model file or a foreign state dict) and write ``out_path``."""
     blob = _peek(file)
     meta = {
@@ -223,7 +264,7 @@ def _convert(file: Path, source: Mapping[str, Any], digest: str, out_path: Path,
             model, info = load_model_file(file)
             spec = info["model"]
             meta["original_meta"] = info.get("meta", {})
-            if spec["num_classes"] != num_classes:
+            if num_classes is not None and spec["num_classes"] != num_classes:
                 raise TeacherError(
                     f"teacher {file} has {spec['num_classes']} classes, the dataset has {num_classes}"
                 )
@@ -235,6 +276,7 @@ def _convert(file: Path, source: Mapping[str, Any], digest: str, out_path: Path,
                     f"architecture its weights are read into (e.g. resnet4b, wrn-34-10)"
                 )
             kwargs = dict(source.get("kwargs") or {})
+            num_classes = num_classes or 10
             key = source.get("key", _DEFAULT_KEY)
             if key == _DEFAULT_KEY and isinstance(blob, Mapping) and key not in blob:
                 key = None  # the file is the state dict itself

@@ -207,3 +207,30 @@ def test_robustbench_model_is_read_through_its_normalizer_wrapper(tmp_path, monk
     net.std.fill_(0.25)
     assert torch.allclose(outputs(out), expected(net), atol=1e-6)
     assert [p.name for p in tmp_path.iterdir()] == ["t.pt"]  # RobustBench's download folder is gone
+
+
+# ----------------------------------------------------------------------------- the config's shape
+
+
+def test_config_shaped_sources_are_read_like_the_native_ones(tmp_path, net, foreign_file, server, monkeypatch):
+    """teachers.<dataset> blocks as the workflow schema fills them in (defaults included)."""
+    defaults = {"threat_model": "Linf", "fraction": 1.0, "seed": 0, "dataset": "cifar10"}
+    file_out = acquire_teacher({"source": "file", "path": str(foreign_file), "arch": "tiny", **defaults},
+                               tmp_path / "file.pt")
+    url_out = acquire_teacher({"source": "url", "url": f"{server}/teacher.pth", "arch": "tiny",
+                               "sha256": sha256_file(foreign_file), **defaults}, tmp_path / "url.pt")
+    for out in (file_out, url_out):
+        assert torch.allclose(outputs(out), expected(net), atol=1e-6)
+    monkeypatch.setitem(sys.modules, "robustbench", None)
+    with pytest.raises(TeacherError, match="'Carmon2019Unlabeled'.*pip install"):
+        acquire_teacher({"source": "robustbench", "name": "Carmon2019Unlabeled", "arch": "wrn-28-10",
+                         **defaults}, tmp_path / "rb.pt")
+    with pytest.raises(TeacherError, match="trained by the workflow"):
+        acquire_teacher({"source": "train", "recipe": "at", "arch": "tiny"}, tmp_path / "t.pt")
+
+
+def test_num_classes_follows_the_dataset(tmp_path, foreign_file):
+    # tiny's 10-class weights cannot be read as a CIFAR-100 model: the dataset sets num_classes.
+    with pytest.raises(TeacherError, match="fc.weight"):
+        acquire_teacher({"path": str(foreign_file), "arch": "tiny", "dataset": "cifar100"}, tmp_path / "t.pt")
+    assert not (tmp_path / "t.pt").exists()
