@@ -262,15 +262,16 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None, d
     if _is_image_folder(data_root):
         folder = _split_dir(data_root, split)
         if name == "imagenet" or (name == "imagefolder" and not _small_images(folder)):
-            transform = imagenet_transform(augment and split == "train")
+            transform = imagenet_transform(augment)
             source, detail = _folder_source(name, data_root, jpeg=False)
             return FolderDataset(folder, transform, source=source, source_detail=detail)
-        images, targets, classes, files = _load_folder_images(folder, cache, cache_dir)
-        if name in _NUM_CLASSES and len(classes) != _NUM_CLASSES[name]:
+        n_classes = len(find_classes(str(folder))[0])
+        if name in _NUM_CLASSES and n_classes != _NUM_CLASSES[name]:
             raise DataError(
-                f"{folder} has {len(classes)} class folders, but {pretty} has {_NUM_CLASSES[name]}: "
+                f"{folder} has {n_classes} class folders, but {pretty} has {_NUM_CLASSES[name]}: "
                 f"check dataset.root / {env_var(name)} ({data_root})"
             )
+        images, targets, classes, files = _load_folder_images(folder, cache, cache_dir)
         source, detail = _folder_source(name, data_root, jpeg=all(f.lower().endswith(_JPEG) for f in files))
         return CachedImageDataset(
             images, targets, classes, source=source, source_detail=detail,

@@ -249,6 +249,7 @@ def test_imagenet_folder_streams_large_images(tmp_path, cache_dir):
     ds = data.load_dataset("imagenet", "test", root=tmp_path / "inet", cache_dir=cache_dir)
     x, y = ds[1]
     assert x.shape == (3, 224, 224) and y == 1 and data.dataset_source(ds) == "ImageNet (image folder)"
+    assert isinstance(data.load_dataset("imagefolder", "val", root=tmp_path / "inet"), data.FolderDataset)
     assert not cache_dir.exists()  # large images are never cached
 
 
