@@ -23,12 +23,13 @@ is unchanged. The packages' own resume (``state_path``) is broken, so it is not 
 from __future__ import annotations
 
 import importlib
-from importlib import metadata
 from types import ModuleType
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from mixacm.provenance import package_version
 
 # Preference order: the PyPI packaging first, then upstream from git.
 BACKENDS = ("pyautoattack", "autoattack")
@@ -59,11 +60,8 @@ def find_backend(prefer: str | None = None) -> tuple[str, ModuleType]:
 
 
 def _package_version(name: str, module: ModuleType) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        # Upstream installed from a checkout may have no distribution metadata.
-        return getattr(module, "__version__", None)
+    # Upstream installed from a checkout may have no distribution metadata.
+    return package_version(name) or getattr(module, "__version__", None)
 
 
 def _forked_rng(device: torch.device):
