@@ -149,6 +149,40 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
 
 
+class NonFiniteLoss(ArithmeticError):
+    """Raised by ``training_step`` (on every rank) before a NaN/inf loss is back-propagated."""
+
+    def __init__(self, value: float, metrics: Mapping[str, float]) -> None:
+        super().__init__(f"loss is {value}")
+        self.value, self.metrics = value, dict(metrics)
+
+
+_SINGLE = ddp.DistContext()
+
+
+def training_step(method: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+                  y: torch.Tensor, *, amp: str = "none", extra_params: list[torch.Tensor] = (),
+                  ctx: ddp.DistContext = _SINGLE) -> tuple[float, dict[str, float]]:
+    """One optimiser step of ``method`` on ``(x, y)``; returns the loss value and its metrics.
+
+    The loss is checked before the backward pass (across ranks, so every rank stops together);
+    ``after_backward`` runs between backward and step (Free-AT's perturbation update), and the
+    gradients of parameters outside DDP (``extra_params``) are averaged across ranks.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(x.device, amp):
+        loss, metrics = method.loss(x, y)
+    value = float(loss.detach())
+    if ddp.any_rank(not math.isfinite(value), ctx):
+        raise NonFiniteLoss(value, metrics)
+    scaler.scale(loss).backward()
+    method.after_backward()
+    ddp.all_reduce_grads(extra_params, ctx)
+    scaler.step(optimizer)
+    scaler.update()
+    return value, metrics
+
+
 def _load_state(path: Path, cfg_hash: str) -> dict:
     try:
         # Our own file, holding RNG states (numpy arrays, Python tuples): not weights-only data.
@@ -292,22 +326,16 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
             x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
             for _ in range(replays):
-                optimizer.zero_grad(set_to_none=True)
-                with _autocast(device, tcfg["amp"]):
-                    loss, metrics = method.loss(x, y)
-                value = float(loss.detach())
-                if ddp.any_rank(not math.isfinite(value), ctx):
-                    terms = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                try:
+                    value, metrics = training_step(method, optimizer, scaler, x, y, amp=tcfg["amp"],
+                                                   extra_params=extra_params, ctx=ctx)
+                except NonFiniteLoss as bad:
+                    terms = ", ".join(f"{k}={v:.4g}" for k, v in bad.metrics.items())
                     raise TrainingDiverged(
-                        f"{cfg['name']}: loss is {value} at epoch {epoch + 1}, step {i + 1} of the epoch "
+                        f"{cfg['name']}: loss is {bad.value} at epoch {epoch + 1}, step {i + 1} of the epoch "
                         f"(optimiser step {global_step + 1}); loss terms: {terms or 'none reported'}. "
                         f"Nothing of this epoch was written; {state_path} holds the last good epoch ({epoch})"
-                    )
-                scaler.scale(loss).backward()
-                method.after_backward()
-                ddp.all_reduce_grads(extra_params, ctx)
-                scaler.step(optimizer)
-                scaler.update()
+                    ) from None
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 global_step += 1
