@@ -13,15 +13,21 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mixacm.report import (
+    FIGURE_NAMES,
+    PAPER_NUMBERS,
+    TABLE_KINDS,
     ResultFileError,
     build_table,
     collect_costs,
     collect_results,
     load_paper_numbers,
-
+    make_figures,
+    read_table,
+    render_report,
 
     write_table,
 )
@@ -81,7 +87,7 @@ def scenario(make_result: ResultFactory, tmp_path: Path) -> dict:
         make_result("at", 0, {"clean": 86.0, "pgd20": 48.0}, config_hash="a0", teacher=None),
         make_result("at", 1, {"clean": 87.0, "pgd20": 49.0}, config_hash="a1", teacher=None),
         make_result("trades", 0, {"clean": 84.0, "pgd20": 55.0, "autoattack-apgd": 52.5},
-                    config_hash="t0", n=500, teacher=None),
+                    config_hash="1e50", n=500, teacher=None, commit="0123456"),
         make_result("mixacm", 0, {"clean": 80.0, "pgd20": 45.0}, fraction=0.1, config_hash="f1"),
         make_result("mixacm", 0, {"clean": 85.0, "pgd20": 50.0}, fraction=0.5, config_hash="f5"),
         make_result("mixacm", 0, {"clean": 88.0, "pgd20": 47.0}, variant="acm+kd", config_hash="v0"),
@@ -190,6 +196,21 @@ def test_less_data_and_ablation_tables(scenario, tmp_path):
     assert not list(out.parent.glob(".*.tmp"))
 
 
+def test_tables_round_trip_through_csv(built, tmp_path):
+    # The workflow writes the tables as CSV and renders the report from them: text that looks
+    # like a number (config hash "1e50", commit "0123456") must come back as text.
+    again = {}
+    for kind, table in built["tables"].items():
+        again[kind] = read_table(write_table(table, tmp_path / f"table_{kind}.csv"))
+    trades = again["cifar10"][again["cifar10"]["method_key"] == "trades"].iloc[0]
+    assert (trades["config_hashes"], trades["git_commits"], trades["seeds"]) == ("1e50", "0123456", "0")
+    html = render_report(again, built["figures"], built["results"], tmp_path / "again.html",
+                         costs=built["costs"])
+    assert html.read_text() == built["html"].read_text()
+    with pytest.raises(ResultFileError, match=r"nothere\.csv does not exist"):
+        read_table(tmp_path / "nothere.csv")
+
+
 def test_bad_result_files_name_the_file_and_key(make_result, tmp_path):
     good = make_result("mixacm", 0, {"clean": 90.0})
     with pytest.raises(ResultFileError, match=r"missing\.json does not exist"):
@@ -222,3 +243,186 @@ def test_bad_result_files_name_the_file_and_key(make_result, tmp_path):
         collect_costs([orphan])
     with pytest.raises(ValueError, match="unknown table kind 'cifar100'"):
         build_table("cifar100", collect_results([good]))
+
+
+# ------------------------------------------------------------------------------ figures, HTML
+
+
+@pytest.fixture()
+def built(scenario, tmp_path) -> dict:
+    results = collect_results(scenario["files"])
+    costs = collect_costs(scenario["costs"])
+    tables = {k: build_table(k, results, costs=costs) for k in TABLE_KINDS}
+    figures = make_figures(tables, tmp_path / "results" / "figures")
+    html = render_report(tables, figures, results, tmp_path / "report" / "paper_tables.html",
+                         costs=costs)
+    return {"results": results, "costs": costs, "tables": tables, "figures": figures,
+            "html": html, "files": scenario["files"]}
+
+
+def _pixels(path: Path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    return imread(path)[..., :3]
+
+
+def test_figures_are_nonblank_pngs_and_show_the_results(built, tmp_path):
+    assert [p.name for p in built["figures"]] == list(FIGURE_NAMES)
+    empty = make_figures({}, tmp_path / "empty")
+    for full, blank in zip(built["figures"], empty):
+        img = _pixels(full)
+        assert img.shape[0] > 200 and img.shape[1] > 400
+        assert img.std() > 0.05  # not a single flat colour
+        # the reproduced points, curves and bars change the picture
+        other = _pixels(blank)
+        assert img.shape != other.shape or not np.allclose(img, other)
+    # the scatter draws reproduced points filled in red: present only when there are results
+    red = np.array([0xD6, 0x27, 0x28]) / 255  # matplotlib's tab:red
+    is_red = lambda im: (np.abs(im - red).sum(-1) < 0.02).sum()  # noqa: E731
+    assert is_red(_pixels(built["figures"][1])) > 50 and is_red(_pixels(empty[1])) == 0
+
+
+class _ReportParser(HTMLParser):
+    """Collects <data value> elements per results table, and the rest of each cell's text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kind: str | None = None
+        self.in_td = 0
+        self.in_data: str | None = None
+        self.data: list[tuple[str | None, str, str]] = []  # (table kind, value, text)
+        self.cell_text: list[str] = []
+        self.srcs: list[str] = []
+        self.tags: set[str] = set()
+        self._text = ""
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.add(tag)
+        self.srcs += [v for k, v in attrs.items() if k in ("src", "href") and v]
+        if tag == "table" and "data-kind" in attrs:
+            self.kind = attrs["data-kind"]
+        elif tag == "td":
+            self.in_td += 1
+        elif tag == "data":
+            self.in_data, self._text = attrs["value"], ""
+
+    def handle_endtag(self, tag):
+        if tag == "data":
+            self.data.append((self.kind, self.in_data, self._text))
+            self.in_data = None
+        elif tag == "td":
+            self.in_td -= 1
+        elif tag == "table":
+            self.kind = None
+
+    def handle_data(self, text):
+        if self.in_data is not None:
+            self._text += text
+        elif self.in_td:
+            self.cell_text.append(text)
+
+
+_DISPLAYED = ["n_seeds", "data_fraction", "train_device_hours", "paper_clean", "paper_robust",
+              "diff_clean", "diff_robust", "ref_clean", "ref_autoattack"] + [
+    f"{c}_{s}" for c in ("clean", "pgd20", "autoattack") for s in ("mean", "std", "n")]
+
+
+def _numbers(obj) -> list[float]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _numbers(v)]
+    return [float(obj)] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+def test_html_numbers_trace_to_tables_results_and_paper(built):
+    html = built["html"].read_text()
+    parser = _ReportParser()
+    parser.feed(html)
+
+    # self-contained: no scripts, no external resources, figures embedded
+    assert "script" not in parser.tags and "link" not in parser.tags
+    assert [s for s in parser.srcs if not s.startswith(("#", "data:image/png;base64,"))] == []
+    assert sum(s.startswith("data:image/png") for s in parser.srcs) == len(FIGURE_NAMES)
+
+    allowed = set(_numbers(load_paper_numbers()))
+    for path in built["files"]:
+        allowed |= set(_numbers(json.loads(Path(path).read_text())["metrics"]))
+        allowed |= set(_numbers(json.loads(Path(path).read_text())["run"]))
+    allowed |= set(built["costs"]["device_hours"].dropna())
+    shown: dict[str, list[float]] = {}
+    for kind, table in built["tables"].items():
+        cols = [c for c in _DISPLAYED if c in table.columns]
+        values = [float(v) for v in table[cols].to_numpy().ravel() if pd_notna(v)]
+        allowed |= set(values)
+        shown[kind] = values
+    allowed_arr = np.array(sorted(allowed))
+
+    for kind, value, text in parser.data:
+        v = float(value)
+        # the value is one the tables computed or a file holds ...
+        assert np.abs(allowed_arr - v).min() < 1e-9, (kind, value, text)
+        # ... and the text shows that value, rounded to the digits it displays
+        digits = len(text.split(".")[1]) if "." in text and "e" not in text else 0
+        assert abs(float(text) - v) <= 0.5 * 10.0 ** -digits + 1e-9 * max(1, abs(v)), (value, text)
+
+    # every number of every table appears in that table's HTML
+    for kind, values in shown.items():
+        in_html = np.array([float(v) for k, v, _ in parser.data if k == kind])
+        for v in values:
+            assert np.abs(in_html - v).min() < 1e-9, (kind, v)
+
+    # digits outside <data> elements are identifiers copied from the inputs (arch, eps, versions)
+    blob = " ".join(Path(p).read_text() for p in built["files"]) + PAPER_NUMBERS.read_text()
+    for table in built["tables"].values():
+        text = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
+        blob += " ".join(str(v) for v in table[text].to_numpy().ravel())
+    for token in " ".join(parser.cell_text).split():
+        token = token.strip("()·,;:")
+        if re.search(r"\d", token):
+            assert token in blob, token
+
+
+def pd_notna(v) -> bool:
+    return v is not None and not (isinstance(v, float) and np.isnan(v))
+
+
+def _chromium(url: str, tmp_path: Path, name: str) -> tuple[Path, str]:
+    shot = tmp_path / f"{name}.png"
+    proc = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", f"--user-data-dir={tmp_path / ('chrome-' + name)}",
+         "--enable-logging=stderr", "--v=0", "--hide-scrollbars", "--window-size=1400,1000",
+         f"--screenshot={shot}", url],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # console messages (console.error, uncaught exceptions) are logged as INFO:CONSOLE lines
+    console = "\n".join(line for line in proc.stderr.splitlines() if ":CONSOLE" in line)
+    return shot, console
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+                    "(apt-get install chromium) so the page cannot be opened headless")
+def test_report_opens_in_headless_chromium(built, tmp_path):
+    # control: the console capture does see a page's errors
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><script>console.error('boom'); undefinedFn();</script></body></html>")
+    _, console = _chromium(bad.as_uri(), tmp_path, "control")
+    assert "boom" in console and "Uncaught ReferenceError" in console
+
+    shot, console = _chromium(built["html"].as_uri(), tmp_path, "report")
+    assert console == ""
+    img = np.round(_pixels(shot) * 255).astype(int)
+    assert img.shape[:2] == (1000, 1400)
+
+    def count(rgb: str) -> int:
+        colour = np.array([int(rgb[i:i + 2], 16) for i in (0, 2, 4)])
+        return int((np.abs(img - colour).sum(-1) == 0).sum())
+
+    # the first screen shows the CIFAR-10 table: its header, paper and difference cells and the
+    # "reproduced" badges, each drawn in its own background colour from the template
+    assert count("f6f8fa") > 5000 and count("f3f7fc") > 5000 and count("fdf8ef") > 5000
+    assert count("dafbe1") > 500

@@ -11,11 +11,12 @@ from mixacm.report.tables import (
     collect_results,
     load_paper_numbers,
     read_benchmark,
+    read_table,
     write_table,
 )
 
 __all__ = [
     "ATTACK_COLUMNS", "FIGURE_NAMES", "PAPER_NUMBERS", "TABLE_KINDS", "ResultFileError", "build_table",
-    "collect_costs", "collect_results", "load_paper_numbers", "make_figures", "read_benchmark",
+    "collect_costs", "collect_results", "load_paper_numbers", "make_figures", "read_benchmark", "read_table",
     "render_report", "write_table",
 ]

@@ -472,3 +472,27 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
     """Write a table as CSV, atomically (a crash leaves the old file or the new one)."""
     return atomic_write(path, lambda p: df.to_csv(p, index=False))
+
+
+# Columns that hold text even when a value looks like a number (a hex config hash "1e50...",
+# a seed list "0", a commit "1234567").
+_TEXT_COLUMNS = [c for c in TABLE_COLUMNS if c.endswith("_package") or c in (
+    "status", "method", "method_key", "variant", "student", "teacher", "dataset", "data_source",
+    "eps", "seeds", "autoattack_version", "paper_student", "paper_eps", "paper_note",
+    "paper_source", "diff_robust_vs", "ref_source", "cost_source", "config_hashes",
+    "git_commits", "files")]
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a table written by ``write_table`` back with the types ``build_table`` gave it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultFileError(f"table file {path} does not exist")
+    frame = pd.read_csv(path, dtype={c: "string" for c in _TEXT_COLUMNS}, keep_default_na=False,
+                        na_values={c: [""] for c in TABLE_COLUMNS if c not in _TEXT_COLUMNS})
+    missing = [c for c in ("status", "method", "method_key") if c not in frame.columns]
+    if missing:
+        raise ResultFileError(f"table file {path}: columns {missing} are missing")
+    text = [c for c in frame.columns if c in _TEXT_COLUMNS]
+    frame[text] = frame[text].astype(object)
+    return frame
