@@ -11,6 +11,7 @@ from shlex import quote as shell_quote
 import yaml
 
 from mixacm.methods import METHODS
+from mixacm.report.figures import FIGURE_NAMES
 
 
 # jsonschema validation has already named the key for unknown keys and wrong types; these checks
@@ -85,8 +86,12 @@ def run_dir(dataset, method, arch, fraction, seed):
     return f"results/{dataset}/{method}/{arch}/frac{frac_str(fraction)}/seed{seed}"
 
 
-RUN_PATTERN = "results/{dataset}/{method}/{arch}/frac{fraction}/seed{seed}"
-LOG_PATTERN = "logs/{dataset}/{method}/{arch}/frac{fraction}/seed{seed}"
+RUN_ID = "{dataset}/{method}/{arch}/frac{fraction}/seed{seed}"
+RUN_PATTERN = f"results/{RUN_ID}"
+LOG_PATTERN = f"logs/{RUN_ID}"
+# mixacm.report.collect_costs matches a benchmark file to its run by the run name (RUN_ID)
+# ending the file's path.
+TRAIN_BENCHMARK = f"results/benchmarks/train/{RUN_ID}.tsv"
 
 
 def experiment_runs(name):
@@ -105,6 +110,11 @@ def experiment_runs(name):
 
 def experiment_files(name, filename):
     return [f"{run_dir(*run)}/{filename}" for run in experiment_runs(name)]
+
+
+def experiment_benchmarks(name):
+    return [f"results/benchmarks/train/{run_dir(*run).removeprefix('results/')}.tsv"
+            for run in experiment_runs(name)]
 
 
 def resources_of(dataset, kind):
@@ -163,7 +173,7 @@ def run_config(name, dataset, recipe_name, arch, fraction, seed, teacher):
 def student_config(w):
     method = config["recipes"][w.method]["method"]
     teacher = teacher_file(w.dataset) if method in TEACHER_METHODS else None
-    name = f"{w.dataset}/{w.method}/{w.arch}/frac{w.fraction}/seed{w.seed}"
+    name = RUN_ID.format(**dict(w.items()))
     return run_config(name, w.dataset, w.method, w.arch, w.fraction, w.seed, teacher)
 
 
@@ -243,19 +253,17 @@ def n_arg(n):
 
 TABLE_NAMES = ["cifar10", "imagenet", "less_data", "ablation"]
 TABLES = expand("results/table_{table}.csv", table=TABLE_NAMES)
-FIGURES = expand(
-    "results/figures/{figure}.png", figure=["less_data", "clean_vs_robust", "training_cost"]
-)
+FIGURES = expand("results/figures/{figure}", figure=FIGURE_NAMES)
 
 
 def table_inputs(table):
     return {
         "results": experiment_files(table, "eval_clean_pgd.json")
         + experiment_files(table, "eval_autoattack.json"),
-        "summaries": experiment_files(table, "train_summary.json"),
-        "benchmarks": experiment_files(table, "benchmark_train.tsv"),
+        "costs": experiment_files(table, "train_summary.json") + experiment_benchmarks(table),
     }
 
 
-def all_results(w):
-    return sorted({f for t in TABLE_NAMES for f in table_inputs(t)["results"]})
+def all_of(key):
+    """Every table's files of one kind ("results" or "costs"), each once."""
+    return sorted({f for t in TABLE_NAMES for f in table_inputs(t)[key]})

@@ -27,14 +27,14 @@ rule render_table:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm table --table {wildcards.table} --results {input.results:q} --out {output}"
+        "mixacm table --table {wildcards.table} --results {input.results:q}"
+        " --costs {input.costs:q} --out {output}"
         " > {log} 2>&1"
 
 
 rule render_figures:
     input:
         tables=TABLES,
-        results=all_results,
     output:
         FIGURES,
     params:
@@ -58,7 +58,8 @@ rule render_report:
     input:
         tables=TABLES,
         figures=FIGURES,
-        results=all_results,
+        results=lambda w: all_of("results"),
+        costs=lambda w: all_of("costs"),
     output:
         "report/paper_tables.html",
     threads: 1
@@ -74,4 +75,4 @@ rule render_report:
         "../../environment.yml"
     shell:
         "mixacm report --tables {input.tables:q} --figures {input.figures:q}"
-        " --results {input.results:q} --out {output} > {log} 2>&1"
+        " --results {input.results:q} --costs {input.costs:q} --out {output} > {log} 2>&1"

@@ -44,7 +44,7 @@ rule train_student:
     log:
         f"{LOG_PATTERN}/train_student.log",
     benchmark:
-        f"{RUN_PATTERN}/benchmark_train.tsv"
+        TRAIN_BENCHMARK
     conda:
         "../../environment.yml"
     shell:

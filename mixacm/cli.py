@@ -1,0 +1,429 @@
+"""The ``mixacm`` command line: one subcommand per pipeline stage.
+
+    mixacm train     --config RUN.yaml --out-dir DIR [--set key.path=value ...]
+    mixacm evaluate  (--checkpoint MODEL.pt | --model-file TORCHSCRIPT.pt) --dataset cifar10 ...
+    mixacm teacher   (--robustbench NAME | --url URL --sha256 HEX | --path FILE | --source-json J)
+    mixacm table | figures | report      (tables, figures and the HTML report from result files)
+
+Each subcommand is a thin wrapper around a library function (``mixacm.train.train``,
+``mixacm.evaluate.evaluate``, ``mixacm.teachers.acquire_teacher``, ``mixacm.report``), so
+everything the workflow runs can also be called from Python. Bad input (unknown method or
+model, eps outside (0, 1], a missing data root, a corrupt checkpoint, a wrong sha256) prints one
+line to stderr and exits with status 2 before anything is written; ``--traceback`` shows the
+full Python traceback instead. Heavy modules are imported inside the commands so ``--help``
+stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input detected by the CLI itself; reported as one line, exit status 2."""
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "bad input" (reported in one line), not a bug in the code."""
+    from mixacm.checkpoint import CheckpointError
+    from mixacm.config import ConfigError
+    from mixacm.data import DataError
+
+    from mixacm.teachers import TeacherError
+
+    errors: list[type[BaseException]] = [
+        UsageError, ConfigError, CheckpointError, DataError, TeacherError, ValueError, KeyError,
+        FileNotFoundError,
+    ]
+    try:
+        from mixacm.report import ResultFileError
+    except ImportError:  # the report needs pandas/matplotlib; training does not
+        pass
+    else:
+        errors.append(ResultFileError)
+    return tuple(errors)
+
+
+def _message(err: BaseException) -> str:
+    # KeyError's str() wraps the message in quotes; show the text itself.
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split()) or type(err).__name__
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+
+def _set_path(cfg: dict, assignment: str) -> None:
+    """Apply one ``--set a.b.c=value`` override; the value is parsed as YAML (8/255 stays a string)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set {assignment!r}: expected key.path=value")
+    parts = key.strip().split(".")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UsageError(f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise UsageError(f"--set {assignment!r}: value is not valid YAML ({err})") from None
+
+
+def _read_run_config(source: str) -> dict:
+    if source == "-":
+        text, where = sys.stdin.read(), "standard input"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"--config {source}: no such file")
+        text, where = path.read_text(), str(path)
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UsageError(f"--config {where}: not valid YAML: {err}") from None
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise UsageError(f"--config {where}: a run config is a mapping of keys, got {type(cfg).__name__}")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mixacm.config import load_run_config
+    from mixacm.train import train
+
+    cfg = _read_run_config(args.config)
+    for assignment in args.set:
+        _set_path(cfg, assignment)
+    # Validate fully before train() creates the output directory: bad input writes nothing.
+    load_run_config(cfg)
+    if cfg.get("teacher") and not Path(cfg["teacher"]).is_file():
+        raise UsageError(f"teacher: model file {cfg['teacher']} does not exist")
+    summary = train(cfg, Path(args.out_dir))
+    print(json.dumps({k: summary[k] for k in ("epochs", "wall_time_s") if k in summary}))
+    return 0
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+
+
+def _run_section(path: Path, info: dict, dataset: Any, dataset_name: str, extra: dict) -> dict:
+    """The result's ``run`` section: the model file's metadata, then ``--run-info`` on top."""
+    from mixacm.data import dataset_source
+    from mixacm.utils import sha256_file
+
+    meta = info.get("meta") or {}
+    run_meta = meta.get("run") if isinstance(meta.get("run"), dict) else meta
+    ds_meta = run_meta.get("dataset") if isinstance(run_meta.get("dataset"), dict) else {}
+    teacher = run_meta.get("teacher")
+    run = {
+        "method": run_meta.get("method") if not isinstance(run_meta.get("method"), dict)
+        else run_meta["method"].get("name"),
+        "arch": (info.get("model") or {}).get("name"),
+        "teacher": teacher if not isinstance(teacher, dict) else teacher.get("name"),
+        "dataset": dataset_name,
+        "data_source": dataset_source(dataset),
+        "data_fraction": run_meta.get("data_fraction", ds_meta.get("fraction")),
+        "seed": run_meta.get("seed"),
+        "config_hash": run_meta.get("config_hash"),
+        "name": run_meta.get("name"),
+        "checkpoint": str(path),
+        "checkpoint_sha256": sha256_file(path),
+    }
+    run.update(extra)
+    return run
+
+
+def _parse_run_info(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--run-info is not valid JSON: {err}") from None
+    if not isinstance(extra, dict):
+        raise UsageError("--run-info must be a JSON object, e.g. '{\"method\": \"mixacm\"}'")
+    return extra
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mixacm.attacks import build_attack
+    from mixacm.checkpoint import load_any_model
+    from mixacm.data import load_dataset
+    from mixacm.evaluate import evaluate, write_result
+    from mixacm.utils import parse_eps, resolve_device
+
+    # Everything that can be checked cheaply is checked before loading models or data.
+    eps = parse_eps(args.eps)
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if not attacks:
+        raise UsageError("--attacks: give at least one attack, e.g. clean,pgd20")
+    for name in attacks:
+        build_attack(name, eps)
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n {args.n}: must be at least 1")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    extra = _parse_run_info(args.run_info)
+    device = resolve_device(args.device)
+
+    path = Path(args.checkpoint or args.model_file)
+    model, info = load_any_model(path, device=device)
+    dataset = load_dataset(args.dataset, "test", root=args.data_root, download=args.download)
+    result = evaluate(
+        model, dataset, attacks, eps=args.eps, n=args.n, batch_size=args.batch_size, seed=args.seed,
+        device=device, state_path=args.state_file, progress=args.progress,
+    )
+    result = {"schema": result.get("schema", 1),
+              "run": _run_section(path, info, dataset, args.dataset, extra), **result}
+    write_result(result, args.out)
+    summary = {name: m["accuracy_pct"] for name, m in result["metrics"].items()}
+    print(json.dumps({"out": str(args.out), "accuracy_pct": summary}))
+    return 0
+
+
+# -- teacher ---------------------------------------------------------------------------------------
+
+
+def _teacher_source(args: argparse.Namespace) -> dict:
+    """One source description for ``acquire_teacher`` from the flags (or --source-json)."""
+    if args.source_json:
+        try:
+            source = json.loads(args.source_json)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--source-json is not valid JSON: {err}") from None
+        if not isinstance(source, dict):
+            raise UsageError("--source-json must be a JSON object")
+        return source
+    given = [flag for flag, value in (("--robustbench", args.robustbench), ("--url", args.url),
+                                      ("--path", args.path)) if value]
+    if len(given) != 1:
+        raise UsageError(
+            "give exactly one teacher source: --robustbench NAME, --url URL --sha256 HEX, --path FILE "
+            f"or --source-json (got {', '.join(given) or 'none'})"
+        )
+    if args.url and not args.sha256:
+        raise UsageError("--url needs --sha256: downloads are always checked")
+    if args.robustbench:
+        source = {"robustbench": args.robustbench, "dataset": args.dataset, "threat_model": args.threat_model}
+    elif args.url:
+        source = {"url": args.url, "sha256": args.sha256}
+    else:
+        source = {"path": args.path}
+        if args.sha256:
+            source["sha256"] = args.sha256
+    if args.arch:
+        source["arch"] = args.arch
+    if args.key and not args.robustbench:
+        source["key"] = args.key
+    return source
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from mixacm.teachers import acquire_teacher
+
+    source = _teacher_source(args)
+    out = acquire_teacher(source, Path(args.out))
+    print(json.dumps({"out": str(out), "source": source}))
+    return 0
+
+
+# -- tables, figures, report -----------------------------------------------------------------------
+
+
+def _read_tables(paths: Sequence[str]) -> dict:
+    """Table CSVs keyed by their kind, which the file name carries: ``table_<kind>.csv``."""
+    import pandas as pd
+
+    from mixacm.report import TABLE_KINDS
+
+    tables = {}
+    for p in map(Path, paths):
+        kind = p.stem.removeprefix("table_")
+        if not p.stem.startswith("table_") or kind not in TABLE_KINDS:
+            raise UsageError(f"--tables {p}: expected a file named table_<kind>.csv with kind in "
+                             f"{', '.join(TABLE_KINDS)}")
+        if not p.is_file():
+            raise UsageError(f"--tables {p}: no such file")
+        tables[kind] = pd.read_csv(p)
+    return tables
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from mixacm.report import build_table, collect_costs, collect_results, write_table
+
+    results = collect_results(args.results)
+    costs = collect_costs(args.costs) if args.costs else None
+    write_table(build_table(args.table, results, costs=costs), args.out)
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from mixacm.report import make_figures
+
+    make_figures(_read_tables(args.tables), args.out_dir)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mixacm.report import collect_costs, collect_results, render_report
+
+    tables = _read_tables(args.tables)
+    results = collect_results(args.results)
+    costs = collect_costs(args.costs) if args.costs else None
+    render_report(tables, args.figures, results, args.out, costs=costs)
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------------
+
+
+def _registry_epilog() -> str:
+    """Registered names, so --help shows what the config accepts (cheap registry imports only)."""
+    try:
+        from mixacm.methods import METHODS
+        from mixacm.models import MODELS
+    except ImportError:
+        return ""
+    return f"methods: {', '.join(METHODS.names())}\nmodels: {', '.join(MODELS.names())}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="mixacm", formatter_class=fmt,
+        description="MixACM benchmark: train students and teachers, evaluate robustness, render the "
+                    "paper's tables. Each stage of the Snakemake workflow calls one subcommand.",
+    )
+    parser.add_argument("--traceback", action="store_true",
+                        help="on bad input, show the full Python traceback instead of one line")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", formatter_class=fmt, help="train one run from a run config",
+                       description="Train one run (mixacm.train.train). OUT_DIR receives state.pt "
+                                   "(resume point, every epoch), model.pt, metrics.jsonl and "
+                                   "train_summary.json; re-running with the same config resumes.",
+                       epilog=_registry_epilog())
+    p.add_argument("--config", required=True, metavar="RUN.yaml",
+                   help="run config (docs/architecture.md, 'The run config'); '-' reads standard input")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder of the run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config key, value parsed as YAML (e.g. optim.epochs=2, "
+                        "method.eps=8/255); repeatable")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", formatter_class=fmt, help="clean / PGD / AutoAttack accuracy, one JSON",
+                       description="Evaluate a model on the test split and write one result JSON "
+                                   "with provenance (mixacm.evaluate). A mixacm model file or a "
+                                   "TorchScript file of a foreign model that takes [0, 1] images.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="MODEL.pt", help="mixacm model file (mixacm train / teacher)")
+    src.add_argument("--model-file", metavar="TORCHSCRIPT.pt",
+                     help="TorchScript model taking [0, 1] images, returning logits")
+    p.add_argument("--dataset", required=True, choices=("cifar10", "cifar100", "imagenet", "imagefolder"),
+                   help="dataset whose test split is used")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="local data folder; default $MIXACM_DATA_<DATASET>, then the download folder")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if missing")
+    p.add_argument("--eps", required=True,
+                   help="L-inf radius as a fraction of the [0, 1] range: 8/255 or 0.031")
+    p.add_argument("--attacks", default="clean,pgd20",
+                   help="comma-separated: clean, pgd<K> (e.g. pgd20), autoattack, autoattack-apgd, "
+                        "autoattack-rand (default: %(default)s)")
+    p.add_argument("--n", type=int, default=None,
+                   help="number of test points, class-balanced (default: the whole test split)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="RESULT.json", help="where the result JSON goes")
+    p.add_argument("--run-info", metavar="JSON",
+                   help="JSON object merged into the result's run section (method, arch, teacher, "
+                        "data_fraction, seed, ...); default: the model file's metadata")
+    p.add_argument("--state-file", metavar="PATH",
+                   help="per-batch progress file; an interrupted evaluation resumes from it")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar (default: on)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("teacher", formatter_class=fmt, help="fetch or import a robust teacher",
+                       description="Write a teacher as a mixacm model file (mixacm.teachers): by "
+                                   "RobustBench name, by URL with a required sha256, or from a "
+                                   "local file. A wrong checksum or unreadable file leaves no file.")
+    p.add_argument("--source-json", metavar="JSON",
+                   help="the whole source as JSON (mixacm.teachers.acquire_teacher), e.g. "
+                        "'{\"path\": \"resnet4b.pth\", \"arch\": \"resnet4b\"}'")
+    p.add_argument("--robustbench", metavar="NAME", help="RobustBench model name, e.g. Carmon2019Unlabeled")
+    p.add_argument("--threat-model", default="Linf", choices=("Linf", "L2"),
+                   help="RobustBench threat model (default: %(default)s)")
+    p.add_argument("--url", help="download URL (needs --sha256)")
+    p.add_argument("--sha256", metavar="HEX", help="expected sha256 of the downloaded (or local) file")
+    p.add_argument("--path", metavar="FILE", help="local model file or state dict")
+    p.add_argument("--arch", help="project model the weights load into (mixacm.models), e.g. wrn-28-10")
+    p.add_argument("--key", metavar="KEY",
+                   help="entry of a foreign checkpoint that holds the weights (default: state_dict)")
+    p.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100", "imagenet"),
+                   help="RobustBench dataset of the teacher (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="TEACHER.pt", help="where the model file goes")
+    p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("table", formatter_class=fmt, help="one paper table (CSV) from result files",
+                       description="Render one of the paper's tables, reproduced beside paper-reported "
+                                   "numbers, from evaluation result JSONs (mixacm.report).")
+    p.add_argument("--table", required=True, choices=("cifar10", "imagenet", "less_data", "ablation"),
+                   help="which table")
+    p.add_argument("--results", nargs="*", default=[], metavar="RESULT.json",
+                   help="evaluation result files of the table's runs (none: only cited rows)")
+    p.add_argument("--costs", nargs="*", default=[], metavar="FILE",
+                   help="training cost files: train_summary.json and Snakemake benchmark TSVs named "
+                        "<...>/<run name>.tsv (a benchmark replaces its run's summary figure)")
+    p.add_argument("--out", required=True, metavar="TABLE.csv", help="where the CSV goes")
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("figures", formatter_class=fmt, help="figures (PNG) from the table CSVs",
+                       description="Less-data curve, clean versus robust accuracy with the paper's "
+                                   "points, and training cost per method (mixacm.report).")
+    p.add_argument("--tables", nargs="+", required=True, metavar="TABLE.csv",
+                   help="table CSVs named table_<kind>.csv (mixacm table)")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="folder for the PNG files")
+    p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser("report", formatter_class=fmt, help="the HTML report from tables and results",
+                       description="Render report/paper_tables.html with jinja2 from the tables, "
+                                   "figures and result files alone (mixacm.report).")
+    p.add_argument("--tables", nargs="+", required=True, metavar="TABLE.csv",
+                   help="table CSVs named table_<kind>.csv (mixacm table)")
+    p.add_argument("--figures", nargs="*", default=[], metavar="FIGURE.png", help="figure files")
+    p.add_argument("--results", nargs="*", default=[], metavar="RESULT.json",
+                   help="result files, for each number's config, seed, attack, commit and cost")
+    p.add_argument("--costs", nargs="*", default=[], metavar="FILE",
+                   help="training cost files: train_summary.json and Snakemake benchmark TSVs named "
+                        "<...>/<run name>.tsv (a benchmark replaces its run's summary figure)")
+    p.add_argument("--out", required=True, metavar="REPORT.html", help="where the HTML goes")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    if args.traceback:
+        return func(args)
+    try:
+        return func(args)
+    except _input_errors() as err:
+        print(f"mixacm {args.command}: error: {_message(err)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # `python -m mixacm.cli` (torchrun launches it this way)
+    sys.exit(main())
