@@ -101,7 +101,7 @@ def scenario(make_result: ResultFactory, tmp_path: Path) -> dict:
         d.mkdir(parents=True)
         (d / "train_summary.json").write_text(json.dumps(
             {"config_hash": h, "name": name, "wall_time_s": wall, "device_hours": dh,
-             "device": "cuda"}))
+             "device": "cuda", "knobs": {"gamma": 50, "p": 2}, "recipe": {"lr": 0.1}}))
         costs.append(d / "train_summary.json")
     # the AT job ran on 2 devices (1800 s, 1 device-hour); its benchmark says 2700 s in all
     bench = tmp_path / "benchmarks" / "train" / "cifar10" / "at" / "seed0.tsv"
@@ -257,7 +257,7 @@ def built(scenario, tmp_path) -> dict:
     html = render_report(tables, figures, results, tmp_path / "report" / "paper_tables.html",
                          costs=costs)
     return {"results": results, "costs": costs, "tables": tables, "figures": figures,
-            "html": html, "files": scenario["files"]}
+            "html": html, "files": scenario["files"], "cost_files": scenario["costs"]}
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -375,7 +375,8 @@ def test_html_numbers_trace_to_tables_results_and_paper(built):
             assert np.abs(in_html - v).min() < 1e-9, (kind, v)
 
     # digits outside <data> elements are identifiers copied from the inputs (arch, eps, versions)
-    blob = " ".join(Path(p).read_text() for p in built["files"]) + PAPER_NUMBERS.read_text()
+    inputs = built["files"] + built["cost_files"]
+    blob = " ".join(Path(p).read_text() for p in inputs) + PAPER_NUMBERS.read_text()
     for table in built["tables"].values():
         text = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
         blob += " ".join(str(v) for v in table[text].to_numpy().ravel())

@@ -69,6 +69,8 @@ def _run_details(row: Mapping[str, Any], results: pd.DataFrame,
             "device_hours": None if c is None else _value(c["device_hours"]),
             "cost_source": None if c is None else c["cost_source"],
             "cost_file": None if c is None else c["cost_file"],
+            "settings": {} if c is None else {k: c[k] for k in ("knobs", "recipe", "selection")
+                                               if _value(c[k]) is not None},
         })
     return runs
 

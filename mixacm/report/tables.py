@@ -207,7 +207,7 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
 # Training cost
 
 COST_COLUMNS = ["config_hash", "name", "device_hours", "wall_time_s", "devices", "device",
-                "cost_source", "cost_file"]
+                "cost_source", "cost_file", "knobs", "recipe", "selection"]
 
 
 def _devices(summary: Mapping[str, Any]) -> int:
@@ -262,7 +262,11 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
         rows[s["config_hash"]] = {
             "config_hash": s["config_hash"], "name": s.get("name"), "device_hours": dh,
             "wall_time_s": wall, "devices": _devices(s), "device": s.get("device"),
-            "cost_source": "train_summary", "cost_file": str(p)}
+            "cost_source": "train_summary", "cost_file": str(p),
+            # The values a run used (MixACM's CHOICE knobs, the optimiser recipe, checkpoint
+            # selection) travel to the report's per-run details.
+            **{k: json.dumps(s[k], sort_keys=True) if k in s else None
+               for k in ("knobs", "recipe", "selection")}}
     for b in benchmarks:
         stem = b.with_suffix("").as_posix()
         match = [r for r in rows.values()
