@@ -1,0 +1,158 @@
+"""Images/s of one training step of each method, and its cost relative to a bare PyTorch loop.
+
+Every method's step is ``mixacm.train.training_step`` (the loop's own step: loss, finiteness
+check, backward, ``after_backward``, SGD step); the baseline is a bare
+``cross_entropy(model(x), y).backward(); sgd.step()`` on the same architecture. All are timed in
+one run, interleaved in rounds so that a change in machine load hits every method alike; each
+figure is the median over all timed steps after a warmup.
+
+First-principles cost, counting a forward as 1 unit and a full backward as 2 (bare step = 3):
+MixACM = 3 + one teacher forward (1 unit when the teacher is the student's size) -> ~1.33x;
+AT (PGD-10) = 10 x (forward + input-only backward) + 3; a backward to the input alone skips the
+weight-gradient work, about 1 unit, so 10 x 2 + 3 = 23 units -> ~7.7x (11x if every attack
+step cost a full step); TRADES = 10 KL steps (20) + clean target forward (1) + the loss's two
+forwards and backwards (6) -> ~9x; Free-AT: one replay is one full step -> ~1x per optimiser step
+(m replays per minibatch); Fast-AT: one FGSM step (2) + 3 -> ~1.67x.
+
+    python benchmarks/bench_methods.py                       # tiny student, batch 128, CPU
+    python benchmarks/bench_methods.py --model wrn-34-10 --device cuda --amp bf16 --channels-last
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mixacm.methods import METHODS
+from mixacm.models import build_model
+from mixacm.provenance import device_name
+from mixacm.train import training_step
+from mixacm.utils import resolve_device, seed_everything
+
+EXPECTED = {"bare": 1.0, "standard": 1.0, "mixacm": 4 / 3, "at": 23 / 3, "trades": 27 / 3, "free_at": 1.0,
+            "fast_at": 5 / 3}
+DEFAULT_METHODS = ("standard", "mixacm", "at", "trades", "free_at", "fast_at")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class BareStep:
+    """The reference: forward, cross-entropy, backward, SGD step, nothing else."""
+
+    def __init__(self, model, lr: float) -> None:
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+    def __call__(self, x, y) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(x), y).backward()
+        self.opt.step()
+
+
+class MethodStep:
+    """One optimiser step of a registered method through the training loop's ``training_step``."""
+
+    def __init__(self, name: str, model, teacher, lr: float, amp: str) -> None:
+        cls = METHODS.get(name)
+        self.method = cls(model, teacher=teacher if cls.needs_teacher else None)
+        extra = self.method.extra_modules().to(next(model.parameters()).device)
+        self.extra = list(extra.parameters())
+        self.opt = torch.optim.SGD([*model.parameters(), *self.extra], lr=lr, momentum=0.9, weight_decay=5e-4)
+        self.scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=amp == "fp16")
+        self.amp = amp
+
+    def __call__(self, x, y) -> None:
+        training_step(self.method, self.opt, self.scaler, x, y, amp=self.amp, extra_params=self.extra)
+
+
+def build_steps(args, device: torch.device) -> dict:
+    fmt = torch.channels_last if args.channels_last else torch.preserve_format
+    teacher = build_model(args.teacher or args.model, args.num_classes).to(device, memory_format=fmt).eval()
+    steps = {}
+    for name in ("bare", *args.methods):
+        seed_everything(0)  # every method starts from the same weights
+        model = build_model(args.model, args.num_classes).to(device, memory_format=fmt).train()
+        # A small lr keeps weights (and so the time per step) in the same regime across steps.
+        steps[name] = BareStep(model, 1e-3) if name == "bare" else MethodStep(name, model, teacher, 1e-3, args.amp)
+    return steps
+
+
+def run(args) -> dict[str, list[float]]:
+    device = resolve_device(args.device)
+    fmt = torch.channels_last if args.channels_last else torch.preserve_format
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(device, memory_format=fmt)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device)
+    steps = build_steps(args, device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for name, step in steps.items():
+        for _ in range(args.warmup):
+            step(x, y)
+    _sync(device)
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                step(x, y)
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def report(args, times: dict[str, list[float]]) -> str:
+    device = resolve_device(args.device)
+    bare = statistics.median(times["bare"])
+    lines = [
+        f"student {args.model}, teacher {args.teacher or args.model}, batch {args.batch_size}, "
+        f"{args.image_size}x{args.image_size}, device {device_name(device)}, amp {args.amp}, "
+        f"channels_last {args.channels_last}, torch {torch.__version__}",
+        f"median of {args.rounds} x {args.iters} timed steps after {args.warmup} warmup steps",
+        "",
+        f"| {'method':<9} | {'img/s':>8} | {'ms/step':>8} | {'x bare':>7} | {'expected':>8} |",
+        f"|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 10}|",
+    ]
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        lines.append(f"| {name:<9} | {args.batch_size / t:8.0f} | {1000 * t:8.1f} | {t / bare:7.2f} | "
+                     f"{EXPECTED.get(name, float('nan')):8.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny", help="student architecture (a mixacm.models name)")
+    p.add_argument("--teacher", default=None, help="teacher architecture for mixacm (default: the student's)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS.names())
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per method")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the methods")
+    p.add_argument("--iters", type=int, default=5, help="timed steps per method and round")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table = report(args, run(args))
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
