@@ -111,8 +111,8 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
     if not isinstance(run, dict):
         raise _fail(path, "'run' is missing or not an object")
     for key in _REQUIRED_RUN:
-        if key not in run:
-            raise _fail(path, f"run.{key} is missing")
+        if run.get(key) is None:
+            raise _fail(path, f"run.{key} is missing or null")
     if not isinstance(run["seed"], int) or isinstance(run["seed"], bool):
         raise _fail(path, f"run.seed = {run['seed']!r} is not an integer")
     if not _is_number(run["data_fraction"]) or not 0 < run["data_fraction"] <= 1:
