@@ -92,12 +92,12 @@ def clean_vs_robust_figure(tables: Mapping[str, pd.DataFrame], paper: Mapping[st
     refs = paper.get("robustbench", {}).get("models", [])
     for ax, kind in zip(axes, kinds):
         spec = paper["tables"][kind]
-        for prow in spec["rows"]:
-            if prow.get("clean") is not None and prow.get("robust") is not None:
-                ax.scatter(prow["clean"], prow["robust"], s=55, facecolors="none",
-                           edgecolors="tab:blue", label="paper" if prow is spec["rows"][0] else None)
-                ax.annotate(prow["label"], (prow["clean"], prow["robust"]), fontsize=7,
-                            xytext=(4, 3), textcoords="offset points", color="tab:blue")
+        points = [p for p in spec["rows"] if p.get("clean") is not None and p.get("robust") is not None]
+        for i, prow in enumerate(points):
+            ax.scatter(prow["clean"], prow["robust"], s=55, facecolors="none",
+                       edgecolors="tab:blue", label="paper" if i == 0 else None)
+            ax.annotate(prow["label"], (prow["clean"], prow["robust"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points", color="tab:blue")
         shown = False
         for ref in refs:
             if ref.get("dataset") == spec["dataset"]:
@@ -106,14 +106,16 @@ def clean_vs_robust_figure(tables: Mapping[str, pd.DataFrame], paper: Mapping[st
                 ax.annotate(ref.get("model") or ref["label"], (ref["clean"], ref["autoattack"]),
                             fontsize=6, xytext=(4, -8), textcoords="offset points", color="tab:green")
                 shown = True
-        rows = _reproduced(tables.get(kind))
-        for i, (_, row) in enumerate(rows.iterrows()):
+        drawn = 0
+        for _, row in _reproduced(tables.get(kind)).iterrows():
             robust, attack = _robust(row)
             if np.isnan(robust) or pd.isna(row["clean_mean"]):
                 continue
             ax.scatter(row["clean_mean"], robust, s=55, color="tab:red", zorder=3,
-                       label="reproduced" if i == 0 else None)
-            ax.annotate(f"{row['method']} ({row['student']}, {attack})", (row["clean_mean"], robust),
+                       label=None if drawn else "reproduced")
+            drawn += 1
+            ax.annotate(f"{row['method']} ({row['student']}, {row['eps']}, {attack})",
+                        (row["clean_mean"], robust),
                         fontsize=7, xytext=(4, 3), textcoords="offset points", color="tab:red")
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel("robust accuracy (%)")
