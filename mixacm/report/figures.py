@@ -87,7 +87,7 @@ def less_data_figure(table: pd.DataFrame | None, path: Path) -> Path:
 def clean_vs_robust_figure(tables: Mapping[str, pd.DataFrame], paper: Mapping[str, Any],
                            path: Path) -> Path:
     kinds = [k for k in ("cifar10", "imagenet") if k in paper["tables"]]
-    fig = Figure(figsize=(5 * len(kinds), 4.4), layout="constrained")
+    fig = Figure(figsize=(5.5 * len(kinds), 4.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(kinds)))
     refs = paper.get("robustbench", {}).get("models", [])
     for ax, kind in zip(axes, kinds):
@@ -121,7 +121,8 @@ def clean_vs_robust_figure(tables: Mapping[str, pd.DataFrame], paper: Mapping[st
         ax.set_ylabel("robust accuracy (%)")
         ax.set_title(spec.get("title", kind), fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small", loc="lower left")
+        ax.margins(x=0.12, y=0.08)
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.suptitle("Clean against robust accuracy: reproduced (filled) and reported (hollow)")
     return _save(fig, path)
 
