@@ -4,7 +4,6 @@
 # where {method} is a recipe name (a method plus its knobs, e.g. mixacm_acm_only).
 
 import json
-from fractions import Fraction
 from pathlib import Path
 from shlex import quote as shell_quote
 
@@ -12,21 +11,16 @@ import yaml
 
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
+from mixacm.utils import parse_eps
 
 
 # jsonschema validation has already named the key for unknown keys and wrong types; these checks
-# cover numeric ranges of eps strings and cross-references, and also name the key.
+# cover numeric ranges of eps strings ("300/255") and cross-references, and also name the key.
 def _parse_eps(value, key):
     try:
-        eps = float(Fraction(str(value).strip()))
-    except (ValueError, ZeroDivisionError):
-        raise WorkflowError(f"config key {key}: eps {value!r} is not a number or a fraction like 8/255")
-    if not 0.0 < eps <= 1.0:
-        raise WorkflowError(
-            f"config key {key}: eps {value!r} is outside (0, 1]; give it as a fraction of the "
-            f"[0, 1] pixel range, e.g. {value}/255"
-        )
-    return eps
+        return parse_eps(value)
+    except ValueError as err:
+        raise WorkflowError(f"config key {key}: {err}")
 
 
 def _check_config(cfg):

@@ -1,0 +1,229 @@
+"""The Snakemake workflow: dry runs of every config and target, lint, config validation before
+any job, a real end-to-end run of config/ci.yaml (slow) and kill-and-resume of training (slow).
+
+Every test runs on a copy of workflow/, config/ and environment.yml in a tmp dir, so the
+repository's results/ is never touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TARGETS = [
+    "results/table_cifar10.csv",
+    "results/table_imagenet.csv",
+    "results/table_less_data.csv",
+    "results/table_ablation.csv",
+    "report/paper_tables.html",
+]
+CONFIGS = ["config", "quick", "ci"]
+
+
+def copy_workflow(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "workflow", dest / "workflow")
+    shutil.copytree(REPO / "config", dest / "config")
+    shutil.copy(REPO / "environment.yml", dest / "environment.yml")
+    return dest
+
+
+def snakemake_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXACM_DATA_")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def snakemake(cwd: Path, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "snakemake"), *args], cwd=cwd, env=env or snakemake_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory) -> Path:
+    return copy_workflow(tmp_path_factory.mktemp("wf"))
+
+
+# -- dry runs and lint ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dry_run_every_target(wf, name):
+    # No data, no teacher files, no MIXACM_DATA_* variables: a dry run needs none of them.
+    proc = snakemake(wf, *TARGETS, "-n", "-p", "--configfile", f"config/{name}.yaml")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    out = proc.stdout + proc.stderr
+    for rule in ("train_student", "evaluate_clean_pgd", "evaluate_autoattack", "render_table",
+                 "render_report"):
+        assert rule in out, f"{name}: no {rule} job planned"
+    teacher_rule = "fetch_teacher_robustbench" if name == "config" else "train_teacher"
+    assert teacher_rule in out
+    assert not (wf / "results").exists(), "a dry run must write nothing"
+    if name == "config":
+        # ImageNet students train on 4 GPUs under torchrun; CIFAR-10 ones as one process.
+        assert "torchrun --standalone --nproc-per-node 4 -m mixacm.cli train" in out
+        assert "mixacm train --config results/cifar10/mixacm/wrn-34-10/frac1.0/seed0/run.yaml" in out
+    else:
+        assert "torchrun" not in out
+
+
+def test_lint_is_clean(wf):
+    proc = snakemake(wf, "--lint", "--configfile", "config/quick.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- bad configs stop before any job -------------------------------------------------------------
+
+
+def _bad(cfg: dict, path: list, value) -> dict:
+    node = cfg
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        (["evaluation", "cifar10", "epz"], "8/255", "'epz' was unexpected"),
+        (["recipes", "at", "optim", "lr"], "fast", "recipes.at.optim.lr"),
+        (["evaluation", "cifar10", "eps"], 8, "evaluation.cifar10.eps"),
+        pytest.param(["evaluation", "cifar10", "eps"], "300/255", "evaluation.cifar10.eps",
+                     marks=pytest.mark.slow),
+        (["experiments", "less_data", "fractions"], [0.5, 1.5], "experiments.less_data.fractions.1"),
+        (["teachers", "cifar10"], {"source": "file", "path": "missing/teacher.pt", "arch": "tiny"},
+         "teachers.cifar10.path"),
+        pytest.param(["recipes", "at", "knobs", "eps"], 8, "recipes.at.knobs", marks=pytest.mark.slow),
+    ],
+    ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
+         "knob-eps-8"],
+)
+def test_bad_config_stops_before_any_job(wf, path, value, expected):
+    cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)
+    (wf / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(wf, "--cores", "1", "--configfile", "bad.yaml")
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr
+    assert "Building DAG" not in proc.stdout + proc.stderr
+    assert not (wf / "results").exists() and not (wf / "logs").exists()
+
+
+# -- real runs (slow) ----------------------------------------------------------------------------
+
+REQUIRED_COLUMNS = [
+    "status", "method", "student", "teacher", "data_fraction", "n_seeds",
+    "clean_mean", "clean_n", "clean_package", "pgd20_mean", "pgd20_n", "pgd20_package",
+    "autoattack_mean", "autoattack_n", "autoattack_package", "autoattack_version",
+    "train_device_hours", "files",
+]
+PAPER_COLUMNS = ["paper_clean", "paper_robust", "diff_clean", "diff_robust"]
+
+
+@pytest.mark.slow
+def test_ci_config_end_to_end(tmp_path, cifar10_jpeg_root):
+    wf = copy_workflow(tmp_path / "wf")
+    env = snakemake_env(MIXACM_DATA_CIFAR10=str(cifar10_jpeg_root),
+                        MIXACM_CACHE_DIR=str(tmp_path / "cache"))
+    proc = snakemake(wf, "--profile", "workflow/profiles/local", "--cores", "2",
+                     "--configfile", "config/ci.yaml", env=env)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert (wf / "report" / "paper_tables.html").stat().st_size > 0
+    for fig in ("less_data", "clean_vs_robust", "training_cost"):
+        assert (wf / "results" / "figures" / f"{fig}.png").stat().st_size > 0
+
+    ci = yaml.safe_load((wf / "config" / "ci.yaml").read_text())
+    for kind in ("cifar10", "imagenet", "less_data", "ablation"):
+        table = pd.read_csv(wf / "results" / f"table_{kind}.csv")
+        columns = REQUIRED_COLUMNS + (PAPER_COLUMNS if kind != "less_data" else [])
+        assert set(columns) <= set(table.columns), (kind, set(columns) - set(table.columns))
+        reproduced = table[table["status"] == "reproduced"]
+        exp = ci["experiments"].get(kind)
+        expected_rows = 0 if exp is None else len(exp["recipes"]) * len(exp.get("fractions", [1.0]))
+        assert len(reproduced) == expected_rows, kind
+        for _, row in reproduced.iterrows():
+            files = [wf / f for f in row["files"].split(";")]
+            docs = [json.loads(f.read_text()) for f in files]
+            # Every number in the row is the one in its result files.
+            for col, keys in (("clean", ["clean"]), ("pgd20", ["pgd20"]),
+                              ("autoattack", ["autoattack-apgd"])):
+                metrics = [d["metrics"][k] for d in docs for k in keys if k in d["metrics"]]
+                assert len(metrics) == 1, (kind, col)
+                assert row[f"{col}_mean"] == pytest.approx(metrics[0]["accuracy_pct"], abs=1e-4)
+                assert row[f"{col}_n"] == metrics[0]["n"]
+                assert metrics[0]["correct"] == round(metrics[0]["accuracy_pct"] * metrics[0]["n"] / 100)
+            assert row["data_fraction"] == docs[0]["run"]["data_fraction"]
+            assert row["student"] == docs[0]["run"]["arch"] == "tiny"
+            assert row["train_device_hours"] > 0
+    assert (table := pd.read_csv(wf / "results" / "table_cifar10.csv"))["autoattack_n"].max() == 10
+
+    # A second run has nothing to do: nothing is retrained needlessly.
+    proc = snakemake(wf, "--profile", "workflow/profiles/local", "-n", "--configfile", "config/ci.yaml",
+                     env=env)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def _state_dict(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_and_matches_uninterrupted_run(tmp_path, cifar10_jpeg_root):
+    wf = copy_workflow(tmp_path / "wf")
+    cfg = yaml.safe_load((wf / "config" / "ci.yaml").read_text())
+    # One training job long enough to be killed after its first epoch's checkpoint.
+    cfg["recipes"]["teacher_at"]["optim"]["epochs"] = 3
+    cfg["recipes"]["teacher_at"]["train"]["max_steps_per_epoch"] = 40
+    (wf / "kill.yaml").write_text(yaml.safe_dump(cfg))
+    env = snakemake_env(MIXACM_DATA_CIFAR10=str(cifar10_jpeg_root),
+                        MIXACM_CACHE_DIR=str(tmp_path / "cache"))
+    run_dir = wf / "results" / "teachers" / "cifar10" / "trained"
+    target = "results/teachers/cifar10/trained/model.pt"
+    cmd = [str(BIN / "snakemake"), target, "--profile", "workflow/profiles/local", "--cores", "1",
+           "--configfile", "kill.yaml"]
+
+    proc = subprocess.Popen(cmd, cwd=wf, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "state.pt").exists():
+            assert proc.poll() is None, "snakemake ended before the first checkpoint"
+            assert time.monotonic() < deadline, "no state.pt after 300 s"
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # snakemake and its job, as a scheduler would
+        proc.wait()
+    assert (run_dir / "state.pt").exists() and not (run_dir / "model.pt").exists()
+
+    assert snakemake(wf, "--unlock", "--configfile", "kill.yaml", env=env).returncode == 0
+    done = snakemake(wf, target, "--profile", "workflow/profiles/local", "--cores", "1",
+                     "--configfile", "kill.yaml", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["resumed_from_epoch"] >= 1
+
+    # The same run config, uninterrupted, gives the same weights.
+    ref = subprocess.run(
+        [str(BIN / "mixacm"), "train", "--config", str(run_dir / "run.yaml"), "--out-dir", str(tmp_path / "ref")],
+        cwd=wf, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    resumed, straight = _state_dict(run_dir / "model.pt"), _state_dict(tmp_path / "ref" / "model.pt")
+    assert resumed.keys() == straight.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], straight[key]), key
