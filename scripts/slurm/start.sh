@@ -8,7 +8,8 @@
 #      CPUs and memory `slurmd -C` reports and N fake GPUs (GRES backed by character devices
 #      made with mknod, major 1 minor 3, i.e. /dev/null), one default partition;
 #   4. starts slurmctld, then slurmd, and waits until the node is idle;
-#   5. records the PIDs it started in $MIXACM_SLURM_DIR/pids (stop.sh stops exactly those).
+#   5. records the PIDs it started in $MIXACM_SLURM_DIR/pids (stop.sh stops exactly those);
+#   6. links /etc/slurm/slurm.conf to its slurm.conf (srun inside jobs reads only that path).
 # Running it again while its cluster is up does nothing and exits 0.
 #
 # No accounting database: jobs are recorded by jobcomp/filetxt ($MIXACM_SLURM_DIR/log/jobcomp.log)
@@ -113,6 +114,13 @@ else
     : > "$DIR/etc/gres.conf"
 fi
 
+# --- task prolog: a "print" line of its output goes to the task's own output (the job log) ---
+cat > "$DIR/etc/task_prolog.sh" <<'EOF'
+#!/bin/sh
+echo "print mixacm-slurm task: job $SLURM_JOB_ID step ${SLURM_STEP_ID:-batch} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-none}"
+EOF
+chmod 755 "$DIR/etc/task_prolog.sh"
+
 # --- slurm.conf ------------------------------------------------------------------------------
 # The node line comes from `slurmd -C` (its CPU and memory layout), renamed to localhost.
 hw="$(slurmd -C | head -n 1 | sed -E 's/^NodeName=[^ ]+ //')"
@@ -134,8 +142,11 @@ DefMemPerCPU=1000
 GresTypes=gpu
 ReturnToService=2
 MailProg=/bin/true
-# squeue must still list a finished job when Snakemake's first status check comes.
-MinJobAge=300
+# Finished jobs stay listed (squeue, scontrol show job) for an hour: Snakemake's squeue status
+# checks and the tests read them after a whole workflow has run.
+MinJobAge=3600
+# Every task (the batch script and srun steps) prints which GPUs it was given into its job log.
+TaskProlog=$DIR/etc/task_prolog.sh
 # scancel: SIGTERM, then SIGKILL after this many seconds.
 KillWait=5
 StateSaveLocation=$DIR/state
@@ -151,6 +162,15 @@ JobCompLoc=$DIR/log/jobcomp.log
 NodeName=localhost NodeAddr=127.0.0.1 $hw$gres_node State=UNKNOWN
 PartitionName=$PARTITION Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
+
+# srun inside a job (Snakemake's job step runs the rule through it) does not see SLURM_CONF and
+# reads /etc/slurm/slurm.conf: point that at ours, unless it belongs to another cluster.
+ETC_CONF=/etc/slurm/slurm.conf
+if [[ -e "$ETC_CONF" || -L "$ETC_CONF" ]] && [[ "$(readlink "$ETC_CONF")" != "$CONF" ]]; then
+    die "$ETC_CONF exists and is not a link to $CONF: this machine has its own SLURM configuration"
+fi
+mkdir -p /etc/slurm
+ln -sfn "$CONF" "$ETC_CONF"
 
 # --- daemons ---------------------------------------------------------------------------------
 # Each daemon forks and writes its PID file a moment later: wait for it (bounded), check that

@@ -61,3 +61,7 @@ if ((failed)); then
     exit 1
 fi
 rm -f "$PIDS"
+# The link start.sh made for srun inside jobs; anything else at that path is not ours.
+if [[ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" == "$DIR/etc/slurm.conf" ]]; then
+    rm -f /etc/slurm/slurm.conf
+fi
