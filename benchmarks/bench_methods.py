@@ -20,6 +20,7 @@ forwards and backwards (6) -> ~9x; Free-AT: one replay is one full step -> ~1x p
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -106,14 +107,15 @@ def run(args) -> dict[str, list[float]]:
     return times
 
 
-def report(args, times: dict[str, list[float]]) -> str:
+def report(args, times: dict[str, list[float]], load: tuple[float, float] | None = None) -> str:
     device = resolve_device(args.device)
     bare = statistics.median(times["bare"])
     lines = [
         f"student {args.model}, teacher {args.teacher or args.model}, batch {args.batch_size}, "
         f"{args.image_size}x{args.image_size}, device {device_name(device)}, amp {args.amp}, "
         f"channels_last {args.channels_last}, torch {torch.__version__}",
-        f"median of {args.rounds} x {args.iters} timed steps after {args.warmup} warmup steps",
+        f"median of {args.rounds} x {args.iters} timed steps after {args.warmup} warmup steps"
+        + (f"; 1-min load average {load[0]:.2f} before, {load[1]:.2f} after ({os.cpu_count()} CPUs)" if load else ""),
         "",
         f"| {'method':<9} | {'img/s':>8} | {'ms/step':>8} | {'x bare':>7} | {'expected':>8} |",
         f"|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 10}|",
@@ -148,7 +150,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    table = report(args, run(args))
+    before = os.getloadavg()[0]
+    times = run(args)
+    table = report(args, times, (before, os.getloadavg()[0]))
     print(table)
     if args.out:
         args.out.write_text(table + "\n")

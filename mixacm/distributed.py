@@ -61,26 +61,28 @@ def _int_env(env: Mapping[str, str], key: str) -> int:
         raise DistributedError(f"environment variable {key}={env[key]!r} is not an integer") from None
 
 
+# (launcher, rank, world size, local rank) variables, in order of precedence.
+_LAUNCHER_VARS = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
 def launcher_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Rank, world size, local rank, master address/port and launcher from the environment.
 
     torchrun's variables win over SLURM's, so ``srun torchrun ...`` works too.
     """
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        info = {
-            "launcher": "torchrun",
-            "rank": _int_env(env, "RANK"),
-            "world_size": _int_env(env, "WORLD_SIZE"),
-            "local_rank": _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-        }
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        info = {
-            "launcher": "slurm",
-            "rank": _int_env(env, "SLURM_PROCID"),
-            "world_size": _int_env(env, "SLURM_NTASKS"),
-            "local_rank": _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
-        }
+    for launcher, rank, world, local in _LAUNCHER_VARS:
+        if rank in env and world in env:
+            info = {
+                "launcher": launcher,
+                "rank": _int_env(env, rank),
+                "world_size": _int_env(env, world),
+                "local_rank": _int_env(env, local) if local in env else 0,
+            }
+            break
     else:
         return {"launcher": "none", "rank": 0, "world_size": 1, "local_rank": 0}
     if not 0 <= info["rank"] < info["world_size"]:
