@@ -242,9 +242,8 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
     device, tcfg = ctx.device, cfg["train"]
     cfg_hash = run_config_hash(cfg)
     state_path = out / "state.pt"
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    ddp.barrier(ctx)
+    # No folder is made up front: the first atomic write creates it, so a run that fails while
+    # setting up (missing data or teacher, bad knob) leaves nothing behind.
     state = _load_state(state_path, cfg_hash) if state_path.is_file() else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -279,7 +278,10 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
     if recipe["batch_size"] % world:
         raise ConfigError(f"optim.batch_size: {recipe['batch_size']} does not split evenly over {world} processes")
     local_bs = recipe["batch_size"] // world
-    n_batches = len(make_train_loader(train_set, local_bs, cfg["seed"], 0, rank=ctx.rank, world_size=world))
+    try:
+        n_batches = len(make_train_loader(train_set, local_bs, cfg["seed"], 0, rank=ctx.rank, world_size=world))
+    except ValueError as err:
+        raise ConfigError(f"optim.batch_size: {err}") from None
     steps_per_epoch = min(n_batches, tcfg["max_steps_per_epoch"] or n_batches)
     replays = int(getattr(method, "replays", 1))
     schedule = make_schedule(recipe, steps_per_epoch * replays)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from mixacm.checkpoint import load_model_file, model_spec, save_model_file
+from mixacm.checkpoint import CheckpointError, load_model_file, model_spec, save_model_file
 from mixacm.config import ConfigError
+from mixacm.data import DataError
 from mixacm.methods import METHODS
 from mixacm.models import build_model
 from mixacm.train import LRSchedule, ResumeError, TrainingDiverged, make_schedule, train
@@ -205,7 +206,13 @@ def test_best_pgd_selection_keeps_the_best_holdout_epoch(tmp_path, data_root):
     assert all(torch.equal(chosen[k], v) for k, v in state["best"]["model"].items())
 
 
-def test_bad_config_is_refused_before_training(tmp_path, data_root):
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, data_root):
     with pytest.raises(ConfigError, match="dataset.fraction"):
         train({**run_config(data_root, {"name": "standard"}), "dataset": {"fraction": 0}}, tmp_path / "x")
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        train(run_config(data_root, {"name": "mixacm"}, tmp_path / "missing.pt"), tmp_path / "x")
+    with pytest.raises(DataError, match="dataset.root"):
+        train(run_config(tmp_path / "no-data", {"name": "standard"}), tmp_path / "x")
+    with pytest.raises(ConfigError, match="batch_size"):  # 80 images cannot fill a batch of 128
+        train(run_config(data_root, {"name": "standard"}, batch_size=128), tmp_path / "x")
     assert not (tmp_path / "x").exists()
