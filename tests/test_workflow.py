@@ -227,3 +227,31 @@ def test_killed_training_resumes_and_matches_uninterrupted_run(tmp_path, cifar10
     assert resumed.keys() == straight.keys()
     for key in resumed:
         assert torch.equal(resumed[key], straight[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["file", "url"])
+def test_teacher_rules_write_model_files(tmp_path, shared_models, source):
+    from mixacm.checkpoint import load_model_file
+
+    wf = copy_workflow(tmp_path / "wf")
+    cfg = yaml.safe_load((wf / "config" / "ci.yaml").read_text())
+    checkpoint = shared_models / "resnet4b.pth"
+    sha = "6158f9668935890e832d4e0fdc3b6cece2386ec826319eac36f329490b7729e7"  # models/README.md
+    cfg["teachers"]["cifar10"] = (
+        {"source": "file", "path": str(checkpoint), "arch": "resnet4b"} if source == "file"
+        else {"source": "url", "url": checkpoint.as_uri(), "sha256": sha, "arch": "resnet4b"}
+    )
+    (wf / "teacher.yaml").write_text(yaml.safe_dump(cfg))
+    target = f"results/teachers/cifar10/{source}/model.pt"
+    proc = snakemake(wf, target, "--cores", "1", "--configfile", "teacher.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, info = load_model_file(wf / target)
+    assert info["model"]["name"] == "resnet4b"
+    assert info["meta"]["source_sha256"] == sha
+    # A distilling student's run config points at that file; a baseline's has no teacher.
+    runs = ["results/cifar10/mixacm/tiny/frac1.0/seed0/run.yaml", "results/cifar10/at/tiny/frac1.0/seed0/run.yaml"]
+    proc = snakemake(wf, *runs, "--cores", "1", "--configfile", "teacher.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert yaml.safe_load((wf / runs[0]).read_text())["teacher"] == target
+    assert yaml.safe_load((wf / runs[1]).read_text())["teacher"] is None
