@@ -6,6 +6,10 @@ check, backward, ``after_backward``, SGD step); the baseline is a bare
 one run, interleaved in rounds so that a change in machine load hits every method alike; each
 figure is the median over all timed steps after a warmup.
 
+Two primitives are timed beside them to explain the ratios: ``fwd-only`` (an eval-mode forward
+without gradients, what MixACM adds per step) and ``pgd-step`` (an eval-mode forward plus the
+gradient w.r.t. the input, what each PGD step costs).
+
 First-principles cost, counting a forward as 1 unit and a full backward as 2 (bare step = 3):
 MixACM = 3 + one teacher forward (1 unit when the teacher is the student's size) -> ~1.33x;
 AT (PGD-10) = 10 x (forward + input-only backward) + 3; a backward to the input alone skips the
@@ -34,8 +38,11 @@ from mixacm.provenance import device_name
 from mixacm.train import training_step
 from mixacm.utils import resolve_device, seed_everything
 
-EXPECTED = {"bare": 1.0, "standard": 1.0, "mixacm": 4 / 3, "at": 23 / 3, "trades": 27 / 3, "free_at": 1.0,
-            "fast_at": 5 / 3}
+# Cost in units of the bare step (forward 1 + backward 2 = 3 units), from the module docstring.
+EXPECTED = {
+    "bare": 1.0, "fwd-only": 1 / 3, "pgd-step": 2 / 3, "standard": 1.0, "mixacm": 4 / 3,
+    "at": 23 / 3, "trades": 27 / 3, "free_at": 1.0, "fast_at": 5 / 3,
+}
 DEFAULT_METHODS = ("standard", "mixacm", "at", "trades", "free_at", "fast_at")
 
 
@@ -55,6 +62,28 @@ class BareStep:
         self.opt.zero_grad(set_to_none=True)
         F.cross_entropy(self.model(x), y).backward()
         self.opt.step()
+
+
+class ForwardOnly:
+    """A teacher's share of MixACM: one forward in eval mode without gradients (1 unit)."""
+
+    def __init__(self, model) -> None:
+        self.model = model.eval()
+
+    def __call__(self, x, y) -> None:
+        with torch.no_grad():
+            self.model(x)
+
+
+class AttackStep:
+    """One PGD step's network work: eval-mode forward + gradient w.r.t. the input only (2 units)."""
+
+    def __init__(self, model) -> None:
+        self.model = model.eval()
+
+    def __call__(self, x, y) -> None:
+        x = x.detach().requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(self.model(x), y), x)
 
 
 class MethodStep:
@@ -77,11 +106,12 @@ def build_steps(args, device: torch.device) -> dict:
     fmt = torch.channels_last if args.channels_last else torch.preserve_format
     teacher = build_model(args.teacher or args.model, args.num_classes).to(device, memory_format=fmt).eval()
     steps = {}
-    for name in ("bare", *args.methods):
+    primitives = {"bare": lambda m: BareStep(m, 1e-3), "fwd-only": ForwardOnly, "pgd-step": AttackStep}
+    for name in (*primitives, *args.methods):
         seed_everything(0)  # every method starts from the same weights
         model = build_model(args.model, args.num_classes).to(device, memory_format=fmt).train()
         # A small lr keeps weights (and so the time per step) in the same regime across steps.
-        steps[name] = BareStep(model, 1e-3) if name == "bare" else MethodStep(name, model, teacher, 1e-3, args.amp)
+        steps[name] = primitives[name](model) if name in primitives else MethodStep(name, model, teacher, 1e-3, args.amp)
     return steps
 
 
