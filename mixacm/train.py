@@ -252,7 +252,10 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
     train_set, holdout, full = build_datasets(cfg)
     num_classes = full.num_classes
     spec = model_spec(cfg["model"]["name"], num_classes, **cfg["model"]["kwargs"])
-    model = build_model(spec["name"], spec["num_classes"], **spec["kwargs"]).to(device)
+    try:
+        model = build_model(spec["name"], spec["num_classes"], **spec["kwargs"]).to(device)
+    except TypeError as err:  # an unknown or missing keyword of the model's builder
+        raise ConfigError(f"model.kwargs: {spec['name']}: {err}") from None
     memory_format = torch.channels_last if tcfg["channels_last"] else torch.preserve_format
     model = model.to(memory_format=memory_format)
     if state is not None:

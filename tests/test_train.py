@@ -213,6 +213,9 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, data_root):
         train(run_config(data_root, {"name": "mixacm"}, tmp_path / "missing.pt"), tmp_path / "x")
     with pytest.raises(DataError, match="dataset.root"):
         train(run_config(tmp_path / "no-data", {"name": "standard"}), tmp_path / "x")
+    with pytest.raises(ConfigError, match="model.kwargs: tiny: .*depth"):
+        train({**run_config(data_root, {"name": "standard"}), "model": {"name": "tiny", "kwargs": {"depth": 3}}},
+              tmp_path / "x")
     with pytest.raises(ConfigError, match="batch_size"):  # 80 images cannot fill a batch of 128
         train(run_config(data_root, {"name": "standard"}, batch_size=128), tmp_path / "x")
     assert not (tmp_path / "x").exists()
