@@ -22,7 +22,7 @@ from mixacm.distributed import DistributedError, launcher_env
 from mixacm.models import build_model
 from mixacm.train import train
 from mixacm.utils import seed_everything
-from test_train import make_image_folder, make_teacher
+from test_train import make_image_folder, make_teacher, one_thread  # noqa: F401 (autouse fixture)
 
 
 def test_single_process_without_a_launcher():

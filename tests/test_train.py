@@ -40,6 +40,16 @@ def make_teacher(path: Path, name: str = "tiny", seed: int = 1) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Batches of 16 tiny images gain nothing from a second thread, and on a shared machine two
+    # threads that wait for each other at every operator make these runs several times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data"))
