@@ -113,6 +113,8 @@ def main(argv=None) -> int:
         return 2
     args.eps = parse_eps(args.eps)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cudnn.benchmark = True
     print(json.dumps({"provenance": provenance(device), "args": vars(args)}, default=str))
     teacher = build_model(args.teacher or args.model).to(device).eval().requires_grad_(False)

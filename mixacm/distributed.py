@@ -110,11 +110,13 @@ def _master(env: Mapping[str, str], launcher: str) -> tuple[str, str]:
 
 def _rank_device(device: str | torch.device | None, local_rank: int, world_size: int) -> torch.device:
     dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None and world_size > 1:
-        # One GPU per process: the launcher's local rank picks it.
-        dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+        if dev.index is None:
+            # One GPU per process: the launcher's local rank picks it (modulo, for launchers that
+            # already restrict each task to its own GPU with CUDA_VISIBLE_DEVICES).
+            index = local_rank % torch.cuda.device_count() if world_size > 1 else torch.cuda.current_device()
+            dev = torch.device("cuda", index)
+        torch.cuda.set_device(dev)  # needs an explicit index
     return dev
 
 
