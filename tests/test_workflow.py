@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -84,6 +85,22 @@ def test_dry_run_every_target(wf, name):
 def test_lint_is_clean(wf):
     proc = snakemake(wf, "--lint", "--configfile", "config/quick.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_job_rule_declares_resources_log_and_benchmark():
+    blocks = []
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text()
+        blocks += [(smk.name, b) for b in re.split(r"\n(?=rule \w+:)", text)[1:]]
+    jobs = [(f, b) for f, b in blocks if "\n    shell:" in b or "\n    run:" in b]
+    assert len(jobs) >= 12
+    for f, block in jobs:
+        name = block.split(":", 1)[0]
+        for directive in ("threads:", "resources:", "log:", "benchmark:"):
+            assert f"\n    {directive}" in block, f"{f}: {name} has no {directive}"
+        resources = block.split("\n    resources:", 1)[1].split("\n    log:", 1)[0]
+        for key in ("mem_mb=", "runtime=", "gpu="):
+            assert key in resources, f"{f}: {name} declares no {key[:-1]}"
 
 
 # -- bad configs stop before any job -------------------------------------------------------------

@@ -83,8 +83,15 @@ rule write_teacher_config:
         "results/teachers/{dataset}/trained/run.yaml",
     params:
         text=lambda w: as_yaml(teacher_config(w)),
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+        gpu=0,
     log:
         "logs/teachers/{dataset}/write_config.log",
+    benchmark:
+        "results/benchmarks/write_teacher_config/{dataset}.tsv"
     conda:
         "../../environment.yml"
     run:

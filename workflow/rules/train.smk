@@ -11,8 +11,15 @@ rule write_run_config:
         f"{RUN_PATTERN}/run.yaml",
     params:
         text=lambda w: as_yaml(student_config(w)),
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+        gpu=0,
     log:
         f"{LOG_PATTERN}/write_run_config.log",
+    benchmark:
+        f"results/benchmarks/write_run_config/{RUN_ID}.tsv"
     conda:
         "../../environment.yml"
     run:
