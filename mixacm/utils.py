@@ -82,6 +82,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates the file 0600; give it the permissions an ordinary open() would.
+    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
@@ -100,6 +102,12 @@ def atomic_json_dump(obj: Any, path: str | os.PathLike) -> Path:
         p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     return atomic_write(path, write)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
