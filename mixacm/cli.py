@@ -79,22 +79,14 @@ def _set_path(cfg: dict, assignment: str) -> None:
 
 
 def _read_run_config(source: str) -> dict:
+    from mixacm.config import parse_run_config
+
     if source == "-":
-        text, where = sys.stdin.read(), "standard input"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise UsageError(f"--config {source}: no such file")
-        text, where = path.read_text(), str(path)
-    try:
-        cfg = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UsageError(f"--config {where}: not valid YAML: {err}") from None
-    if cfg is None:
-        cfg = {}
-    if not isinstance(cfg, dict):
-        raise UsageError(f"--config {where}: a run config is a mapping of keys, got {type(cfg).__name__}")
-    return cfg
+        return parse_run_config(sys.stdin.read(), "standard input")
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"--config {source}: no such file")
+    return parse_run_config(path.read_text(), str(path))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -242,9 +234,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 def _read_tables(paths: Sequence[str]) -> dict:
     """Table CSVs keyed by their kind, which the file name carries: ``table_<kind>.csv``."""
-    import pandas as pd
-
-    from mixacm.report import TABLE_KINDS
+    from mixacm.report import TABLE_KINDS, read_table
 
     tables = {}
     for p in map(Path, paths):
@@ -254,7 +244,7 @@ def _read_tables(paths: Sequence[str]) -> dict:
                              f"{', '.join(TABLE_KINDS)}")
         if not p.is_file():
             raise UsageError(f"--tables {p}: no such file")
-        tables[kind] = pd.read_csv(p)
+        tables[kind] = read_table(p)
     return tables
 
 

@@ -105,14 +105,19 @@ def _read(source: str | os.PathLike | Mapping[str, Any]) -> dict:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"cannot read run config {path}: {err.strerror or err}") from None
+    return parse_run_config(text, str(path))
+
+
+def parse_run_config(text: str, where: str) -> dict:
+    """The mapping in a run config's YAML text; ``where`` names its origin in errors."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"run config {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"run config {where} is not valid YAML: {err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"run config {path} must be a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"run config {where} must be a mapping of keys, got {type(data).__name__}")
     return data
 
 

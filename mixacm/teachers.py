@@ -78,19 +78,29 @@ def acquire_teacher(source: Mapping[str, Any], out_path: str | os.PathLike, *,
     if num_classes is None and "dataset" in source:
         num_classes = _NUM_CLASSES.get(str(source["dataset"]))
     out_path = Path(out_path)
+    # A failed acquisition leaves nothing behind, not even the output's folder.
+    new_dirs = [p for p in (out_path.parent, *out_path.parent.parents) if not p.exists()]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "path":
-        file = Path(source["path"]).expanduser()
-        if not file.is_file():
-            raise TeacherError(f"teacher file {file} does not exist (teacher source 'path')")
-        digest = _verify_sha256(file, source.get("sha256"), what=str(file))
-        return _convert(file, source, digest, out_path, num_classes)
-    if kind == "url":
-        with _temp_beside(out_path, ".download") as tmp:
-            digest = _download(source["url"], tmp)
-            _compare_sha256(digest, source["sha256"], what=source["url"])
-            return _convert(tmp, source, digest, out_path, num_classes)
-    return _from_robustbench(source, out_path, num_classes)
+    try:
+        if kind == "path":
+            file = Path(source["path"]).expanduser()
+            if not file.is_file():
+                raise TeacherError(f"teacher file {file} does not exist (teacher source 'path')")
+            digest = _verify_sha256(file, source.get("sha256"), what=str(file))
+            return _convert(file, source, digest, out_path, num_classes)
+        if kind == "url":
+            with _temp_beside(out_path, ".download") as tmp:
+                digest = _download(source["url"], tmp)
+                _compare_sha256(digest, source["sha256"], what=source["url"])
+                return _convert(tmp, source, digest, out_path, num_classes)
+        return _from_robustbench(source, out_path, num_classes)
+    except BaseException:
+        for folder in new_dirs:  # deepest first; stops at the first one that is not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 # ----------------------------------------------------------------------------- checks

@@ -118,7 +118,7 @@ def test_unreadable_and_mismatched_files_are_errors_that_write_nothing(tmp_path,
         acquire_teacher({"path": str(foreign_file), "arch": "resnet2b"}, out_dir / "t.pt")
     with pytest.raises(TeacherError, match="does not exist"):
         acquire_teacher({"path": str(tmp_path / "absent.pth"), "arch": "tiny"}, out_dir / "t.pt")
-    assert list(out_dir.iterdir()) == []
+    assert not out_dir.exists()  # not even the output's folder
 
 
 @pytest.mark.parametrize("source, message", [
@@ -150,14 +150,14 @@ def test_url_checksum_mismatch_leaves_no_file_behind(tmp_path, foreign_file, ser
     with pytest.raises(TeacherError) as err:
         acquire_teacher({"url": f"{server}/teacher.pth", "sha256": wrong, "arch": "tiny"}, out_dir / "t.pt")
     assert wrong in str(err.value) and sha256_file(foreign_file) in str(err.value)
-    assert list(out_dir.iterdir()) == []
+    assert not out_dir.exists()  # not even the output's folder
 
 
 def test_url_errors_are_clear_and_leave_no_file(tmp_path, foreign_file, server):
     out_dir = tmp_path / "out"
     with pytest.raises(TeacherError, match="404.*internet access.*local copy"):
         acquire_teacher({"url": f"{server}/missing.pth", "sha256": "0" * 64, "arch": "tiny"}, out_dir / "t.pt")
-    assert list(out_dir.iterdir()) == []
+    assert not out_dir.exists()  # not even the output's folder
 
 
 def test_file_url(tmp_path, net, foreign_file):
