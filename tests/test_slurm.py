@@ -295,10 +295,13 @@ def test_refused_submission_is_a_clear_error(slurm_cluster, cifar10_jpeg_root, t
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "SLURM sbatch failed" in out and refusal in out, tail(out)
-    # Only the run config the local rule wrote before submitting (complete, readable) is there.
+    # Only what the local rule finished before submitting is there: the run config (complete,
+    # readable) and that rule's benchmark record; nothing of the refused job.
     files = sorted(p.relative_to(work).as_posix() for p in (work / "results").rglob("*") if p.is_file())
-    assert files == ["results/teachers/cifar10/trained/run.yaml"]
-    assert yaml.safe_load((work / files[0]).read_text())["name"] == "teachers/cifar10/trained"
+    assert files == ["results/benchmarks/write_teacher_config/cifar10.tsv",
+                     "results/teachers/cifar10/trained/run.yaml"]
+    run_yaml = work / "results/teachers/cifar10/trained/run.yaml"
+    assert yaml.safe_load(run_yaml.read_text())["name"] == "teachers/cifar10/trained"
 
 
 @pytest.mark.slurm
