@@ -388,7 +388,7 @@ def test_html_numbers_trace_to_tables_results_and_paper(built):
 
 
 def pd_notna(v) -> bool:
-    return v is not None and not (isinstance(v, float) and np.isnan(v))
+    return v is not None and v is not pd.NA and not (isinstance(v, float) and np.isnan(v))
 
 
 def _chromium(url: str, tmp_path: Path, name: str) -> tuple[Path, str]:

@@ -370,6 +370,9 @@ TABLE_COLUMNS = [
     "ref_clean", "ref_autoattack", "ref_source",
     "train_device_hours", "cost_runs", "cost_source", "config_hashes", "git_commits", "files",
 ]
+# Whole numbers: a nullable integer type, so that the empty cells of cited rows do not turn them
+# into floats ("50.0 test points") in the CSV.
+_COUNT_COLUMNS = ["n_seeds", "cost_runs", *[f"{c}_{s}" for c in ATTACK_COLUMNS for s in ("n", "seeds")]]
 _PAPER_ONLY = [c for c in TABLE_COLUMNS if c.startswith(("paper_", "diff_", "ref_"))] + ["same_setting"]
 
 
@@ -466,11 +469,17 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
                          "dataset": spec["dataset"], **_paper_columns(prow, spec, refs, source)})
     rows.extend(extra)
     columns = [c for c in TABLE_COLUMNS if kind != "less_data" or c not in _PAPER_ONLY]
-    table = pd.DataFrame(rows, columns=columns)
+    table = _with_count_types(pd.DataFrame(rows, columns=columns))
     if kind == "less_data":
         table = table.sort_values(["method", "student", "teacher", "eps", "data_fraction"],
                                   kind="stable", ignore_index=True)
     return table
+
+
+def _with_count_types(frame: pd.DataFrame) -> pd.DataFrame:
+    counts = [c for c in _COUNT_COLUMNS if c in frame.columns]
+    frame[counts] = frame[counts].astype("Int64")
+    return frame
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> Path:
@@ -499,4 +508,4 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise ResultFileError(f"table file {path}: columns {missing} are missing")
     text = [c for c in frame.columns if c in _TEXT_COLUMNS]
     frame[text] = frame[text].astype(object)
-    return frame
+    return _with_count_types(frame)
