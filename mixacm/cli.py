@@ -287,6 +287,17 @@ def _registry_epilog() -> str:
     return f"methods: {', '.join(METHODS.names())}\nmodels: {', '.join(MODELS.names())}"
 
 
+def _add_costs_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--costs", nargs="*", default=[], metavar="FILE",
+                   help="training cost files: train_summary.json and Snakemake benchmark TSVs named "
+                        "<...>/<run name>.tsv (a benchmark replaces its run's summary figure)")
+
+
+def _add_tables_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tables", nargs="+", required=True, metavar="TABLE.csv",
+                   help="table CSVs named table_<kind>.csv (mixacm table)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -372,31 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which table")
     p.add_argument("--results", nargs="*", default=[], metavar="RESULT.json",
                    help="evaluation result files of the table's runs (none: only cited rows)")
-    p.add_argument("--costs", nargs="*", default=[], metavar="FILE",
-                   help="training cost files: train_summary.json and Snakemake benchmark TSVs named "
-                        "<...>/<run name>.tsv (a benchmark replaces its run's summary figure)")
+    _add_costs_argument(p)
     p.add_argument("--out", required=True, metavar="TABLE.csv", help="where the CSV goes")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("figures", formatter_class=fmt, help="figures (PNG) from the table CSVs",
                        description="Less-data curve, clean versus robust accuracy with the paper's "
                                    "points, and training cost per method (mixacm.report).")
-    p.add_argument("--tables", nargs="+", required=True, metavar="TABLE.csv",
-                   help="table CSVs named table_<kind>.csv (mixacm table)")
+    _add_tables_argument(p)
     p.add_argument("--out-dir", required=True, metavar="DIR", help="folder for the PNG files")
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("report", formatter_class=fmt, help="the HTML report from tables and results",
                        description="Render report/paper_tables.html with jinja2 from the tables, "
                                    "figures and result files alone (mixacm.report).")
-    p.add_argument("--tables", nargs="+", required=True, metavar="TABLE.csv",
-                   help="table CSVs named table_<kind>.csv (mixacm table)")
+    _add_tables_argument(p)
     p.add_argument("--figures", nargs="*", default=[], metavar="FIGURE.png", help="figure files")
     p.add_argument("--results", nargs="*", default=[], metavar="RESULT.json",
                    help="result files, for each number's config, seed, attack, commit and cost")
-    p.add_argument("--costs", nargs="*", default=[], metavar="FILE",
-                   help="training cost files: train_summary.json and Snakemake benchmark TSVs named "
-                        "<...>/<run name>.tsv (a benchmark replaces its run's summary figure)")
+    _add_costs_argument(p)
     p.add_argument("--out", required=True, metavar="REPORT.html", help="where the HTML goes")
     p.set_defaults(func=cmd_report)
     return parser

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from mixacm.provenance import package_version
+from mixacm.utils import parse_eps
 
 # Preference order: the PyPI packaging first, then upstream from git.
 BACKENDS = ("pyautoattack", "autoattack")
@@ -89,8 +90,7 @@ class AutoAttackAdapter:
         backend: str | None = None,
         verbose: bool = False,
     ) -> None:
-        if not 0.0 < eps <= 1.0:
-            raise ValueError(f"eps={eps!r} is outside (0, 1]; it is a fraction of the [0, 1] pixel range")
+        parse_eps(eps)
         if version not in VERSIONS:
             raise ValueError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
         if version == "custom":

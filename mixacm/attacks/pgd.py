@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixacm.utils import parse_eps
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -41,8 +43,7 @@ def project_linf(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
 
 
 def _check_args(x: Tensor, eps: float, steps: int, step_size: float, restarts: int) -> None:
-    if not 0.0 < eps <= 1.0:
-        raise ValueError(f"eps={eps!r} is outside (0, 1]; it is a fraction of the [0, 1] pixel range")
+    parse_eps(eps)  # the project's one range check: (0, 1], a fraction of the pixel range
     if steps < 0:
         raise ValueError(f"steps={steps!r} must be >= 0")
     if step_size <= 0 and steps > 0:
