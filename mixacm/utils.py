@@ -17,13 +17,17 @@ import torch
 def parse_eps(value: str | float | int) -> float:
     """Parse a perturbation budget given as a fraction of the [0, 1] pixel range.
 
-    Accepts ``"8/255"``, ``"0.031"`` or a number. Values outside (0, 1] are
+    Accepts ``"8/255"``, ``"0.5/255"``, ``"0.031"`` or a number. Values outside (0, 1] are
     rejected: ``8`` almost always means ``8/255`` and is reported as such.
     """
     if isinstance(value, str):
         text = value.strip()
         try:
-            eps = float(Fraction(text)) if "/" in text else float(text)
+            if "/" in text:
+                num, den = text.split("/")
+                eps = float(Fraction(num.strip()) / Fraction(den.strip()))
+            else:
+                eps = float(text)
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"eps {value!r} is not a number or a fraction like 8/255") from None
     else:

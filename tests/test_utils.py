@@ -11,7 +11,7 @@ from mixacm.utils import atomic_json_dump, atomic_write, config_hash, parse_eps
 
 @pytest.mark.parametrize(
     "text, value",
-    [("8/255", 8 / 255), ("2/255", 2 / 255), ("0.031", 0.031), (0.5, 0.5), (1, 1.0), (" 4/255 ", 4 / 255)],
+    [("8/255", 8 / 255), ("2/255", 2 / 255), ("0.031", 0.031), (0.5, 0.5), (1, 1.0), (" 4/255 ", 4 / 255), ("0.5/255", 0.5 / 255)],
 )
 def test_parse_eps_accepts_fractions_and_floats(text, value):
     assert parse_eps(text) == pytest.approx(value, abs=0)
