@@ -28,9 +28,9 @@ from mixacm.report import (
     make_figures,
     read_table,
     render_report,
-
     write_table,
 )
+from mixacm.report.figures import robust_column
 
 CHROMIUM = Path("/usr/bin/chromium")
 ATTACK_PACKAGES = {"clean": ("mixacm", "0.1.0"), "pgd20": ("mixacm", "0.1.0"),
@@ -153,12 +153,35 @@ def test_cifar10_table_mean_std_and_differences(scenario):
 
     trades = _row(table, "trades")
     assert np.isnan(trades["clean_std"]) and trades["n_seeds"] == 1
-    assert trades["autoattack_version"] == "APGD-CE+APGD-T" and trades["autoattack_n"] == 500
+    # the APGD-CE + APGD-T version has its own column; the standard one stays empty
+    assert np.isnan(trades["autoattack_mean"]) and trades["autoattack_version"] == ""
+    assert trades["autoattack_apgd_mean"] == 52.5 and trades["autoattack_apgd_n"] == 500
     assert trades["diff_robust"] == pytest.approx(52.5 - 56.43)
+    assert trades["diff_robust_vs"] == "AutoAttack (APGD-CE+APGD-T)"
 
     # less-data and ablation runs stay out of the main table
     assert set(table.loc[table.status == "reproduced", "method_key"]) == {"mixacm", "at", "trades"}
     assert len(table[table.status == "reproduced"]) == 3
+
+
+def test_both_autoattack_versions_keep_their_own_columns(make_result):
+    # Two seeds with APGD-CE + APGD-T on 1,000 points, one of them also with the standard version
+    # on 200: each column aggregates its own seeds, and the difference uses the standard one.
+    files = [
+        make_result("mixacm", 0, {"clean": 80.0, "pgd20": 60.0, "autoattack-apgd": 58.0},
+                    config_hash="m0", n=1000),
+        make_result("mixacm", 1, {"clean": 82.0, "pgd20": 62.0, "autoattack-apgd": 60.0},
+                    config_hash="m1", n=1000),
+        make_result("mixacm", 0, {"autoattack": 55.0}, config_hash="m0", n=200),
+    ]
+    row = _row(build_table("cifar10", collect_results(files)), "mixacm")
+    assert row["autoattack_apgd_mean"] == 59.0 and row["autoattack_apgd_seeds"] == 2
+    assert row["autoattack_apgd_n"] == 1000
+    assert row["autoattack_mean"] == 55.0 and row["autoattack_seeds"] == 1 and row["autoattack_n"] == 200
+    assert row["diff_robust"] == pytest.approx(55.0 - 56.65)
+    assert row["diff_robust_vs"] == "AutoAttack (standard)"
+    table = build_table("cifar10", collect_results(files))
+    assert robust_column(table[table.status == "reproduced"]) == "autoattack_apgd"
 
 
 def test_cited_rows_and_paper_order(scenario):
@@ -327,7 +350,7 @@ class _ReportParser(HTMLParser):
 
 _DISPLAYED = ["n_seeds", "data_fraction", "train_device_hours", "paper_clean", "paper_robust",
               "diff_clean", "diff_robust", "ref_clean", "ref_autoattack"] + [
-    f"{c}_{s}" for c in ("clean", "pgd20", "autoattack") for s in ("mean", "std", "n")]
+    f"{c}_{s}" for c in ("clean", "pgd20", "autoattack", "autoattack_apgd") for s in ("mean", "std", "n")]
 
 
 def _numbers(obj) -> list[float]:

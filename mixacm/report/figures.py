@@ -4,7 +4,8 @@
   the fraction of the training set, one line per method and student, error bars = std over seeds.
 - ``clean_vs_robust.png``: clean against robust accuracy per dataset; reproduced rows filled,
   the paper's points hollow circles, RobustBench reference points hollow squares, all labelled.
-  Robust means AutoAttack where a row has it, else PGD-20 (as in the tables' difference column).
+  Robust is the strongest attack every reproduced row of the table has, all its seeds included
+  (standard AutoAttack, then APGD-CE + APGD-T, then PGD-20), so the points compare like with like.
 - ``training_cost.png``: training device-hours per reproduced row (mean over seeds).
 
 Figures use ``matplotlib.figure.Figure`` directly (no pyplot), so no global backend or state is
@@ -21,7 +22,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mixacm.report.tables import load_paper_numbers
+from mixacm.report.tables import ROBUST_PREFERENCE, load_paper_numbers, robust_label
 from mixacm.utils import atomic_write
 
 FIGURE_NAMES = ("less_data.png", "clean_vs_robust.png", "training_cost.png")
@@ -47,10 +48,13 @@ def _reproduced(table: pd.DataFrame | None) -> pd.DataFrame:
     return table[table["status"] == "reproduced"]
 
 
-def _robust(row: pd.Series) -> tuple[float, str]:
-    if pd.notna(row.get("autoattack_mean")):
-        return float(row["autoattack_mean"]), "AutoAttack"
-    return float(row.get("pgd20_mean", np.nan)), "PGD-20"
+def robust_column(rows: pd.DataFrame) -> str:
+    """The strongest attack column that every row has for all of its seeds (PGD-20 otherwise)."""
+    for col in ROBUST_PREFERENCE:
+        if f"{col}_mean" in rows and len(rows) and rows[f"{col}_mean"].notna().all() and (
+                rows[f"{col}_seeds"] == rows["n_seeds"]).all():
+            return col
+    return "pgd20"
 
 
 def less_data_figure(table: pd.DataFrame | None, path: Path) -> Path:
@@ -67,10 +71,11 @@ def less_data_figure(table: pd.DataFrame | None, path: Path) -> Path:
             label = f"{method} ({student}, {eps})"
             line = ax_rob.errorbar(g["data_fraction"], g["pgd20_mean"], yerr=g["pgd20_std"],
                                    marker="o", capsize=3, label=f"{label} PGD-20")
-            if g["autoattack_mean"].notna().any():
-                ax_rob.errorbar(g["data_fraction"], g["autoattack_mean"], yerr=g["autoattack_std"],
-                                marker="s", ls="--", capsize=3, color=line.lines[0].get_color(),
-                                label=f"{label} AutoAttack")
+            for col, marker in (("autoattack", "s"), ("autoattack_apgd", "^")):
+                if col in g and g[f"{col}_mean"].notna().any():
+                    ax_rob.errorbar(g["data_fraction"], g[f"{col}_mean"], yerr=g[f"{col}_std"],
+                                    marker=marker, ls="--", capsize=3, color=line.lines[0].get_color(),
+                                    label=f"{label} {robust_label(col)}")
             ax_clean.errorbar(g["data_fraction"], g["clean_mean"], yerr=g["clean_std"],
                               marker="o", capsize=3, color=line.lines[0].get_color(), label=label)
         for ax, title in ((ax_rob, "Robust accuracy"), (ax_clean, "Clean accuracy")):
@@ -107,8 +112,10 @@ def clean_vs_robust_figure(tables: Mapping[str, pd.DataFrame], paper: Mapping[st
                             fontsize=6, xytext=(4, -8), textcoords="offset points", color="tab:green")
                 shown = True
         drawn = 0
-        for _, row in _reproduced(tables.get(kind)).iterrows():
-            robust, attack = _robust(row)
+        rows = _reproduced(tables.get(kind))
+        col = robust_column(rows)
+        for _, row in rows.iterrows():
+            robust, attack = float(row[f"{col}_mean"]), robust_label(col, row.get("autoattack_version"))
             if np.isnan(robust) or pd.isna(row["clean_mean"]):
                 continue
             ax.scatter(row["clean_mean"], robust, s=55, color="tab:red", zorder=3,

@@ -19,7 +19,7 @@ import jinja2
 import pandas as pd
 
 import mixacm
-from mixacm.report.tables import ATTACK_COLUMNS, TABLE_KINDS, load_paper_numbers
+from mixacm.report.tables import ATTACK_COLUMNS, ATTACK_TITLES, TABLE_KINDS, load_paper_numbers
 from mixacm.utils import atomic_write
 
 TEMPLATE = "paper_tables.html.j2"
@@ -75,6 +75,16 @@ def _run_details(row: Mapping[str, Any], results: pd.DataFrame,
     return runs
 
 
+def _attack_columns(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The accuracy columns of a section: clean, PGD-20 and each AutoAttack version some row has
+    (the standard version's column stays, empty, when no row has any AutoAttack result)."""
+    have = {c for c in ATTACK_COLUMNS for r in rows if r.get(f"{c}_mean") is not None}
+    cols = [c for c in ATTACK_COLUMNS if c in ("clean", "pgd20") or c in have]
+    if not have & {"autoattack", "autoattack_apgd"}:
+        cols.append("autoattack")
+    return [{"key": c, "title": ATTACK_TITLES[c]} for c in cols]
+
+
 def _figure(path: Path) -> dict[str, str]:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return {"name": Path(path).name, "src": f"data:image/png;base64,{data}"}
@@ -105,7 +115,8 @@ def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Pa
             rows.append(row)
         sections.append({"kind": kind, "title": spec.get("title", kind), "source": spec.get("source"),
                          "student": spec.get("student"), "eps": spec.get("eps"),
-                         "has_paper": kind != "less_data", "rows": rows})
+                         "has_paper": kind != "less_data", "rows": rows,
+                         "attack_columns": _attack_columns(rows)})
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("mixacm.report", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)

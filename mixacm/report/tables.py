@@ -5,8 +5,8 @@ student, teacher, dataset, data fraction, eps) over seeds: for each of clean, PG
 AutoAttack the mean and the sample standard deviation (ddof = 1, empty for a single seed) of the
 accuracy in %, the number of test points and the attack's package and version. Beside it stand
 the paper's reported clean and robust accuracy (``paper_numbers.yaml``) and the difference
-reproduced - paper; the robust difference uses AutoAttack when the row has it, else PGD-20, and
-``diff_robust_vs`` says which. Methods the paper cites but the pipeline does not train appear as
+reproduced - paper; the robust difference uses the strongest attack the row has (standard
+AutoAttack, then APGD-CE + APGD-T, then PGD-20), and ``diff_robust_vs`` says which. Methods the paper cites but the pipeline does not train appear as
 rows with status ``cited``.
 
 Training cost is in device-hours: a Snakemake benchmark's wall seconds / 3600 x the number of
@@ -30,19 +30,31 @@ PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 TABLE_KINDS = ("cifar10", "imagenet", "less_data", "ablation")
 RESULT_SCHEMA = 1
 
-# Table column -> metric keys of a result file, in order of preference. The AutoAttack column takes
-# the standard version when a run has it, else the APGD-CE + APGD-T custom version (CPU runs).
+# Table column -> metric keys of a result file, in order of preference. AutoAttack has two columns
+# so that a run evaluated with both versions keeps both: "autoattack" is the standard version (or
+# the rand version for randomised defences), "autoattack_apgd" the cheaper APGD-CE + APGD-T one.
 ATTACK_COLUMNS: dict[str, tuple[str, ...]] = {
     "clean": ("clean",),
     "pgd20": ("pgd20",),
-    "autoattack": ("autoattack", "autoattack-apgd", "autoattack-rand"),
+    "autoattack": ("autoattack", "autoattack-rand"),
+    "autoattack_apgd": ("autoattack-apgd",),
 }
-ATTACK_TITLES = {"clean": "Clean", "pgd20": "PGD-20", "autoattack": "AutoAttack"}
+ATTACK_TITLES = {"clean": "Clean", "pgd20": "PGD-20", "autoattack": "AutoAttack (standard)",
+                 "autoattack_apgd": "AutoAttack (APGD-CE+APGD-T)"}
 AUTOATTACK_VERSIONS = {
     "autoattack": "standard",
     "autoattack-apgd": "APGD-CE+APGD-T",
     "autoattack-rand": "rand",
 }
+# The robust accuracy a row is compared with the paper by: the strongest attack it has.
+ROBUST_PREFERENCE = ("autoattack", "autoattack_apgd", "pgd20")
+
+
+def robust_label(col: str, version: str | None = None) -> str:
+    """How the difference column and the figures name a robust column."""
+    if col == "autoattack":
+        return f"AutoAttack ({version or 'standard'})"
+    return "AutoAttack (APGD-CE+APGD-T)" if col == "autoattack_apgd" else "PGD-20"
 # A MixACM run without run.variant, or with one of these, is the full method (ACM + KD + mixup).
 FULL_VARIANTS = {"full", "acmkdmixup"}
 _REQUIRED_RUN = ("method", "arch", "dataset", "data_fraction", "seed", "config_hash")
@@ -339,7 +351,7 @@ def _aggregate(group: pd.DataFrame, costs: pd.DataFrame | None) -> dict[str, Any
         row[f"{col}_package"] = "; ".join(_unique(
             f"{p} {v}" if v else p for p, v in zip(m["attack_package"], m["attack_version"])))
         if col == "autoattack":
-            row["autoattack_version"] = AUTOATTACK_VERSIONS.get(key, "")
+            row["autoattack_version"] = AUTOATTACK_VERSIONS.get(key, "") if len(m) else ""
     hashes = _unique(group["config_hash"])
     dh, src = [], []
     if costs is not None and len(costs):
@@ -447,14 +459,12 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
         if prow is not None:
             row["same_setting"] = (row["student"] == spec.get("student")
                                    and row["eps"] == spec.get("eps"))
-            robust_col = "autoattack" if pd.notna(row["autoattack_mean"]) else "pgd20"
+            robust_col = next((c for c in ROBUST_PREFERENCE if pd.notna(row[f"{c}_mean"])), "pgd20")
             if prow.get("clean") is not None:
                 row["diff_clean"] = _round(row["clean_mean"] - prow["clean"])
             if prow.get("robust") is not None and pd.notna(row[f"{robust_col}_mean"]):
                 row["diff_robust"] = _round(row[f"{robust_col}_mean"] - prow["robust"])
-                row["diff_robust_vs"] = (
-                    f"AutoAttack ({row['autoattack_version']})" if robust_col == "autoattack"
-                    else "PGD-20")
+                row["diff_robust_vs"] = robust_label(robust_col, row["autoattack_version"])
             reproduced.setdefault(id(prow), []).append(row)
         else:
             extra.append(row)
