@@ -82,6 +82,34 @@ def test_dry_run_every_target(wf, name):
         assert "torchrun" not in out
 
 
+SHARED = REPO.parent / "shared"
+
+
+def test_cpu_claims_config_plans_each_evaluation_once(tmp_path):
+    # config/cifar10_cpu.yaml names the shared teacher file by a path relative to the checkout,
+    # so the copy gets a ../shared beside it.
+    if not (SHARED / "models" / "resnet4b.pth").is_file():
+        pytest.skip(f"the shared teacher {SHARED / 'models' / 'resnet4b.pth'} is not here")
+    wf = copy_workflow(tmp_path / "repo")
+    (tmp_path / "shared").symlink_to(SHARED)
+    proc = snakemake(wf, *TARGETS, "-n", "--configfile", "config/cifar10_cpu.yaml")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    cfg = yaml.safe_load((wf / "config" / "cifar10_cpu.yaml").read_text())
+    exps = cfg["experiments"]
+    runs = {(r, f, s) for name, e in exps.items() for r in e["recipes"]
+            for f in e.get("fractions", [1.0]) for s in e.get("seeds", cfg["seeds"])}
+    main = [(r, s) for r in exps["cifar10"]["recipes"] for s in cfg["seeds"]]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
+    # one training and one clean + PGD job per run; APGD-CE + APGD-T for the main comparison
+    # only; the standard AutoAttack for the recipes it names, every seed
+    assert int(counts["train_student"]) == len(runs)
+    assert int(counts["evaluate_clean_pgd"]) == len(runs)
+    standard = exps["cifar10"]["autoattack_standard"]
+    assert int(counts["evaluate_autoattack"]) == len(main) + len(standard) * len(cfg["seeds"])
+    assert int(counts["import_teacher_file"]) == 1
+    assert "eval_autoattack_standard.json" in proc.stdout
+
+
 def test_lint_is_clean(wf):
     proc = snakemake(wf, "--lint", "--configfile", "config/quick.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -126,9 +154,13 @@ def _bad(cfg: dict, path: list, value) -> dict:
         (["teachers", "cifar10"], {"source": "file", "path": "missing/teacher.pt", "arch": "tiny"},
          "teachers.cifar10.path"),
         pytest.param(["recipes", "at", "knobs", "eps"], 8, "recipes.at.knobs", marks=pytest.mark.slow),
+        (["experiments", "cifar10", "autoattack_standard"], ["standard"],
+         "experiments.cifar10.autoattack_standard[0]"),
+        (["experiments", "cifar10", "autoattack_standard"], ["mixacm"],
+         "evaluation.cifar10.autoattack_standard.n"),
     ],
     ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
-         "knob-eps-8"],
+         "knob-eps-8", "standard-aa-unknown-recipe", "standard-aa-without-n"],
 )
 def test_bad_config_stops_before_any_job(wf, path, value, expected):
     cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)

@@ -6,11 +6,9 @@
 
 rule less_data:
     input:
-        experiment_files("less_data", "eval_clean_pgd.json"),
-        experiment_files("less_data", "eval_autoattack.json"),
+        experiment_results("less_data"),
 
 
 rule ablation:
     input:
-        experiment_files("ablation", "eval_clean_pgd.json"),
-        experiment_files("ablation", "eval_autoattack.json"),
+        experiment_results("ablation"),

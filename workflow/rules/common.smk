@@ -46,6 +46,17 @@ def _check_config(cfg):
                 f"config key experiments.{exp_name}.dataset: {exp['dataset']!r} has no "
                 f"evaluation.{exp['dataset']} section (eps, test points)"
             )
+        for i, recipe in enumerate(exp.get("autoattack_standard", [])):
+            if recipe not in exp["recipes"]:
+                raise WorkflowError(
+                    f"config key experiments.{exp_name}.autoattack_standard[{i}]: recipe "
+                    f"{recipe!r} is not one of this experiment's recipes ({', '.join(exp['recipes'])})"
+                )
+        if exp.get("autoattack_standard") and "autoattack_standard" not in cfg["evaluation"][exp["dataset"]]:
+            raise WorkflowError(
+                f"config key experiments.{exp_name}.autoattack_standard: set "
+                f"evaluation.{exp['dataset']}.autoattack_standard.n (test points) as well"
+            )
         needs_teacher = any(
             cfg["recipes"][r]["method"] in TEACHER_METHODS for r in exp["recipes"]
         )
@@ -239,6 +250,14 @@ def eval_args(w):
     return " ".join(args)
 
 
+def autoattack_spec(dataset, aa):
+    """{version, n} of the AutoAttack evaluation {aa} (evaluate_autoattack's wildcard)."""
+    ev = config["evaluation"][dataset]
+    if aa == "autoattack":
+        return ev["autoattack"]
+    return {"version": "autoattack", "n": ev["autoattack_standard"]["n"]}
+
+
 def n_arg(n):
     return "" if n is None else f"--n {n}"
 
@@ -250,10 +269,24 @@ TABLES = expand("results/table_{table}.csv", table=TABLE_NAMES)
 FIGURES = expand("results/figures/{figure}", figure=FIGURE_NAMES)
 
 
+def experiment_results(name):
+    """The result files behind one table: clean + PGD for every run, AutoAttack where the
+    experiment asks for it (experiments.<name>.autoattack / autoattack_standard)."""
+    exp = config["experiments"].get(name)
+    if exp is None:
+        return []
+    files = experiment_files(name, "eval_clean_pgd.json")
+    if exp.get("autoattack", True):
+        files += experiment_files(name, "eval_autoattack.json")
+    standard = set(exp.get("autoattack_standard", []))
+    files += [f"{run_dir(*run)}/eval_autoattack_standard.json"
+              for run in experiment_runs(name) if run[1] in standard]
+    return files
+
+
 def table_inputs(table):
     return {
-        "results": experiment_files(table, "eval_clean_pgd.json")
-        + experiment_files(table, "eval_autoattack.json"),
+        "results": experiment_results(table),
         "costs": experiment_files(table, "train_summary.json") + experiment_benchmarks(table),
     }
 

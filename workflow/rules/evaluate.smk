@@ -31,15 +31,20 @@ rule evaluate_clean_pgd:
         " > {log} 2>&1"
 
 
+# {aa} is "autoattack" (evaluation.<dataset>.autoattack, every run of an experiment with
+# autoattack: true) or "autoattack_standard" (the standard version, for the recipes an experiment
+# lists under autoattack_standard).
 rule evaluate_autoattack:
     input:
         model=f"{RUN_PATTERN}/model.pt",
     output:
-        f"{RUN_PATTERN}/eval_autoattack.json",
+        f"{RUN_PATTERN}/eval_{{aa}}.json",
+    wildcard_constraints:
+        aa="autoattack|autoattack_standard",
     params:
         args=eval_args,
-        attacks=lambda w: config["evaluation"][w.dataset]["autoattack"]["version"],
-        n=lambda w: n_arg(config["evaluation"][w.dataset]["autoattack"]["n"]),
+        attacks=lambda w: autoattack_spec(w.dataset, w.aa)["version"],
+        n=lambda w: n_arg(autoattack_spec(w.dataset, w.aa)["n"]),
         state=lambda w, output: f"{output[0]}.state",
     threads: res("autoattack", "threads")
     resources:
@@ -47,9 +52,9 @@ rule evaluate_autoattack:
         runtime=res("autoattack", "runtime"),
         gpu=res("autoattack", "gpu"),
     log:
-        f"{LOG_PATTERN}/evaluate_autoattack.log",
+        f"{LOG_PATTERN}/evaluate_{{aa}}.log",
     benchmark:
-        f"{RUN_PATTERN}/benchmark_evaluate_autoattack.tsv"
+        f"{RUN_PATTERN}/benchmark_evaluate_{{aa}}.tsv"
     conda:
         "../../environment.yml"
     shell:
