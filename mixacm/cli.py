@@ -274,6 +274,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_claims(args: argparse.Namespace) -> int:
+    from mixacm.report.claims import claims_markdown
+    from mixacm.utils import atomic_write
+
+    text = claims_markdown(_read_tables(args.tables), close=args.close)
+    print(text)
+    if args.out:
+        atomic_write(args.out, lambda p: p.write_text(text))
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 
@@ -404,6 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_costs_argument(p)
     p.add_argument("--out", required=True, metavar="REPORT.html", help="where the HTML goes")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("claims", formatter_class=fmt, help="the paper's claims checked on the tables",
+                       description="Claims (a)-(d) of README.md (clean above AT, cost ratio, less "
+                                   "data, loss ablation) from the cifar10, less_data and ablation "
+                                   "table CSVs, as Markdown (mixacm.report.claims).")
+    _add_tables_argument(p)
+    p.add_argument("--close", type=float, default=2.0,
+                   help="claim (a): robust accuracy at most this many points below AT's is 'close'")
+    p.add_argument("--out", metavar="CLAIMS.md", help="also write the Markdown here")
+    p.set_defaults(func=cmd_claims)
     return parser
 
 

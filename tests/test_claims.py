@@ -1,0 +1,81 @@
+"""The claims check (mixacm.report.claims) on hand-made tables: each verdict and ratio by hand."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mixacm.cli import main
+from mixacm.report import ResultFileError, read_table, write_table
+from mixacm.report.claims import claims_markdown
+
+
+def _row(method, key, clean, pgd, *, frac=1.0, apgd=np.nan, aa=np.nan, hours=np.nan, paper=np.nan):
+    row = {"status": "reproduced", "method": method, "method_key": key, "data_fraction": frac,
+           "train_device_hours": hours, "paper_robust": paper}
+    for col, value in (("clean", clean), ("pgd20", pgd), ("autoattack_apgd", apgd), ("autoattack", aa)):
+        row.update({f"{col}_mean": value, f"{col}_std": np.nan, f"{col}_n": 1000,
+                    f"{col}_seeds": 0 if np.isnan(value) else 2})
+    return row
+
+
+def tables(mix_clean=60.0, mix_apgd=40.0, at_hours=0.4, less_mix=30.0):
+    main_t = pd.DataFrame([
+        _row("MixACM", "mixacm", mix_clean, 42.0, apgd=mix_apgd, hours=0.1),
+        _row("AT", "at", 55.0, 43.0, apgd=41.0, hours=at_hours),
+        {"status": "cited", "method": "AWP", "method_key": ""},
+    ])
+    less = pd.DataFrame([
+        _row("MixACM", "mixacm", 50.0, less_mix, frac=0.1), _row("MixACM", "mixacm", 60.0, 42.0),
+        _row("AT", "at", 40.0, 25.8, frac=0.1), _row("AT", "at", 55.0, 43.0),
+    ])
+    abl = pd.DataFrame([
+        _row("ACM only", "mixacm", 50.0, 30.0), _row("ACM + KD", "mixacm", 52.0, 33.0),
+        _row("ACM + mixup", "mixacm", 55.0, 35.0), _row("ACM + KD + mixup", "mixacm", 60.0, 42.0),
+        _row("KD only", "mixacm", 58.0, 36.0),
+    ])
+    return {"cifar10": main_t, "less_data": less, "ablation": abl}
+
+
+def test_all_four_claims_hold():
+    text = claims_markdown(tables())
+    # (a) clean +5; PGD-20 -1 and APGD -1 are within 2 points
+    assert "| Clean | 60.00 | 55.00 | +5.00 |" in text and "| PGD-20 | 42.00 | 43.00 | -1.00 |" in text
+    # (b) 0.1 / 0.4 device-hours
+    assert "MixACM / AT = **0.25** (AT costs 4.0 times MixACM)" in text
+    # (c) MixACM keeps 30 / 42 = 71 %, AT 25.8 / 43 = 60 %
+    assert "| 0.1 | 50.00 | 30.00 | 71 % | 40.00 | 25.80 | 60 % |" in text
+    # (d) 30 < 33 < 35 < 42 and KD only 36 < 42
+    assert text.count("**Holds**") == 4
+
+
+def test_each_claim_can_fail():
+    text = claims_markdown(tables(mix_clean=54.0, mix_apgd=38.5, at_hours=0.05, less_mix=20.0))
+    assert text.count("**Does not hold**") == 3  # (a) clean below, (b) ratio 2, (c) 48 % < 60 %
+    abl = tables()["ablation"]
+    abl.loc[abl.method == "ACM + KD", "pgd20_mean"] = 29.0
+    assert "rises along the paper's order: **no**" in claims_markdown({**tables(), "ablation": abl})
+
+
+def test_robust_gap_over_the_threshold_fails_claim_a():
+    text = claims_markdown(tables(mix_apgd=38.9))  # APGD 2.1 points below AT's
+    assert text.split("### (b)")[0].count("**Does not hold**") == 1
+    assert "**Holds**" in claims_markdown(tables(mix_apgd=38.9), close=2.5).split("### (b)")[0]
+
+
+def test_missing_row_is_a_clear_error():
+    t = tables()
+    t["less_data"] = t["less_data"][t["less_data"].method_key != "at"]
+    with pytest.raises(ResultFileError, match="method_key.*at"):
+        claims_markdown(t)
+
+
+def test_cli_reads_the_table_csvs(tmp_path, capsys):
+    paths = []
+    for kind, table in tables().items():
+        paths.append(str(write_table(table, tmp_path / f"table_{kind}.csv")))
+    assert read_table(paths[0])["method"].tolist()[:2] == ["MixACM", "AT"]
+    out = tmp_path / "claims.md"
+    assert main(["claims", "--tables", *paths, "--out", str(out)]) == 0
+    assert out.read_text().count("**Holds**") == 4
+    assert "### (d)" in capsys.readouterr().out
