@@ -92,7 +92,7 @@ def test_cpu_claims_config_plans_each_evaluation_once(tmp_path):
         pytest.skip(f"the shared teacher {SHARED / 'models' / 'resnet4b.pth'} is not here")
     wf = copy_workflow(tmp_path / "repo")
     (tmp_path / "shared").symlink_to(SHARED)
-    proc = snakemake(wf, *TARGETS, "-n", "--configfile", "config/cifar10_cpu.yaml")
+    proc = snakemake(wf, *TARGETS, "teacher_evaluation", "-n", "--configfile", "config/cifar10_cpu.yaml")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     cfg = yaml.safe_load((wf / "config" / "cifar10_cpu.yaml").read_text())
     exps = cfg["experiments"]
@@ -107,6 +107,7 @@ def test_cpu_claims_config_plans_each_evaluation_once(tmp_path):
     standard = exps["cifar10"]["autoattack_standard"]
     assert int(counts["evaluate_autoattack"]) == len(main) + len(standard) * len(cfg["seeds"])
     assert int(counts["import_teacher_file"]) == 1
+    assert int(counts["evaluate_teacher"]) == 2  # the teacher on the same test data: clean + PGD, AA
     assert "eval_autoattack_standard.json" in proc.stdout
 
 

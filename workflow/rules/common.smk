@@ -233,8 +233,8 @@ def run_info(w):
 # -- evaluation -------------------------------------------------------------------------------
 
 
-def eval_args(w):
-    """Arguments shared by both evaluation rules (data location, threat model, run info)."""
+def eval_args(w, info=None):
+    """Arguments shared by the evaluation rules (data location, threat model, run info)."""
     ev = config["evaluation"][w.dataset]
     root = config["data"].get(w.dataset, {}).get("root")
     args = [
@@ -243,7 +243,7 @@ def eval_args(w):
         f"--batch-size {ev['batch_size']}",
         f"--seed {ev['seed']}",
         f"--device {config['device']}",
-        f"--run-info {shell_quote(run_info(w))}",
+        f"--run-info {shell_quote(info or run_info(w))}",
     ]
     if root:
         args.append(f"--data-root {shell_quote(root)}")
@@ -256,6 +256,22 @@ def autoattack_spec(dataset, aa):
     if aa == "autoattack":
         return ev["autoattack"]
     return {"version": "autoattack", "n": ev["autoattack_standard"]["n"]}
+
+
+def teacher_eval_args(w):
+    """eval_args for a dataset's teacher, named in the result like the tables name it."""
+    t = config["teachers"][w.dataset]
+    info = json.dumps({"method": "teacher", "arch": t.get("arch"), "teacher": None,
+                       "variant": teacher_label(w.dataset), "data_fraction": 1.0, "seed": 0},
+                      sort_keys=True)
+    return eval_args(w, info)
+
+
+TEACHER_EVALS = [
+    f"results/teachers/{ds}/eval_{kind}.json"
+    for ds in config["teachers"] if ds in config["evaluation"]
+    for kind in ("clean_pgd", "autoattack")
+]
 
 
 def n_arg(n):

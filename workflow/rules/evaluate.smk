@@ -61,3 +61,40 @@ rule evaluate_autoattack:
         "OMP_NUM_THREADS={threads} mixacm evaluate --checkpoint {input.model} {params.args}"
         " --attacks {params.attacks} {params.n} --state-file {params.state} --out {output}"
         " > {log} 2>&1"
+
+
+# The teacher on the same test data and threat model as its students (clean + PGD, AutoAttack),
+# a check that the robustness to transfer is there:  snakemake --cores all teacher_evaluation
+rule teacher_evaluation:
+    input:
+        TEACHER_EVALS,
+
+
+rule evaluate_teacher:
+    input:
+        model=lambda w: teacher_file(w.dataset),
+    output:
+        "results/teachers/{dataset}/eval_{kind}.json",
+    wildcard_constraints:
+        kind="clean_pgd|autoattack",
+    params:
+        args=teacher_eval_args,
+        attacks=lambda w: (",".join(config["evaluation"][w.dataset]["clean_pgd"]["attacks"])
+                           if w.kind == "clean_pgd" else autoattack_spec(w.dataset, "autoattack")["version"]),
+        n=lambda w: n_arg(config["evaluation"][w.dataset][w.kind]["n"]),
+        state=lambda w, output: f"{output[0]}.state",
+    threads: res("evaluate", "threads")
+    resources:
+        mem_mb=res("evaluate", "mem_mb"),
+        runtime=res("autoattack", "runtime"),
+        gpu=res("evaluate", "gpu"),
+    log:
+        "logs/teachers/{dataset}/evaluate_{kind}.log",
+    benchmark:
+        "results/teachers/{dataset}/benchmark_evaluate_{kind}.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "OMP_NUM_THREADS={threads} mixacm evaluate --checkpoint {input.model} {params.args}"
+        " --attacks {params.attacks} {params.n} --state-file {params.state} --out {output}"
+        " > {log} 2>&1"
