@@ -1,0 +1,93 @@
+"""Choose hyperparameters on held-out training data, never on the test set.
+
+Each candidate is a run config (``mixacm train``) with ``dataset.holdout`` training images held
+out (class-balanced) and ``train.selection: best_pgd``, so every epoch is scored on the holdout
+(clean and PGD-10 at ``train.selection_eps``). The script trains the candidates of a grid file,
+two at a time by default, and writes one CSV row per candidate: its knobs, its last-epoch holdout
+scores and its training time. The test split is never loaded.
+
+    python scripts/tune_holdout.py config/tuning/cifar10_cpu.yaml --out-dir results/tuning \
+        --csv docs/results/cifar10_cpu/tuning.csv
+
+The grid file has ``base`` (a run config shared by all candidates) and ``candidates``
+(``{name: overrides}``, merged into ``base`` key by key at the top level sections).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def run_one(name: str, cfg: dict, out_dir: Path, threads: int) -> dict:
+    run_dir = out_dir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump({**cfg, "name": f"tuning/{name}"}, sort_keys=False))
+    if not (run_dir / "train_summary.json").is_file():
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        with open(run_dir / "train.log", "w") as log:
+            subprocess.run([sys.executable, "-m", "mixacm.cli", "train", "--config", str(cfg_path),
+                            "--out-dir", str(run_dir)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                           check=True)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    last = [l for l in lines if "holdout_pgd_pct" in l][-1]
+    method = {k: v for k, v in cfg["method"].items() if k != "name"}
+    return {
+        "candidate": name,
+        "method": cfg["method"]["name"],
+        "knobs": json.dumps(method, sort_keys=True),
+        "lr": cfg.get("optim", {}).get("lr"),
+        "epochs": cfg.get("optim", {}).get("epochs"),
+        "holdout_clean_pct": last["holdout_clean_pct"],
+        "holdout_pgd10_pct": last["holdout_pgd_pct"],
+        "holdout_n": last["holdout_n"],
+        "train_time_s": round(summary["train_time_s"], 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("grid", type=Path)
+    ap.add_argument("--out-dir", type=Path, default=Path("results/tuning"))
+    ap.add_argument("--csv", type=Path, required=True)
+    ap.add_argument("--only", nargs="*", help="candidate names to run (default: all)")
+    ap.add_argument("--jobs", type=int, default=2, help="candidates trained at once")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per candidate")
+    args = ap.parse_args(argv)
+
+    grid = yaml.safe_load(args.grid.read_text())
+    names = args.only or list(grid["candidates"])
+    cfgs = {n: merge(grid["base"], grid["candidates"][n] or {}) for n in names}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda n: run_one(n, cfgs[n], args.out_dir, args.threads), names))
+    table = pd.DataFrame(rows)
+    if args.csv.is_file():  # keep the rows of candidates not rerun now
+        old = pd.read_csv(args.csv)
+        table = pd.concat([old[~old["candidate"].isin(table["candidate"])], table], ignore_index=True)
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.csv, index=False)
+    print(table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
