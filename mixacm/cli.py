@@ -4,6 +4,7 @@
     mixacm evaluate  (--checkpoint MODEL.pt | --model-file TORCHSCRIPT.pt) --dataset cifar10 ...
     mixacm teacher   (--robustbench NAME | --url URL --sha256 HEX | --path FILE | --source-json J)
     mixacm table | figures | report      (tables, figures and the HTML report from result files)
+    mixacm claims    --tables TABLE.csv ...  (the paper's claims checked on the tables, Markdown)
 
 Each subcommand is a thin wrapper around a library function (``mixacm.train.train``,
 ``mixacm.evaluate.evaluate``, ``mixacm.teachers.acquire_teacher``, ``mixacm.report``), so
