@@ -366,6 +366,8 @@ def test_html_numbers_trace_to_tables_results_and_paper(built):
     parser = _ReportParser()
     parser.feed(html)
 
+    # every table with reproduced rows names the data they were computed on
+    assert html.count("Reproduced on: <strong>CIFAR-10 (JPEG copy)</strong>") == 3
     # self-contained: no scripts, no external resources, figures embedded
     assert "script" not in parser.tags and "link" not in parser.tags
     assert [s for s in parser.srcs if not s.startswith(("#", "data:image/png;base64,"))] == []

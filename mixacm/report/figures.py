@@ -48,6 +48,13 @@ def _reproduced(table: pd.DataFrame | None) -> pd.DataFrame:
     return table[table["status"] == "reproduced"]
 
 
+def _sources(rows: pd.DataFrame) -> str:
+    """A title suffix naming the data the reproduced rows were computed on."""
+    if rows.empty or "data_source" not in rows:
+        return ""
+    return "\nreproduced on " + ", ".join(sorted(set(rows["data_source"].dropna().astype(str))))
+
+
 def robust_column(rows: pd.DataFrame) -> str:
     """The strongest attack column that every row has for all of its seeds (PGD-20 otherwise)."""
     for col in ROBUST_PREFERENCE:
@@ -85,7 +92,8 @@ def less_data_figure(table: pd.DataFrame | None, path: Path) -> Path:
             ax.set_title(title)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="x-small")
-    fig.suptitle("Less data: accuracy against training-set fraction (mean ± std over seeds)")
+    title = "Less data: accuracy against training-set fraction (mean ± std over seeds)"
+    fig.suptitle(title + _sources(rows))
     return _save(fig, path)
 
 
@@ -126,7 +134,7 @@ def clean_vs_robust_figure(tables: Mapping[str, pd.DataFrame], paper: Mapping[st
                         fontsize=7, xytext=(4, 3), textcoords="offset points", color="tab:red")
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel("robust accuracy (%)")
-        ax.set_title(spec.get("title", kind), fontsize=9)
+        ax.set_title(spec.get("title", kind) + _sources(rows), fontsize=9)
         ax.grid(alpha=0.3)
         ax.margins(x=0.12, y=0.08)
         ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)

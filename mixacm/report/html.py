@@ -116,7 +116,9 @@ def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Pa
         sections.append({"kind": kind, "title": spec.get("title", kind), "source": spec.get("source"),
                          "student": spec.get("student"), "eps": spec.get("eps"),
                          "has_paper": kind != "less_data", "rows": rows,
-                         "attack_columns": _attack_columns(rows)})
+                         "attack_columns": _attack_columns(rows),
+                         "data_sources": sorted({r["data_source"] for r in rows
+                                                 if r["status"] == "reproduced" and r.get("data_source")})})
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("mixacm.report", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
