@@ -82,16 +82,11 @@ def test_dry_run_every_target(wf, name):
         assert "torchrun" not in out
 
 
-SHARED = REPO.parent / "shared"
-
-
-def test_cpu_claims_config_plans_each_evaluation_once(tmp_path):
+def test_cpu_claims_config_plans_each_evaluation_once(tmp_path, shared_models):
     # config/cifar10_cpu.yaml names the shared teacher file by a path relative to the checkout,
     # so the copy gets a ../shared beside it.
-    if not (SHARED / "models" / "resnet4b.pth").is_file():
-        pytest.skip(f"the shared teacher {SHARED / 'models' / 'resnet4b.pth'} is not here")
     wf = copy_workflow(tmp_path / "repo")
-    (tmp_path / "shared").symlink_to(SHARED)
+    (tmp_path / "shared").symlink_to(shared_models.parent)
     proc = snakemake(wf, *TARGETS, "teacher_evaluation", "-n", "--configfile", "config/cifar10_cpu.yaml")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     cfg = yaml.safe_load((wf / "config" / "cifar10_cpu.yaml").read_text())
