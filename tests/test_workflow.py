@@ -174,6 +174,7 @@ REQUIRED_COLUMNS = [
     "status", "method", "student", "teacher", "data_fraction", "n_seeds",
     "clean_mean", "clean_n", "clean_package", "pgd20_mean", "pgd20_n", "pgd20_package",
     "autoattack_mean", "autoattack_n", "autoattack_package", "autoattack_version",
+    "autoattack_apgd_mean", "autoattack_apgd_n", "autoattack_apgd_package",
     "train_device_hours", "files",
 ]
 PAPER_COLUMNS = ["paper_clean", "paper_robust", "diff_clean", "diff_robust"]
@@ -205,7 +206,7 @@ def test_ci_config_end_to_end(tmp_path, cifar10_jpeg_root):
             docs = [json.loads(f.read_text()) for f in files]
             # Every number in the row is the one in its result files.
             for col, keys in (("clean", ["clean"]), ("pgd20", ["pgd20"]),
-                              ("autoattack", ["autoattack-apgd"])):
+                              ("autoattack_apgd", ["autoattack-apgd"])):
                 metrics = [d["metrics"][k] for d in docs for k in keys if k in d["metrics"]]
                 assert len(metrics) == 1, (kind, col)
                 assert row[f"{col}_mean"] == pytest.approx(metrics[0]["accuracy_pct"], abs=1e-4)
@@ -214,7 +215,7 @@ def test_ci_config_end_to_end(tmp_path, cifar10_jpeg_root):
             assert row["data_fraction"] == docs[0]["run"]["data_fraction"]
             assert row["student"] == docs[0]["run"]["arch"] == "tiny"
             assert row["train_device_hours"] > 0
-    assert (table := pd.read_csv(wf / "results" / "table_cifar10.csv"))["autoattack_n"].max() == 10
+    assert (table := pd.read_csv(wf / "results" / "table_cifar10.csv"))["autoattack_apgd_n"].max() == 10
 
     # A second run has nothing to do: nothing is retrained needlessly.
     proc = snakemake(wf, "--profile", "workflow/profiles/local", "-n", "--configfile", "config/ci.yaml",
