@@ -250,12 +250,24 @@ def eval_args(w, info=None):
     return " ".join(args)
 
 
-def autoattack_spec(dataset, aa):
-    """{version, n} of the AutoAttack evaluation {aa} (evaluate_autoattack's wildcard)."""
+def eval_spec(dataset, kind):
+    """(--attacks value, --n argument) of evaluation {kind}: clean_pgd (every run), autoattack
+    (evaluation.<dataset>.autoattack) or autoattack_standard (the standard version)."""
     ev = config["evaluation"][dataset]
-    if aa == "autoattack":
-        return ev["autoattack"]
-    return {"version": "autoattack", "n": ev["autoattack_standard"]["n"]}
+    if kind == "clean_pgd":
+        return ",".join(ev["clean_pgd"]["attacks"]), n_arg(ev["clean_pgd"]["n"])
+    if kind == "autoattack":
+        return ev["autoattack"]["version"], n_arg(ev["autoattack"]["n"])
+    return "autoattack", n_arg(ev["autoattack_standard"]["n"])
+
+
+# The resources.<dataset> entry each evaluation kind is scheduled with.
+EVAL_JOB_KIND = {"clean_pgd": "evaluate", "autoattack": "autoattack", "autoattack_standard": "autoattack"}
+
+
+def eval_res(key):
+    """A resource of an evaluation job whose {kind} wildcard names the evaluation."""
+    return lambda w: resources_of(w.dataset, EVAL_JOB_KIND[w.kind])[key]
 
 
 def teacher_eval_args(w):

@@ -11,8 +11,8 @@ rule evaluate_clean_pgd:
         f"{RUN_PATTERN}/eval_clean_pgd.json",
     params:
         args=eval_args,
-        attacks=lambda w: ",".join(config["evaluation"][w.dataset]["clean_pgd"]["attacks"]),
-        n=lambda w: n_arg(config["evaluation"][w.dataset]["clean_pgd"]["n"]),
+        attacks=lambda w: eval_spec(w.dataset, "clean_pgd")[0],
+        n=lambda w: eval_spec(w.dataset, "clean_pgd")[1],
         state=lambda w, output: f"{output[0]}.state",
     threads: res("evaluate", "threads")
     resources:
@@ -43,8 +43,8 @@ rule evaluate_autoattack:
         aa="autoattack|autoattack_standard",
     params:
         args=eval_args,
-        attacks=lambda w: autoattack_spec(w.dataset, w.aa)["version"],
-        n=lambda w: n_arg(autoattack_spec(w.dataset, w.aa)["n"]),
+        attacks=lambda w: eval_spec(w.dataset, w.aa)[0],
+        n=lambda w: eval_spec(w.dataset, w.aa)[1],
         state=lambda w, output: f"{output[0]}.state",
     threads: res("autoattack", "threads")
     resources:
@@ -79,15 +79,14 @@ rule evaluate_teacher:
         kind="clean_pgd|autoattack",
     params:
         args=teacher_eval_args,
-        attacks=lambda w: (",".join(config["evaluation"][w.dataset]["clean_pgd"]["attacks"])
-                           if w.kind == "clean_pgd" else autoattack_spec(w.dataset, "autoattack")["version"]),
-        n=lambda w: n_arg(config["evaluation"][w.dataset][w.kind]["n"]),
+        attacks=lambda w: eval_spec(w.dataset, w.kind)[0],
+        n=lambda w: eval_spec(w.dataset, w.kind)[1],
         state=lambda w, output: f"{output[0]}.state",
-    threads: res("evaluate", "threads")
+    threads: eval_res("threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
-        runtime=res("autoattack", "runtime"),
-        gpu=res("evaluate", "gpu"),
+        mem_mb=eval_res("mem_mb"),
+        runtime=eval_res("runtime"),
+        gpu=eval_res("gpu"),
     log:
         "logs/teachers/{dataset}/evaluate_{kind}.log",
     benchmark:
