@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
@@ -490,29 +490,27 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffles by ``(seed, epoch)``; with ``world_size > 1`` each rank reads a disjoint shard.
+class EpochSampler(DistributedSampler):
+    """torch's ``DistributedSampler`` (shuffle, ``drop_last=True``) with another epoch order.
 
-    The permutation is cut to a multiple of ``world_size`` and rank ``r`` takes every
-    ``world_size``-th index from ``r``, as ``DistributedSampler(drop_last=True)`` does; like it,
-    ``set_epoch`` moves to another epoch's order.
+    Everything but the permutation is ``DistributedSampler``'s: ``set_epoch``, ``num_replicas``,
+    ``rank``, the cut to a multiple of ``world_size`` and rank ``r`` taking every
+    ``world_size``-th index from ``r``. The order is ``epoch_permutation(n, seed, epoch)`` rather
+    than ``randperm`` seeded with ``seed + epoch``: with the sum, seed 0's second epoch is seed 1's
+    first, so the data orders of two seeds of an experiment would be shifted copies of each other.
+    (It also keeps the orders, hence the numbers, of runs made before the switch to this class.)
     """
 
     def __init__(self, n: int, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.n, self.seed, self.epoch, self.rank, self.world_size = n, seed, epoch, rank, world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n // self.world_size
+        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.n, self.world_size = n, world_size
+        self.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
         perm = epoch_permutation(self.n, self.seed, self.epoch)
-        used = len(self) * self.world_size
-        return iter(perm[self.rank:used:self.world_size].tolist())
+        return iter(perm[self.rank:self.total_size:self.num_replicas].tolist())
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, *, rank: int = 0,

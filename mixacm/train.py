@@ -6,8 +6,8 @@ A method only computes one step's loss (``mixacm.methods``); this loop owns the 
   it does not depend on the fraction), then a class-balanced ``dataset.fraction`` of the rest;
   the order of each epoch is a function of (seed, epoch) (``mixacm.data.make_train_loader``);
 * SGD over the model's and the method's extra parameters (MixACM's transformations), with the
-  learning rate set every optimiser step by ``LRSchedule`` (step / cosine / cyclic / constant,
-  optional linear warmup);
+  learning rate set every optimiser step by one of torch's schedulers (``make_lr_scheduler``:
+  MultiStepLR / CosineAnnealingLR / CyclicLR / ConstantLR, optional LinearLR warmup);
 * Free-AT's replays: each minibatch is stepped ``method.replays`` times, ``after_backward``
   after each backward;
 * optional autocast (bf16, or fp16 with a GradScaler) and channels_last;
@@ -21,6 +21,11 @@ A method only computes one step's loss (``mixacm.methods``); this loop owns the 
   PGD-10 accuracy on the holdout) and ``train_summary.json``.
 
 Distributed runs (torchrun / srun) go through ``mixacm.distributed``: rank 0 writes every file.
+
+The parts, each on a screen: ``setup`` builds a ``Run`` (data, model, method, optimiser,
+scheduler); ``TrainState`` is the progress that ``state.pt`` saves and ``restore`` reloads;
+``train_epoch`` runs one epoch; ``score_epoch`` / ``select_model`` do checkpoint selection;
+``_train`` strings them together and ``_finish`` writes the model file and the summary.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -65,50 +72,54 @@ class ResumeError(RuntimeError):
 
 # ----------------------------------------------------------------------------- schedule
 
+SCHEDULES = ("step", "cosine", "cyclic", "constant")
+CYCLIC_PEAK = 0.4  # where the cyclic schedule peaks when the recipe gives no milestones[0]
 
-class LRSchedule:
-    """Learning-rate factor of optimiser step ``t`` (0-based) out of ``total`` steps.
 
-    * ``step``: ``gamma ** (number of milestones reached)``, milestone ``m`` reached at step
-      ``round(m * total)``; with milestones on epoch boundaries this is MultiStepLR;
-    * ``cosine``: ``(1 + cos(pi * t / total)) / 2``;
-    * ``cyclic``: one triangle from 0 up to 1 at 2/5 of training and back to 0 at the end,
-      evaluated at ``t + 1`` so the first step already moves (Fast-AT, Wong et al. 2020);
-    * ``constant``: 1.
-    A linear warmup over ``warmup_steps`` multiplies the factor by ``min(1, (t + 1) / warmup)``.
-    A callable object, so ``LambdaLR`` checkpoints it with the scheduler.
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Mapping[str, Any],
+                      steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's scheduler for a resolved recipe, stepped once per optimiser step.
+
+    ``T = epochs * steps_per_epoch`` optimiser steps; the recipe's ``lr`` is the peak.
+
+    * ``step``: ``MultiStepLR``, lr times ``gamma`` at optimiser step ``round(m * T)`` for each
+      milestone fraction ``m`` (milestones on epoch boundaries drop at the first step of that epoch);
+    * ``cosine``: ``CosineAnnealingLR`` from lr to 0 over ``T`` steps;
+    * ``cyclic``: ``CyclicLR``, one triangle 0 -> lr -> 0 peaking at ``milestones[0]`` of training
+      (0.4 when not given; Fast-AT, Wong et al. 2020), advanced by one step up front so the first
+      step already moves and the last step reaches 0;
+    * ``constant``: ``ConstantLR`` with factor 1.
+    ``warmup_epochs`` chains a ``LinearLR`` from lr / W up to lr over the first ``W`` steps
+    (factor ``min(1, (t + 1) / W)``, multiplied into the schedule).
     """
-
-    PEAK = 0.4
-
-    def __init__(self, schedule: str, total: int, milestones: list[float] = (), gamma: float = 0.1,
-                 warmup_steps: int = 0) -> None:
-        if schedule not in ("step", "cosine", "cyclic", "constant"):
-            raise ConfigError(f"optim.schedule: unknown schedule {schedule!r}; valid: step, cosine, cyclic, constant")
-        self.schedule, self.total, self.gamma = schedule, max(1, int(total)), float(gamma)
-        self.milestone_steps = sorted(round(float(m) * self.total) for m in milestones)
-        self.warmup_steps = int(warmup_steps)
-
-    def __call__(self, t: int) -> float:
-        if self.schedule == "step":
-            factor = self.gamma ** sum(t >= m for m in self.milestone_steps)
-        elif self.schedule == "cosine":
-            factor = 0.5 * (1.0 + math.cos(math.pi * min(t, self.total) / self.total))
-        elif self.schedule == "cyclic":
-            factor = float(np.interp((t + 1) / self.total, [0.0, self.PEAK, 1.0], [0.0, 1.0, 0.0]))
-        else:
-            factor = 1.0
-        if self.warmup_steps > 0:
-            factor *= min(1.0, (t + 1) / self.warmup_steps)
-        return factor
-
-
-def make_schedule(recipe: Mapping[str, Any], steps_per_epoch: int) -> LRSchedule:
-    """The schedule of a resolved recipe for ``steps_per_epoch`` optimiser steps an epoch."""
-    return LRSchedule(
-        recipe["schedule"], recipe["epochs"] * steps_per_epoch, recipe.get("milestones", []),
-        recipe.get("gamma", 0.1), round(recipe.get("warmup_epochs", 0) * steps_per_epoch),
-    )
+    schedule = recipe["schedule"]
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule: unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    sched = torch.optim.lr_scheduler
+    total = max(1, int(recipe["epochs"] * steps_per_epoch))
+    milestones = sorted(float(m) for m in recipe.get("milestones", []))
+    if schedule == "step":
+        main = sched.MultiStepLR(optimizer, [round(m * total) for m in milestones], gamma=recipe.get("gamma", 0.1))
+    elif schedule == "cosine":
+        main = sched.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
+    elif schedule == "cyclic":
+        peak = milestones[0] if milestones else CYCLIC_PEAK
+        up = max(1.0, peak * total)
+        main = sched.CyclicLR(optimizer, base_lr=0.0, max_lr=recipe["lr"], step_size_up=up,
+                              step_size_down=max(1.0, total - up), cycle_momentum=False)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+            warnings.simplefilter("ignore", UserWarning)
+            main.step()
+    else:
+        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    warmup = round(recipe.get("warmup_epochs", 0) * steps_per_epoch)
+    if warmup <= 1:
+        return main
+    if schedule == "cyclic":
+        raise ConfigError("optim.warmup_epochs: the cyclic schedule already starts from 0; drop the warmup")
+    # LinearLR's factor at step t is start + (1 - start) * t / (W - 1) = (t + 1) / W for t < W.
+    ramp = sched.LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    return sched.ChainedScheduler([main, ramp], optimizer)
 
 
 # ----------------------------------------------------------------------------- data
@@ -183,23 +194,6 @@ def training_step(method: Any, optimizer: torch.optim.Optimizer, scaler: torch.a
     return value, metrics
 
 
-def _load_state(path: Path, cfg_hash: str) -> dict:
-    try:
-        # Our own file, holding RNG states (numpy arrays, Python tuples): not weights-only data.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ResumeError(f"{path}: cannot read the training state ({err}); delete it to start over") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ResumeError(f"{path} is not a mixacm training state; delete it or use another out_dir")
-    if state["config_hash"] != cfg_hash:
-        raise ResumeError(
-            f"{path} was written by a run with config hash {state['config_hash']}, but this config "
-            f"hashes to {cfg_hash}: resuming would mix two runs. Use another out_dir, or delete "
-            f"{path.name} to start this config from scratch"
-        )
-    return state
-
-
 def _cpu_copy(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
@@ -210,48 +204,60 @@ def _write_metrics(path: Path, history: list[dict]) -> None:
     atomic_write(path, lambda p: p.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in history)))
 
 
-def _score_holdout(model: nn.Module, holdout: Dataset, cfg: Mapping[str, Any], device: torch.device) -> dict:
-    from mixacm.evaluate import evaluate  # the selection is an ordinary (non-resumable) evaluation
-
-    t = cfg["train"]
-    res = evaluate(model, holdout, ["clean", SELECTION_ATTACK], t["selection_eps"], n=min(t["selection_n"], len(holdout)),
-                   batch_size=256, seed=cfg["seed"], device=device, state_path=None, progress=False)
-    return {"holdout_clean_pct": res["metrics"]["clean"]["accuracy_pct"],
-            "holdout_pgd_pct": res["metrics"][SELECTION_ATTACK]["accuracy_pct"],
-            "holdout_n": res["n"]}
+# ----------------------------------------------------------------------------- the run's parts
 
 
-def train(cfg: Mapping[str, Any], out_dir: str | Path, *, stop_after_steps: int | None = None) -> dict:
-    """Train one run; return the training summary (also written to ``out_dir/train_summary.json``).
+@dataclass
+class Run:
+    """Everything one training run acts on, built once by ``setup`` (fresh, or from a state)."""
 
-    ``cfg`` is a run config (a dict or a YAML path; validated and completed here). A
-    ``state.pt`` already in ``out_dir`` is resumed from when its config hash matches.
-    ``stop_after_steps`` stops after that many optimiser steps of this call without writing
-    anything (as a kill would); the returned dict then has ``"completed": False``.
+    cfg: dict
+    cfg_hash: str
+    ctx: ddp.DistContext
+    out: Path
+    train_set: Dataset
+    holdout: Dataset | None
+    source: str  # the dataset's provenance label
+    spec: dict  # the model file's architecture entry
+    model: nn.Module  # the bare model (``net`` is its DDP wrapper, or the model itself)
+    net: nn.Module
+    method: Any
+    extra: nn.ModuleDict
+    recipe: dict
+    local_batch_size: int
+    steps_per_epoch: int  # minibatches an epoch (each replayed ``method.replays`` times)
+    memory_format: torch.memory_format
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / "state.pt"
+
+    @property
+    def replays(self) -> int:
+        return int(getattr(self.method, "replays", 1))
+
+    @property
+    def extra_params(self) -> list[torch.Tensor]:
+        return list(self.extra.parameters())
+
+
+def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] | None = None) -> Run:
+    """Data, model, teacher, method, optimiser and LR scheduler of a run.
+
+    With a training ``state`` (``TrainState.read``), the model, the method's extra modules and
+    its own state are loaded before the model is wrapped for DDP; the optimiser, scheduler,
+    scaler and RNG are ``TrainState.restore``'s job. Random draws happen in the same order with or
+    without a state, so a fresh run is a function of the seed alone.
     """
-    cfg = load_run_config(cfg)
-    out = Path(out_dir)
-    ctx = ddp.init_from_env(cfg["device"])
-    try:
-        return _train(cfg, out, ctx, stop_after_steps)
-    finally:
-        ddp.shutdown(ctx)
-
-
-def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | None) -> dict:
     device, tcfg = ctx.device, cfg["train"]
-    cfg_hash = run_config_hash(cfg)
-    state_path = out / "state.pt"
-    # No folder is made up front: the first atomic write creates it, so a run that fails while
-    # setting up (missing data or teacher, bad knob) leaves nothing behind.
-    state = _load_state(state_path, cfg_hash) if state_path.is_file() else None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
     seed_everything(cfg["seed"])  # identical on every rank: same init, same random draws
     train_set, holdout, full = build_datasets(cfg)
-    num_classes = full.num_classes
-    spec = model_spec(cfg["model"]["name"], num_classes, **cfg["model"]["kwargs"])
+    spec = model_spec(cfg["model"]["name"], full.num_classes, **cfg["model"]["kwargs"])
     try:
         model = build_model(spec["name"], spec["num_classes"], **spec["kwargs"]).to(device)
     except TypeError as err:  # an unknown or missing keyword of the model's builder
@@ -286,139 +292,263 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
     except ValueError as err:
         raise ConfigError(f"optim.batch_size: {err}") from None
     steps_per_epoch = min(n_batches, tcfg["max_steps_per_epoch"] or n_batches)
-    replays = int(getattr(method, "replays", 1))
-    schedule = make_schedule(recipe, steps_per_epoch * replays)
-
-    extra_params = list(extra.parameters())
     optimizer = torch.optim.SGD(
-        [*model.parameters(), *extra_params], lr=recipe["lr"], momentum=recipe["momentum"],
+        [*model.parameters(), *extra.parameters()], lr=recipe["lr"], momentum=recipe["momentum"],
         weight_decay=recipe["weight_decay"], nesterov=recipe["nesterov"],
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    replays = int(getattr(method, "replays", 1))
+    scheduler = make_lr_scheduler(optimizer, recipe, steps_per_epoch * replays)
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg["amp"] == "fp16")
+    return Run(cfg=cfg, cfg_hash=run_config_hash(cfg), ctx=ctx, out=out, train_set=train_set, holdout=holdout,
+               source=dataset_source(full), spec=spec, model=model, net=net, method=method, extra=extra,
+               recipe=recipe, local_batch_size=local_bs, steps_per_epoch=steps_per_epoch,
+               memory_format=memory_format, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
-    epoch, global_step, history, best = 0, 0, [], None
-    totals = {"train_time_s": 0.0, "wall_time_s": 0.0, "images": 0}
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        epoch, global_step, history, best = state["epoch"], state["global_step"], state["history"], state["best"]
-        totals = state["totals"]
+
+# ----------------------------------------------------------------------------- training state
+
+
+def _new_totals() -> dict:
+    return {"train_time_s": 0.0, "wall_time_s": 0.0, "images": 0}
+
+
+@dataclass
+class TrainState:
+    """A run's progress: with the run's weights, optimiser, scheduler, scaler and RNG states it is
+    ``state.pt``, written atomically after every epoch and read back to resume."""
+
+    epoch: int = 0  # epochs done
+    global_step: int = 0  # optimiser steps done
+    history: list[dict] = field(default_factory=list)  # one metrics line an epoch
+    best: dict | None = None  # the best holdout epoch so far (best_pgd selection), with its weights
+    totals: dict = field(default_factory=_new_totals)
+    resumed_from: int = 0  # the epoch this process started from
+
+    @staticmethod
+    def read(path: Path, cfg_hash: str) -> dict:
+        """The raw state in ``path``; refuses a file of another run or another format."""
+        try:
+            # Our own file, holding RNG states (numpy arrays, Python tuples): not weights-only data.
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ResumeError(f"{path}: cannot read the training state ({err}); delete it to start over") from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ResumeError(f"{path} is not a mixacm training state; delete it or use another out_dir")
+        if state["config_hash"] != cfg_hash:
+            raise ResumeError(
+                f"{path} was written by a run with config hash {state['config_hash']}, but this config "
+                f"hashes to {cfg_hash}: resuming would mix two runs. Use another out_dir, or delete "
+                f"{path.name} to start this config from scratch"
+            )
+        return state
+
+    @classmethod
+    def restore(cls, run: Run, state: Mapping[str, Any]) -> "TrainState":
+        """Load the optimiser, scheduler, scaler and RNG of ``state`` into ``run`` (its modules
+        were loaded by ``setup``) and return the progress it records."""
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        if ctx.is_main:
-            _write_metrics(out / "metrics.jsonl", history)
-            log.info("resuming %s from epoch %d (step %d)", cfg["name"], epoch, global_step)
-    resumed_from = epoch
-    del state
+        return cls(epoch=state["epoch"], global_step=state["global_step"], history=state["history"],
+                   best=state["best"], totals=state["totals"], resumed_from=state["epoch"])
 
-    show = tcfg["progress"] and ctx.is_main
-    steps_this_call = 0
-    while epoch < recipe["epochs"]:
-        t_epoch = time.perf_counter()
-        loader = make_train_loader(train_set, local_bs, cfg["seed"], epoch, rank=ctx.rank, world_size=world,
-                                   num_workers=tcfg["num_workers"], pin_memory=device.type == "cuda")
-        net.train()
-        sums: dict[str, float] = defaultdict(float)
-        n_steps = images = 0
-        lr = optimizer.param_groups[0]["lr"]
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe['epochs']}", unit="batch",
-                   disable=not show, leave=False)
-        t_loop = time.perf_counter()
+    def save(self, run: Run) -> None:
+        """``state.pt`` and ``metrics.jsonl``, each replaced atomically (rank 0 only)."""
+        if not run.ctx.is_main:
+            return
+        atomic_torch_save({
+            "format": STATE_FORMAT, "version": STATE_VERSION, "config_hash": run.cfg_hash, "name": run.cfg["name"],
+            "epoch": self.epoch, "global_step": self.global_step, "model": _cpu_copy(run.model),
+            "extra": _cpu_copy(run.extra), "method": run.method.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "rng": rng_state(),
+            "history": self.history, "best": self.best, "totals": self.totals,
+        }, run.state_path)
+        _write_metrics(run.out / "metrics.jsonl", self.history)
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+class _Stopped(Exception):
+    """``stop_after_steps`` was reached (a simulated kill: nothing of the epoch is written)."""
+
+
+def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, show: bool = False) -> dict:
+    """One epoch of optimiser steps; advances ``state.global_step`` and returns the epoch's
+    metrics line (averages over every step of every rank). Raises ``TrainingDiverged`` on a
+    NaN / inf loss and ``_Stopped`` after ``step_budget`` steps, both before anything is written.
+    """
+    cfg, ctx, device, epoch = run.cfg, run.ctx, run.ctx.device, state.epoch
+    loader = make_train_loader(run.train_set, run.local_batch_size, cfg["seed"], epoch, rank=ctx.rank,
+                               world_size=ctx.world_size, num_workers=cfg["train"]["num_workers"],
+                               pin_memory=device.type == "cuda")
+    run.net.train()
+    sums: dict[str, float] = defaultdict(float)
+    n_steps = images = 0
+    lr = run.optimizer.param_groups[0]["lr"]
+    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.recipe['epochs']}", unit="batch",
+               disable=not show, leave=False)
+    extra_params = run.extra_params
+    t_loop = time.perf_counter()
+    try:
         for i, (x, y) in enumerate(loader):
-            if i >= steps_per_epoch:
+            if i >= run.steps_per_epoch:
                 break
-            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=run.memory_format)
             y = y.to(device, non_blocking=True)
-            for _ in range(replays):
+            for _ in range(run.replays):
                 try:
-                    value, metrics = training_step(method, optimizer, scaler, x, y, amp=tcfg["amp"],
-                                                   extra_params=extra_params, ctx=ctx)
+                    value, metrics = training_step(run.method, run.optimizer, run.scaler, x, y,
+                                                   amp=cfg["train"]["amp"], extra_params=extra_params, ctx=ctx)
                 except NonFiniteLoss as bad:
                     terms = ", ".join(f"{k}={v:.4g}" for k, v in bad.metrics.items())
                     raise TrainingDiverged(
                         f"{cfg['name']}: loss is {bad.value} at epoch {epoch + 1}, step {i + 1} of the epoch "
-                        f"(optimiser step {global_step + 1}); loss terms: {terms or 'none reported'}. "
-                        f"Nothing of this epoch was written; {state_path} holds the last good epoch ({epoch})"
+                        f"(optimiser step {state.global_step + 1}); loss terms: {terms or 'none reported'}. "
+                        f"Nothing of this epoch was written; {run.state_path} holds the last good epoch ({epoch})"
                     ) from None
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                global_step += 1
-                steps_this_call += 1
+                lr = run.optimizer.param_groups[0]["lr"]
+                run.scheduler.step()
+                state.global_step += 1
                 n_steps += 1
                 sums["loss"] += value
                 for k, v in metrics.items():
                     if k != "loss":
                         sums[k] += float(v)
-                if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-                    bar.close()
-                    return {"completed": False, "epoch": epoch, "global_step": global_step}
+                if step_budget is not None and n_steps >= step_budget:
+                    raise _Stopped
             images += len(x)
             bar.update(1)
             if show and i % 20 == 0:
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
+    finally:
         bar.close()
-        train_time = time.perf_counter() - t_loop
+    train_time = time.perf_counter() - t_loop
 
-        # Averages over every step of every rank (all ranks report the same keys).
-        keys = sorted(sums)
-        packed = ddp.all_reduce_sum(torch.tensor([n_steps, images] + [sums[k] for k in keys], dtype=torch.float64,
-                                                 device=device), ctx).tolist()
-        total_steps, total_images = packed[0], int(packed[1])
-        line = {"epoch": epoch + 1, "step": global_step, "lr": lr,
-                **{k: v / max(total_steps, 1) for k, v in zip(keys, packed[2:])},
-                "images_per_s": total_images / train_time if train_time > 0 else None,
-                "train_time_s": train_time}
-        if holdout is not None and tcfg["selection"] == "best_pgd" and ctx.is_main:
-            line.update(_score_holdout(ddp.unwrap(net), holdout, cfg, device))
-            if best is None or line["holdout_pgd_pct"] > best["holdout_pgd_pct"]:
-                best = {"epoch": epoch + 1, "holdout_pgd_pct": line["holdout_pgd_pct"],
-                        "holdout_clean_pct": line["holdout_clean_pct"], "model": _cpu_copy(model)}
-        epoch += 1
-        totals["train_time_s"] += train_time
-        totals["images"] += total_images
-        totals["wall_time_s"] += time.perf_counter() - t_epoch
-        line["wall_time_s"] = totals["wall_time_s"]
-        history.append(line)
+    keys = sorted(sums)  # every rank reports the same keys
+    packed = ddp.all_reduce_sum(torch.tensor([n_steps, images] + [sums[k] for k in keys], dtype=torch.float64,
+                                             device=device), ctx).tolist()
+    total_steps, total_images = packed[0], int(packed[1])
+    return {"epoch": epoch + 1, "step": state.global_step, "lr": lr,
+            **{k: v / max(total_steps, 1) for k, v in zip(keys, packed[2:])},
+            "images_per_s": total_images / train_time if train_time > 0 else None,
+            "train_time_s": train_time, "images": total_images}
+
+
+# ----------------------------------------------------------------------------- checkpoint selection
+
+
+def _score_holdout(model: nn.Module, holdout: Dataset, cfg: Mapping[str, Any], device: torch.device) -> dict:
+    from mixacm.evaluate import evaluate  # the selection is an ordinary (non-resumable) evaluation
+
+    t = cfg["train"]
+    res = evaluate(model, holdout, ["clean", SELECTION_ATTACK], t["selection_eps"], n=min(t["selection_n"], len(holdout)),
+                   batch_size=256, seed=cfg["seed"], device=device, state_path=None, progress=False)
+    return {"holdout_clean_pct": res["metrics"]["clean"]["accuracy_pct"],
+            "holdout_pgd_pct": res["metrics"][SELECTION_ATTACK]["accuracy_pct"],
+            "holdout_n": res["n"]}
+
+
+def score_epoch(run: Run, state: TrainState, line: dict) -> None:
+    """best_pgd selection: score the holdout into ``line`` and keep this epoch's weights in
+    ``state.best`` when its PGD-10 accuracy beats every earlier epoch (ties keep the earlier)."""
+    if run.holdout is None or run.cfg["train"]["selection"] != "best_pgd" or not run.ctx.is_main:
+        return
+    line.update(_score_holdout(ddp.unwrap(run.net), run.holdout, run.cfg, run.ctx.device))
+    if state.best is None or line["holdout_pgd_pct"] > state.best["holdout_pgd_pct"]:
+        state.best = {"epoch": line["epoch"], "holdout_pgd_pct": line["holdout_pgd_pct"],
+                      "holdout_clean_pct": line["holdout_clean_pct"], "model": _cpu_copy(run.model)}
+
+
+def select_model(run: Run, state: TrainState) -> dict:
+    """Load the selected epoch's weights into ``run.model``; return the selection record."""
+    tcfg = run.cfg["train"]
+    if tcfg["selection"] == "best_pgd" and state.best is not None:
+        best = state.best
+        run.model.load_state_dict(best["model"])
+        return {"mode": "best_pgd", "epoch": best["epoch"], "holdout_pgd_pct": best["holdout_pgd_pct"],
+                "holdout_clean_pct": best["holdout_clean_pct"], "eps": tcfg["selection_eps"],
+                "attack": SELECTION_ATTACK, "n": state.history[-1].get("holdout_n")}
+    return {"mode": "last", "epoch": len(state.history)}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Mapping[str, Any], out_dir: str | Path, *, stop_after_steps: int | None = None) -> dict:
+    """Train one run; return the training summary (also written to ``out_dir/train_summary.json``).
+
+    ``cfg`` is a run config (a dict or a YAML path; validated and completed here). A
+    ``state.pt`` already in ``out_dir`` is resumed from when its config hash matches.
+    ``stop_after_steps`` stops after that many optimiser steps of this call without writing
+    anything (as a kill would); the returned dict then has ``"completed": False``.
+    """
+    cfg = load_run_config(cfg)
+    out = Path(out_dir)
+    ctx = ddp.init_from_env(cfg["device"])
+    try:
+        return _train(cfg, out, ctx, stop_after_steps)
+    finally:
+        ddp.shutdown(ctx)
+
+
+def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | None) -> dict:
+    # No folder is made up front: the first atomic write creates it, so a run that fails while
+    # setting up (missing data or teacher, bad knob) leaves nothing behind.
+    state_path = out / "state.pt"
+    saved = TrainState.read(state_path, run_config_hash(cfg)) if state_path.is_file() else None
+    run = setup(cfg, out, ctx, saved)
+    state = TrainState() if saved is None else TrainState.restore(run, saved)
+    del saved
+    if state.epoch and ctx.is_main:
+        _write_metrics(out / "metrics.jsonl", state.history)
+        log.info("resuming %s from epoch %d (step %d)", cfg["name"], state.epoch, state.global_step)
+
+    show = cfg["train"]["progress"] and ctx.is_main
+    steps_left = stop_after_steps
+    while state.epoch < run.recipe["epochs"]:
+        t_epoch, step0 = time.perf_counter(), state.global_step
+        try:
+            line = train_epoch(run, state, step_budget=steps_left, show=show)
+        except _Stopped:
+            return {"completed": False, "epoch": state.epoch, "global_step": state.global_step}
+        if steps_left is not None:
+            steps_left -= state.global_step - step0
+        images = line.pop("images")
+        score_epoch(run, state, line)
+        state.epoch += 1
+        state.totals["train_time_s"] += line["train_time_s"]
+        state.totals["images"] += images
+        state.totals["wall_time_s"] += time.perf_counter() - t_epoch
+        line["wall_time_s"] = state.totals["wall_time_s"]
+        state.history.append(line)
+        state.save(run)
         if ctx.is_main:
-            atomic_torch_save({
-                "format": STATE_FORMAT, "version": STATE_VERSION, "config_hash": cfg_hash, "name": cfg["name"],
-                "epoch": epoch, "global_step": global_step, "model": _cpu_copy(model), "extra": _cpu_copy(extra),
-                "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "history": history, "best": best, "totals": totals,
-            }, state_path)
-            _write_metrics(out / "metrics.jsonl", history)
             msg = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items())
             (tqdm.write if show else log.info)(msg)
         ddp.barrier(ctx)
 
-    summary = _finish(cfg, out, ctx, model, spec, method, recipe, cfg_hash, history, best, totals, resumed_from,
-                      global_step, dataset_source(full))
+    summary = _finish(run, state)
     ddp.barrier(ctx)
     return summary
 
 
-def _finish(cfg, out, ctx, model, spec, method, recipe, cfg_hash, history, best, totals, resumed_from,
-            global_step, source) -> dict:
-    tcfg = cfg["train"]
-    if tcfg["selection"] == "best_pgd" and best is not None:
-        model.load_state_dict(best["model"])
-        selection = {"mode": "best_pgd", "epoch": best["epoch"], "holdout_pgd_pct": best["holdout_pgd_pct"],
-                     "holdout_clean_pct": best["holdout_clean_pct"], "eps": tcfg["selection_eps"],
-                     "attack": SELECTION_ATTACK, "n": history[-1].get("holdout_n")}
-    else:
-        selection = {"mode": "last", "epoch": len(history)}
-    knobs = method.resolved_knobs() if hasattr(method, "resolved_knobs") else method_knobs(cfg)
+def _finish(run: Run, state: TrainState) -> dict:
+    """Select the model, then write ``model.pt`` and ``train_summary.json`` (rank 0)."""
+    cfg, ctx, tcfg, totals = run.cfg, run.ctx, run.cfg["train"], state.totals
+    selection = select_model(run, state)
+    knobs = run.method.resolved_knobs() if hasattr(run.method, "resolved_knobs") else method_knobs(cfg)
     prov = provenance(ctx.device)
     d = cfg["dataset"]
     summary = {
-        "name": cfg["name"], "config_hash": cfg_hash, "completed": True,
-        "method": cfg["method"]["name"], "knobs": knobs, "recipe": recipe,
-        "model": spec, "teacher": cfg["teacher"], "seed": cfg["seed"],
+        "name": cfg["name"], "config_hash": run.cfg_hash, "completed": True,
+        "method": cfg["method"]["name"], "knobs": knobs, "recipe": run.recipe,
+        "model": run.spec, "teacher": cfg["teacher"], "seed": cfg["seed"],
         "dataset": {"name": d["name"], "fraction": d["fraction"], "subset_seed": d["subset_seed"],
-                    "holdout": d["holdout"], "augment": d["augment"], "source": source},
-        "epochs": len(history), "steps": global_step, "resumed_from_epoch": resumed_from,
+                    "holdout": d["holdout"], "augment": d["augment"], "source": run.source},
+        "epochs": len(state.history), "steps": state.global_step, "resumed_from_epoch": state.resumed_from,
         "images": totals["images"], "train_time_s": totals["train_time_s"], "wall_time_s": totals["wall_time_s"],
         "images_per_s": totals["images"] / totals["train_time_s"] if totals["train_time_s"] > 0 else None,
         "device": str(ctx.device), "world_size": ctx.world_size,
@@ -431,6 +561,6 @@ def _finish(cfg, out, ctx, model, spec, method, recipe, cfg_hash, history, best,
                                         "teacher", "selection")}
         if cfg["teacher"]:
             meta["teacher_sha256"] = sha256_file(cfg["teacher"])
-        save_model_file(model, spec, out / "model.pt", {**meta, "provenance": prov})
-        atomic_json_dump(summary, out / "train_summary.json")
+        save_model_file(run.model, run.spec, run.out / "model.pt", {**meta, "provenance": prov})
+        atomic_json_dump(summary, run.out / "train_summary.json")
     return summary

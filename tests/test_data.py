@@ -295,6 +295,21 @@ def test_ranks_get_disjoint_shards_of_one_permutation():
         data.make_train_loader(ds, 200, seed=1, epoch=0)
 
 
+def test_epoch_sampler_keeps_distributed_samplers_contract():
+    from torch.utils.data import DistributedSampler
+
+    n, ws = 103, 4
+    for rank in range(ws):
+        ours = data.EpochSampler(n, seed=1, epoch=0, rank=rank, world_size=ws)
+        theirs = DistributedSampler(range(n), num_replicas=ws, rank=rank, shuffle=True, seed=1, drop_last=True)
+        assert isinstance(ours, DistributedSampler)
+        assert len(ours) == len(theirs) == 25 and len(list(ours)) == 25
+        ours.set_epoch(3)
+        assert list(ours) == data.epoch_permutation(n, 1, 3).tolist()[rank:100:ws]
+    # Unlike seed + epoch, (seed 0, epoch 1) and (seed 1, epoch 0) are different orders.
+    assert not torch.equal(data.epoch_permutation(n, 0, 1), data.epoch_permutation(n, 1, 0))
+
+
 # ----------------------------------------------------------------------------- the shared JPEG copy
 
 

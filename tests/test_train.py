@@ -15,7 +15,7 @@ from mixacm.config import ConfigError
 from mixacm.data import DataError
 from mixacm.methods import METHODS
 from mixacm.models import build_model
-from mixacm.train import LRSchedule, ResumeError, TrainingDiverged, make_schedule, train
+from mixacm.train import ResumeError, TrainingDiverged, make_lr_scheduler, train
 
 N_CLASSES, PER_CLASS = 10, 8  # 80 training images: 5 batches of 16
 
@@ -84,36 +84,80 @@ def metric_lines(out: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- schedules
 
 
+def lrs(schedule: str, epochs: int, steps_per_epoch: int = 1, lr: float = 1.0, **recipe) -> list[float]:
+    """The lr of every optimiser step of a recipe, as torch's scheduler sets it."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make_lr_scheduler(opt, {"schedule": schedule, "epochs": epochs, "lr": lr, **recipe}, steps_per_epoch)
+    out = []
+    for _ in range(epochs * steps_per_epoch):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_step_schedule_drops_at_fraction_milestones():
     # 200 epochs x 10 steps, lr / 10 at 50 % and 75 %: the drops land on epochs 100 and 150.
-    s = LRSchedule("step", 2000, [0.5, 0.75], gamma=0.1)
-    assert [s(t) for t in (0, 999, 1000, 1499, 1500, 1999)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    s = lrs("step", 200, 10, milestones=[0.5, 0.75], gamma=0.1)
+    assert [s[t] for t in (0, 999, 1000, 1499, 1500, 1999)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     # TRADES: 76 epochs, one drop at epoch 75 = 75/76 of training.
-    trades = make_schedule({"schedule": "step", "epochs": 76, "milestones": [75 / 76], "gamma": 0.1}, 391)
-    assert trades(75 * 391 - 1) == 1.0 and trades(75 * 391) == pytest.approx(0.1)
+    trades = lrs("step", 76, 391, milestones=[75 / 76], gamma=0.1)
+    assert trades[75 * 391 - 1] == 1.0 and trades[75 * 391] == pytest.approx(0.1)
+
+
+def test_step_schedule_equals_the_closed_form_bit_for_bit():
+    # lr * gamma ** (milestones reached): what the hand-written schedule computed before torch's
+    # MultiStepLR replaced it (config/ci.yaml's 4-step runs cross two milestones).
+    s = lrs("step", 1, 4, lr=0.1, milestones=[0.5, 0.75], gamma=0.1)
+    assert s == [0.1, 0.1, 0.1 * 0.1 ** 1, 0.1 * 0.1 ** 2]
 
 
 def test_cosine_schedule_values():
-    s = LRSchedule("cosine", 100)
-    assert s(0) == 1.0
-    assert s(50) == pytest.approx(0.5)
-    assert s(25) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
-    assert s(100) == pytest.approx(0.0, abs=1e-12)
+    s = lrs("cosine", 100)
+    assert s[0] == 1.0
+    assert s[50] == pytest.approx(0.5)
+    assert s[25] == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert s[99] == pytest.approx((1 + math.cos(math.pi * 99 / 100)) / 2)
 
 
 def test_cyclic_schedule_is_one_triangle_peaking_at_two_fifths():
-    s = LRSchedule("cyclic", 100)
-    # Evaluated at t + 1: step 39 is the peak, step 19 half way up, the last step reaches 0.
-    assert s(39) == pytest.approx(1.0)
-    assert s(19) == pytest.approx(0.5)
-    assert s(69) == pytest.approx(0.5)  # (70 - 40) / 60 of the way down
-    assert s(99) == pytest.approx(0.0)
-    assert s(0) == pytest.approx(1 / 40)  # the first step already moves
+    s = lrs("cyclic", 100)
+    # Shifted by one step: step 39 is the peak, step 19 half way up, the last step reaches 0.
+    assert s[39] == pytest.approx(1.0)
+    assert s[19] == pytest.approx(0.5)
+    assert s[69] == pytest.approx(0.5)  # (70 - 40) / 60 of the way down
+    assert s[99] == pytest.approx(0.0, abs=1e-12)
+    assert s[0] == pytest.approx(1 / 40)  # the first step already moves
+    # The peak position is recipe data: milestones[0].
+    half = lrs("cyclic", 10, 10, milestones=[0.5])
+    assert max(half) == pytest.approx(1.0) and half.index(max(half)) == 49
 
 
 def test_warmup_and_constant():
-    s = LRSchedule("constant", 100, warmup_steps=10)
-    assert [s(t) for t in (0, 4, 9, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    s = lrs("constant", 10, 10, warmup_epochs=1)
+    assert [s[t] for t in (0, 4, 9, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    # Warmup multiplies into the step schedule.
+    w = lrs("step", 10, 10, warmup_epochs=1, milestones=[0.5], gamma=0.1)
+    assert [w[t] for t in (0, 9, 49, 50, 99)] == pytest.approx([0.1, 1.0, 1.0, 0.1, 0.1])
+    with pytest.raises(ConfigError, match="warmup"):
+        lrs("cyclic", 10, 10, warmup_epochs=1)
+
+
+def test_scheduler_state_round_trip_continues_the_same_lrs():
+    # Resume: a scheduler rebuilt and loaded from a state_dict continues where the first stopped.
+    recipe = {"schedule": "cyclic", "epochs": 4, "lr": 0.2, "milestones": [0.5]}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
+    sched = make_lr_scheduler(opt, recipe, 5)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
+    sched2 = make_lr_scheduler(opt2, recipe, 5)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    for _ in range(5):
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        opt.step(), sched.step(), opt2.step(), sched2.step()
 
 
 # ----------------------------------------------------------------------------- the loop
