@@ -222,3 +222,63 @@ def run_config_hash(cfg: Mapping[str, Any]) -> str:
             node = node.get(key, {})
         node.pop(path[-1], None)
     return config_hash(cfg)
+
+
+# ----------------------------------------------------------------------------- the pipeline config
+# The workflow validates its config against workflow/schemas/config.schema.yaml (which fills in
+# the defaults) before any job; the functions below read that validated config and are the one
+# place where a recipe of it becomes a run config.
+
+
+def pipeline_run_config(pipeline: Mapping[str, Any], *, dataset: str, recipe: str, arch: str,
+                        fraction: float = 1.0, seed: int = 0, teacher: str | None = None,
+                        name: str | None = None) -> dict:
+    """The run config (``mixacm train --config``) of one training run of the pipeline config.
+
+    ``pipeline`` is the validated pipeline config; ``recipe`` names an entry of its ``recipes``
+    (a method, its knobs, ``optim`` overrides and ``train`` settings); ``dataset`` selects
+    ``data.<dataset>``. Only what the pipeline sets is written: everything else takes the run
+    config schema's defaults when ``load_run_config`` reads it. Progress bars are off (job logs).
+    """
+    r = pipeline["recipes"][recipe]
+    data = pipeline["data"][dataset]
+    return {
+        "name": name,
+        "seed": int(seed),
+        "device": pipeline["device"],
+        "dataset": {
+            "name": dataset, "root": data["root"], "download": data["download"], "fraction": float(fraction),
+            "subset_seed": data["subset_seed"], "holdout": data["holdout"], "cache": data["cache"], "augment": True,
+        },
+        "model": {"name": arch, "kwargs": {}},
+        "teacher": teacher,
+        "method": {"name": r["method"], **r["knobs"]},
+        "optim": dict(r["optim"]),
+        "train": {"progress": False, **r["train"]},
+    }
+
+
+# Where a run config key comes from in the pipeline config's recipe.
+_RECIPE_KEYS = {"method": "knobs", "optim": "optim", "train": "train"}
+
+
+def check_pipeline_recipe(pipeline: Mapping[str, Any], recipe: str, *, dataset: str, arch: str,
+                          teacher: str | None = None) -> dict:
+    """Validate recipe ``recipe`` for ``dataset`` and ``arch`` exactly as ``mixacm train`` will
+    (run config schema, the method's knobs, the resolved optimiser recipe); errors name the
+    pipeline config's key (``recipes.<name>.knobs``, ``recipes.<name>.optim.lr``, ...).
+    Returns the complete run config."""
+    cfg = pipeline_run_config(pipeline, dataset=dataset, recipe=recipe, arch=arch, teacher=teacher)
+    try:
+        cfg = load_run_config(cfg)
+        resolve_recipe(cfg)
+    except ConfigError as err:
+        msg = str(err)
+        head, _, rest = msg.partition(":")
+        top, _, sub = head.partition(".")
+        if top in _RECIPE_KEYS and " " not in head:
+            key = f"recipes.{recipe}.{_RECIPE_KEYS[top]}" + (f".{sub}" if sub and top != "method" else "")
+            raise ConfigError(f"{key}:{rest}") from None
+        raise ConfigError(f"recipes.{recipe} ({dataset}, {arch}): {msg}") from None
+    return cfg
+

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mixacm.attacks import build_attack
 from mixacm.data import balanced_first_n, dataset_labels
 from mixacm.provenance import provenance
-from mixacm.utils import atomic_json_dump, parse_eps, resolve_device
+from mixacm.utils import atomic_json_dump, format_eps, parse_eps, resolve_device
 
 STATE_FORMAT = "mixacm-eval-state"
 RESULT_SCHEMA = 1
@@ -54,14 +54,6 @@ def batch_seed(seed: int, attack: str, batch: int) -> int:
     digest = hashlib.sha256(f"{int(seed)}/{attack}/{int(batch)}".encode()).digest()
     # 31 bits: accepted as a seed by torch, numpy and both AutoAttack packages.
     return int.from_bytes(digest[:8], "big") % (2**31 - 1)
-
-
-def eps_text(eps: str | float) -> str:
-    """``"8/255"`` for values that are a whole number of 1/255 steps, else the decimal."""
-    if isinstance(eps, str):
-        return eps.strip()
-    steps = round(float(eps) * 255)
-    return f"{steps}/255" if abs(steps / 255 - float(eps)) < 1e-12 else repr(float(eps))
 
 
 def _indices_sha256(indices: np.ndarray) -> str:
@@ -179,7 +171,7 @@ def evaluate(
     result = {
         "schema": RESULT_SCHEMA,
         "eps": eps_value,
-        "eps_text": eps_text(eps),
+        "eps_text": format_eps(eps),
         "n": len(indices),
         "subset": {"selection": "balanced_first_n", "indices_sha256": key["indices_sha256"]},
         "seed": int(seed),

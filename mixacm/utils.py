@@ -1,4 +1,4 @@
-"""Small shared helpers: epsilon parsing, device choice, seeding, atomic writes, hashing."""
+"""Small shared helpers: epsilon parsing and formatting, device choice, seeding, atomic writes, hashing."""
 from __future__ import annotations
 
 import hashlib
@@ -38,6 +38,17 @@ def parse_eps(value: str | float | int) -> float:
             f"eps {value!r} is outside (0, 1]: give it as a fraction of the [0, 1] pixel range{hint}"
         )
     return eps
+
+
+def format_eps(eps: str | float) -> str:
+    """The one text form of an eps: ``"8/255"`` for a whole number of 1/255 steps (within 1e-12),
+    else the shortest decimal; a string is checked by ``parse_eps`` and kept as written."""
+    if isinstance(eps, str):
+        parse_eps(eps)
+        return eps.strip()
+    value = parse_eps(eps)
+    steps = round(value * 255)
+    return f"{steps}/255" if abs(steps / 255 - value) < 1e-12 else repr(value)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

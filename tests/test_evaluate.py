@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mixacm.evaluate import EvaluationStateError, batch_seed, eps_text, evaluate, model_sha256, write_result
+from mixacm.evaluate import EvaluationStateError, batch_seed, evaluate, model_sha256, write_result
+from mixacm.utils import format_eps as eps_text
 
 ATTACKS = ["clean", "pgd3"]
 EPS = 8 / 255

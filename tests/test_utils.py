@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from mixacm.utils import atomic_json_dump, atomic_write, config_hash, parse_eps
+from mixacm.utils import atomic_json_dump, atomic_write, config_hash, format_eps, parse_eps
 
 
 @pytest.mark.parametrize(
@@ -21,6 +21,15 @@ def test_parse_eps_accepts_fractions_and_floats(text, value):
 def test_parse_eps_rejects_values_outside_unit_interval(bad):
     with pytest.raises(ValueError, match="eps"):
         parse_eps(bad)
+
+
+def test_format_eps_is_the_inverse_of_parse_eps():
+    for text in ("8/255", "2/255", "1/255", "255/255"):
+        assert format_eps(parse_eps(text)) == text
+    assert format_eps(0.031) == "0.031" and format_eps(8 / 255 + 1e-6) == repr(8 / 255 + 1e-6)
+    assert format_eps(" 0.5/255 ") == "0.5/255"  # text is kept as written, once it parses
+    with pytest.raises(ValueError, match="8/255"):
+        format_eps(8)
 
 
 def test_parse_eps_hints_at_the_255_convention():

@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from mixacm.utils import atomic_write
+from mixacm.utils import atomic_write, format_eps
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 TABLE_KINDS = ("cifar10", "imagenet", "less_data", "ablation")
@@ -103,11 +103,6 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _eps_text(eps: float) -> str:
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-3 else f"{eps:g}"
-
-
 def _read_result(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ResultFileError(f"result file {path} does not exist")
@@ -149,7 +144,7 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
         "config_hash": str(run["config_hash"]),
         "checkpoint": run.get("checkpoint"),
         "eps": float(eps),
-        "eps_text": doc.get("eps_text") or _eps_text(eps),
+        "eps_text": doc.get("eps_text") or format_eps(eps),
         "git_commit": prov.get("git_commit"),
         "git_dirty": prov.get("git_dirty"),
         "eval_device": prov.get("device"),

@@ -1,5 +1,7 @@
 # Shared helpers: checks the JSON schema cannot express, the list of training runs behind each
-# table, the per-run config written for `mixacm train`, and result paths named by conditions:
+# table, the per-run config written for `mixacm train` (mixacm.config.pipeline_run_config: the
+# schema has filled in every default by now, so none is written here), and result paths named by
+# conditions:
 #   results/{dataset}/{method}/{arch}/frac{fraction}/seed{seed}/...
 # where {method} is a recipe name (a method plus its knobs, e.g. mixacm_acm_only).
 
@@ -9,13 +11,15 @@ from shlex import quote as shell_quote
 
 import yaml
 
+from mixacm.config import ConfigError, check_pipeline_recipe, pipeline_run_config
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
 from mixacm.utils import parse_eps
 
 
 # jsonschema validation has already named the key for unknown keys and wrong types; these checks
-# cover numeric ranges of eps strings ("300/255") and cross-references, and also name the key.
+# cover eps strings ("300/255"), each recipe as `mixacm train` will read it (the run config schema,
+# the method's knobs, the resolved optimiser recipe) and cross-references, and also name the key.
 def _parse_eps(value, key):
     try:
         return parse_eps(value)
@@ -26,14 +30,6 @@ def _parse_eps(value, key):
 def _check_config(cfg):
     for ds, ev in cfg["evaluation"].items():
         _parse_eps(ev["eps"], f"evaluation.{ds}.eps")
-    for name, recipe in cfg["recipes"].items():
-        # The method class checks its own knobs (names, kinds, ranges; eps via parse_eps).
-        try:
-            METHODS.get(recipe["method"]).resolve(recipe.get("knobs", {}))
-        except (ValueError, KeyError) as err:
-            raise WorkflowError(f"config key recipes.{name}.knobs: {err}")
-        if "selection_eps" in recipe.get("train", {}):
-            _parse_eps(recipe["train"]["selection_eps"], f"recipes.{name}.train.selection_eps")
     for exp_name, exp in cfg["experiments"].items():
         for i, recipe in enumerate(exp["recipes"]):
             if recipe not in cfg["recipes"]:
@@ -74,12 +70,20 @@ def _check_config(cfg):
             raise WorkflowError(
                 f"config key teachers.{ds}.recipe: unknown recipe {teacher['recipe']!r}"
             )
+    # Every (recipe, dataset, arch) that will be trained, read as `mixacm train` reads it.
+    trained = {(r, exp["dataset"], exp["arch"]) for exp in cfg["experiments"].values() for r in exp["recipes"]}
+    trained |= {(t["recipe"], ds, t["arch"]) for ds, t in cfg["teachers"].items() if t["source"] == "train"}
+    for recipe, dataset, arch in sorted(trained):
+        needs = cfg["recipes"][recipe]["method"] in TEACHER_METHODS
+        try:
+            check_pipeline_recipe(cfg, recipe, dataset=dataset, arch=arch,
+                                  teacher=teacher_file(dataset) if needs else None)
+        except ConfigError as err:
+            raise WorkflowError(f"config key {err}")
 
 
 # Methods that distil from a teacher (Method.needs_teacher in the registry).
 TEACHER_METHODS = {name for name in METHODS.names() if METHODS.get(name).needs_teacher}
-
-_check_config(config)
 
 
 def frac_str(fraction):
@@ -123,13 +127,8 @@ def experiment_benchmarks(name):
 
 
 def resources_of(dataset, kind):
-    res = config["resources"].get(dataset, {}).get(kind, {})
-    return {
-        "threads": res.get("threads", 1),
-        "mem_mb": res.get("mem_mb", 4000),
-        "runtime": res.get("runtime", 60),
-        "gpu": res.get("gpu", 0),
-    }
+    """threads, mem_mb, runtime, gpu of a job kind (the schema fills in the defaults)."""
+    return config["resources"][dataset][kind]
 
 
 def res(kind, key):
@@ -145,47 +144,26 @@ def teacher_file(dataset):
     return f"results/teachers/{dataset}/{source}/model.pt"
 
 
-def _dataset_section(dataset, fraction, seed_augment=True):
-    data = config["data"].get(dataset, {})
-    return {
-        "name": dataset,
-        "root": data.get("root"),
-        "download": data.get("download", False),
-        "fraction": float(fraction),
-        "subset_seed": data.get("subset_seed", 0),
-        "holdout": data.get("holdout", 0),
-        "cache": data.get("cache", True),
-        "augment": seed_augment,
-    }
-
-
-def run_config(name, dataset, recipe_name, arch, fraction, seed, teacher):
-    """The run config `mixacm train` reads (docs/architecture.md, "The run config")."""
-    recipe = config["recipes"][recipe_name]
-    return {
-        "name": name,
-        "seed": int(seed),
-        "device": config["device"],
-        "dataset": _dataset_section(dataset, fraction),
-        "model": {"name": arch, "kwargs": {}},
-        "teacher": teacher,
-        "method": {"name": recipe["method"], **recipe.get("knobs", {})},
-        "optim": dict(recipe.get("optim", {})),
-        "train": {"progress": False, **recipe.get("train", {})},
-    }
+_check_config(config)
 
 
 def student_config(w):
+    """The run config of a student (docs/architecture.md, "The run config")."""
     method = config["recipes"][w.method]["method"]
-    teacher = teacher_file(w.dataset) if method in TEACHER_METHODS else None
-    name = RUN_ID.format(**dict(w.items()))
-    return run_config(name, w.dataset, w.method, w.arch, w.fraction, w.seed, teacher)
+    return pipeline_run_config(
+        config, dataset=w.dataset, recipe=w.method, arch=w.arch, fraction=w.fraction, seed=w.seed,
+        teacher=teacher_file(w.dataset) if method in TEACHER_METHODS else None,
+        name=RUN_ID.format(**dict(w.items())),
+    )
 
 
 def teacher_config(w):
+    """The run config of a teacher trained in the DAG (teachers.<dataset>.source: train)."""
     t = config["teachers"][w.dataset]
-    name = f"teachers/{w.dataset}/trained"
-    return run_config(name, w.dataset, t["recipe"], t["arch"], t["fraction"], t["seed"], None)
+    return pipeline_run_config(
+        config, dataset=w.dataset, recipe=t["recipe"], arch=t["arch"], fraction=t["fraction"], seed=t["seed"],
+        name=f"teachers/{w.dataset}/trained",
+    )
 
 
 def as_yaml(cfg):
@@ -236,7 +214,7 @@ def run_info(w):
 def eval_args(w, info=None):
     """Arguments shared by the evaluation rules (data location, threat model, run info)."""
     ev = config["evaluation"][w.dataset]
-    root = config["data"].get(w.dataset, {}).get("root")
+    root = config["data"][w.dataset]["root"]
     args = [
         f"--dataset {w.dataset}",
         f"--eps {shell_quote(str(ev['eps']))}",
