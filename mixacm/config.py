@@ -282,3 +282,22 @@ def check_pipeline_recipe(pipeline: Mapping[str, Any], recipe: str, *, dataset: 
         raise ConfigError(f"recipes.{recipe} ({dataset}, {arch}): {msg}") from None
     return cfg
 
+
+
+# The pipeline's teachers.<dataset>.source -> the key that names the source in
+# ``mixacm.teachers.acquire_teacher``'s form, and the block's key holding its value.
+_TEACHER_SOURCES = {"robustbench": ("robustbench", "name"), "url": ("url", "url"), "file": ("path", "path")}
+_TEACHER_PASSED = {"robustbench": ("threat_model", "arch"), "url": ("sha256", "arch"), "file": ("sha256", "arch")}
+
+
+def teacher_source(block: Mapping[str, Any], dataset: str) -> dict:
+    """The ``acquire_teacher`` source of a validated ``teachers.<dataset>`` block with
+    ``source: robustbench | url | file`` (``train`` teachers are trained in the DAG)."""
+    kind = block["source"]
+    if kind not in _TEACHER_SOURCES:
+        raise ConfigError(f"teachers.{dataset}.source: {kind!r} teachers are not acquired; "
+                          f"sources acquired: {', '.join(_TEACHER_SOURCES)}")
+    key, field_name = _TEACHER_SOURCES[kind]
+    source = {key: block[field_name], "dataset": dataset}
+    source.update({k: block[k] for k in _TEACHER_PASSED[kind] if block.get(k) is not None})
+    return source

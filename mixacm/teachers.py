@@ -1,7 +1,7 @@
 """Teacher acquisition: a robust pre-trained network, written as a mixacm model file.
 
 MixACM distils from a frozen robust teacher (method.md section 1). A teacher comes from one of
-three sources, each a dict (the config's ``teachers.<dataset>`` block, or ``mixacm teacher``):
+three sources, each a dict (``mixacm teacher`` builds one from its flags):
 
 * ``{"robustbench": NAME, "dataset": "cifar10", "threat_model": "Linf", "arch": "wrn-34-10"}``:
   RobustBench's ``load_model`` (optional dependency; its downloads need internet).
@@ -10,9 +10,9 @@ three sources, each a dict (the config's ``teachers.<dataset>`` block, or ``mixa
   required and checked before anything is read.
 * ``{"path": FILE, "arch": ..., "sha256": optional, "key": ...}``: a local file.
 
-The pipeline config's shape, ``{"source": "robustbench" | "url" | "file", "name": ..., ...}``
-(workflow/schemas/config.schema.yaml, ``teachers.<dataset>``), is accepted as well and read as
-the matching form above; ``source: train`` teachers are trained in the DAG, not acquired.
+The pipeline config's ``teachers.<dataset>`` block is translated into one of these at the
+boundary where that config is read (``mixacm.config.teacher_source``); this module does not know
+its shape.
 
 A file is either already a mixacm model file (``arch`` not needed) or a foreign state dict read
 strictly into the registered architecture ``arch`` (``kwargs`` are its constructor arguments,
@@ -46,10 +46,6 @@ _ALLOWED = {
     "url": {"url", "sha256", "arch", "key", "kwargs", "dataset"},
     "path": {"path", "sha256", "arch", "key", "kwargs", "dataset"},
 }
-# The config's teachers.<dataset> block: its source names -> the kinds above.
-_CONFIG_KINDS = {"robustbench": "robustbench", "url": "url", "file": "path"}
-# Config keys that only matter to `source: train` (the schema fills in their defaults).
-_TRAIN_ONLY = {"recipe", "fraction", "seed"}
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _DEFAULT_KEY = "state_dict"
@@ -73,7 +69,6 @@ def acquire_teacher(source: Mapping[str, Any], out_path: str | os.PathLike, *,
     (``source_sha256``), any scalars published beside the weights (``published``, e.g. the
     shared checkpoints' ``test_acc``) and the provenance of this conversion.
     """
-    source = normalize_source(source)
     kind = _check_source(source)
     if num_classes is None and "dataset" in source:
         num_classes = _NUM_CLASSES.get(str(source["dataset"]))
@@ -104,29 +99,6 @@ def acquire_teacher(source: Mapping[str, Any], out_path: str | os.PathLike, *,
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def normalize_source(source: Any) -> dict:
-    """A teacher source in this module's form; the config's ``{"source": ..., ...}`` is translated."""
-    if not isinstance(source, Mapping):
-        raise TeacherError(f"teacher source must be a dict with one of the keys {list(_KINDS)}, got {source!r}")
-    if "source" not in source:
-        return dict(source)
-    kind = source["source"]
-    if kind == "train":
-        raise TeacherError("teacher source 'train' is trained by the workflow (mixacm train), not acquired")
-    if kind not in _CONFIG_KINDS:
-        raise TeacherError(f"teacher source {kind!r} is unknown; valid: {', '.join([*_CONFIG_KINDS, 'train'])}")
-    out = {k: v for k, v in source.items() if k not in _TRAIN_ONLY | {"source", "name"} and v is not None}
-    if kind != "robustbench":
-        out.pop("threat_model", None)  # the schema's default, meaningless for a file
-    if kind == "robustbench":
-        if not source.get("name"):
-            raise TeacherError("teacher source robustbench: `name` (the RobustBench model name) is required")
-        out["robustbench"] = source["name"]
-    elif "name" in source:
-        raise TeacherError(f"teacher source {kind}: `name` is only for source robustbench")
-    return out
 
 
 def _check_source(source: Any) -> str:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mixacm.checkpoint import load_model_file, model_spec, save_model_file
+from mixacm.config import ConfigError, teacher_source
 from mixacm.models import build_model
 from mixacm.teachers import TeacherError, acquire_teacher
 from mixacm.utils import sha256_file
@@ -213,20 +214,26 @@ def test_robustbench_model_is_read_through_its_normalizer_wrapper(tmp_path, monk
 
 
 def test_config_shaped_sources_are_read_like_the_native_ones(tmp_path, net, foreign_file, server, monkeypatch):
-    """teachers.<dataset> blocks as the workflow schema fills them in (defaults included)."""
-    defaults = {"threat_model": "Linf", "fraction": 1.0, "seed": 0, "dataset": "cifar10"}
-    file_out = acquire_teacher({"source": "file", "path": str(foreign_file), "arch": "tiny", **defaults},
-                               tmp_path / "file.pt")
-    url_out = acquire_teacher({"source": "url", "url": f"{server}/teacher.pth", "arch": "tiny",
-                               "sha256": sha256_file(foreign_file), **defaults}, tmp_path / "url.pt")
-    for out in (file_out, url_out):
-        assert torch.allclose(outputs(out), expected(net), atol=1e-6)
+    """teachers.<dataset> blocks as the workflow schema fills them in (defaults included),
+    translated by mixacm.config.teacher_source; acquire_teacher itself refuses that shape."""
+    defaults = {"threat_model": "Linf", "fraction": 1.0, "seed": 0, "arch": "tiny"}
+    file_src = teacher_source({"source": "file", "path": str(foreign_file), **defaults}, "cifar10")
+    assert file_src == {"path": str(foreign_file), "arch": "tiny", "dataset": "cifar10"}
+    url_src = teacher_source({"source": "url", "url": f"{server}/teacher.pth", "sha256": sha256_file(foreign_file),
+                              **defaults}, "cifar10")
+    for src, name in ((file_src, "file.pt"), (url_src, "url.pt")):
+        assert torch.allclose(outputs(acquire_teacher(src, tmp_path / name)), expected(net), atol=1e-6)
+    rb = teacher_source({"source": "robustbench", "name": "Carmon2019Unlabeled", **defaults, "arch": "wrn-28-10"},
+                        "cifar10")
+    assert rb == {"robustbench": "Carmon2019Unlabeled", "dataset": "cifar10", "threat_model": "Linf",
+                  "arch": "wrn-28-10"}
     monkeypatch.setitem(sys.modules, "robustbench", None)
     with pytest.raises(TeacherError, match="'Carmon2019Unlabeled'.*pip install"):
-        acquire_teacher({"source": "robustbench", "name": "Carmon2019Unlabeled", "arch": "wrn-28-10",
-                         **defaults}, tmp_path / "rb.pt")
-    with pytest.raises(TeacherError, match="trained by the workflow"):
-        acquire_teacher({"source": "train", "recipe": "at", "arch": "tiny"}, tmp_path / "t.pt")
+        acquire_teacher(rb, tmp_path / "rb.pt")
+    with pytest.raises(ConfigError, match=r"teachers\.cifar10\.source: 'train'"):
+        teacher_source({"source": "train", "recipe": "at", "arch": "tiny"}, "cifar10")
+    with pytest.raises(TeacherError, match=r"unknown key\(s\) \['source'\]"):
+        acquire_teacher({"source": "file", "path": str(foreign_file), "arch": "tiny"}, tmp_path / "t.pt")
 
 
 def test_num_classes_follows_the_dataset(tmp_path, foreign_file):

@@ -6,12 +6,14 @@
 # where {method} is a recipe name (a method plus its knobs, e.g. mixacm_acm_only).
 
 import json
+import re
 from pathlib import Path
 from shlex import quote as shell_quote
+from types import SimpleNamespace
 
 import yaml
 
-from mixacm.config import ConfigError, check_pipeline_recipe, pipeline_run_config
+from mixacm.config import ConfigError, check_pipeline_recipe, pipeline_run_config, teacher_source
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
 from mixacm.utils import parse_eps
@@ -147,6 +149,11 @@ def teacher_file(dataset):
 _check_config(config)
 
 
+def teacher_source_json(dataset):
+    """The teachers.<dataset> block as `mixacm teacher --source-json` reads it."""
+    return json.dumps(teacher_source(config["teachers"][dataset], dataset), sort_keys=True)
+
+
 def student_config(w):
     """The run config of a student (docs/architecture.md, "The run config")."""
     method = config["recipes"][w.method]["method"]
@@ -211,17 +218,39 @@ def run_info(w):
 # -- evaluation -------------------------------------------------------------------------------
 
 
-def eval_args(w, info=None):
-    """Arguments shared by the evaluation rules (data location, threat model, run info)."""
-    ev = config["evaluation"][w.dataset]
-    root = config["data"][w.dataset]["root"]
+# {subject} of an evaluation: a student's run folder or teachers/{dataset} (evaluate.smk).
+EVAL_SUBJECT_PATTERN = r"teachers/[^/]+|[^/]+/[^/]+/[^/]+/frac[^/]+/seed[0-9]+"
+_STUDENT_SUBJECT = re.compile(
+    r"(?P<dataset>[^/]+)/(?P<method>[^/]+)/(?P<arch>[^/]+)/frac(?P<fraction>[^/]+)/seed(?P<seed>[0-9]+)"
+)
+
+
+def eval_subject(subject):
+    """The model an evaluation's {subject} names: its dataset, model file and the run info its
+    result JSON records (a teacher is named in it as the tables name it)."""
+    if subject.startswith("teachers/"):
+        dataset = subject.split("/")[1]
+        t = config["teachers"][dataset]
+        info = json.dumps({"method": "teacher", "arch": t.get("arch"), "teacher": None,
+                           "variant": teacher_label(dataset), "data_fraction": 1.0, "seed": 0},
+                          sort_keys=True)
+        return {"dataset": dataset, "model": teacher_file(dataset), "info": info}
+    w = SimpleNamespace(**_STUDENT_SUBJECT.fullmatch(subject).groupdict())
+    return {"dataset": w.dataset, "model": f"results/{subject}/model.pt", "info": run_info(w)}
+
+
+def eval_args(subject):
+    """`mixacm evaluate` arguments of an eval_subject (data location, threat model, run info)."""
+    dataset = subject["dataset"]
+    ev = config["evaluation"][dataset]
+    root = config["data"][dataset]["root"]
     args = [
-        f"--dataset {w.dataset}",
+        f"--dataset {dataset}",
         f"--eps {shell_quote(str(ev['eps']))}",
         f"--batch-size {ev['batch_size']}",
         f"--seed {ev['seed']}",
         f"--device {config['device']}",
-        f"--run-info {shell_quote(info or run_info(w))}",
+        f"--run-info {shell_quote(subject['info'])}",
     ]
     if root:
         args.append(f"--data-root {shell_quote(root)}")
@@ -244,17 +273,8 @@ EVAL_JOB_KIND = {"clean_pgd": "evaluate", "autoattack": "autoattack", "autoattac
 
 
 def eval_res(key):
-    """A resource of an evaluation job whose {kind} wildcard names the evaluation."""
-    return lambda w: resources_of(w.dataset, EVAL_JOB_KIND[w.kind])[key]
-
-
-def teacher_eval_args(w):
-    """eval_args for a dataset's teacher, named in the result like the tables name it."""
-    t = config["teachers"][w.dataset]
-    info = json.dumps({"method": "teacher", "arch": t.get("arch"), "teacher": None,
-                       "variant": teacher_label(w.dataset), "data_fraction": 1.0, "seed": 0},
-                      sort_keys=True)
-    return eval_args(w, info)
+    """A resource of an evaluation job ({subject}'s dataset, the entry of its {kind})."""
+    return lambda w: resources_of(eval_subject(w.subject)["dataset"], EVAL_JOB_KIND[w.kind])[key]
 
 
 TEACHER_EVALS = [

@@ -1,66 +1,14 @@
-# Evaluation of every trained student: clean + PGD in one job, AutoAttack in another (it is by
-# far the slower one and is scheduled with its own resources). One result JSON each. The
-# per-batch evaluation state lives beside the result but is not an output, so a killed
-# evaluation resumes where it stopped.
-
-
-rule evaluate_clean_pgd:
-    input:
-        model=f"{RUN_PATTERN}/model.pt",
-    output:
-        f"{RUN_PATTERN}/eval_clean_pgd.json",
-    params:
-        args=eval_args,
-        attacks=lambda w: eval_spec(w.dataset, "clean_pgd")[0],
-        n=lambda w: eval_spec(w.dataset, "clean_pgd")[1],
-        state=lambda w, output: f"{output[0]}.state",
-    threads: res("evaluate", "threads")
-    resources:
-        mem_mb=res("evaluate", "mem_mb"),
-        runtime=res("evaluate", "runtime"),
-        gpu=res("evaluate", "gpu"),
-    log:
-        f"{LOG_PATTERN}/evaluate_clean_pgd.log",
-    benchmark:
-        f"{RUN_PATTERN}/benchmark_evaluate_clean_pgd.tsv"
-    conda:
-        "../../environment.yml"
-    shell:
-        "OMP_NUM_THREADS={threads} mixacm evaluate --checkpoint {input.model} {params.args}"
-        " --attacks {params.attacks} {params.n} --state-file {params.state} --out {output}"
-        " > {log} 2>&1"
-
-
-# {aa} is "autoattack" (evaluation.<dataset>.autoattack, every run of an experiment with
-# autoattack: true) or "autoattack_standard" (the standard version, for the recipes an experiment
-# lists under autoattack_standard).
-rule evaluate_autoattack:
-    input:
-        model=f"{RUN_PATTERN}/model.pt",
-    output:
-        f"{RUN_PATTERN}/eval_{{aa}}.json",
-    wildcard_constraints:
-        aa="autoattack|autoattack_standard",
-    params:
-        args=eval_args,
-        attacks=lambda w: eval_spec(w.dataset, w.aa)[0],
-        n=lambda w: eval_spec(w.dataset, w.aa)[1],
-        state=lambda w, output: f"{output[0]}.state",
-    threads: res("autoattack", "threads")
-    resources:
-        mem_mb=res("autoattack", "mem_mb"),
-        runtime=res("autoattack", "runtime"),
-        gpu=res("autoattack", "gpu"),
-    log:
-        f"{LOG_PATTERN}/evaluate_{{aa}}.log",
-    benchmark:
-        f"{RUN_PATTERN}/benchmark_evaluate_{{aa}}.tsv"
-    conda:
-        "../../environment.yml"
-    shell:
-        "OMP_NUM_THREADS={threads} mixacm evaluate --checkpoint {input.model} {params.args}"
-        " --attacks {params.attacks} {params.n} --state-file {params.state} --out {output}"
-        " > {log} 2>&1"
+# Evaluation of every trained student and of each dataset's teacher: one rule, one job and one
+# result JSON per (model, kind). {subject} is a student's run folder
+# ({dataset}/{method}/{arch}/frac{fraction}/seed{seed}) or teachers/{dataset}; {kind} is
+#   clean_pgd            clean + PGD (evaluation.<dataset>.clean_pgd), every model
+#   autoattack           evaluation.<dataset>.autoattack, runs of experiments with autoattack: true
+#                        and the teacher
+#   autoattack_standard  the standard AutoAttack, for the recipes an experiment lists under
+#                        autoattack_standard
+# AutoAttack is by far the slower one and takes the resources.<dataset>.autoattack entry
+# (EVAL_JOB_KIND). The per-batch evaluation state lives beside the result but is not an output,
+# so a killed evaluation resumes where it stopped.
 
 
 # The teacher on the same test data and threat model as its students (clean + PGD, AutoAttack),
@@ -70,17 +18,18 @@ rule teacher_evaluation:
         TEACHER_EVALS,
 
 
-rule evaluate_teacher:
+rule evaluate_model:
     input:
-        model=lambda w: teacher_file(w.dataset),
+        model=lambda w: eval_subject(w.subject)["model"],
     output:
-        "results/teachers/{dataset}/eval_{kind}.json",
+        "results/{subject}/eval_{kind}.json",
     wildcard_constraints:
-        kind="clean_pgd|autoattack",
+        subject=EVAL_SUBJECT_PATTERN,
+        kind="clean_pgd|autoattack|autoattack_standard",
     params:
-        args=teacher_eval_args,
-        attacks=lambda w: eval_spec(w.dataset, w.kind)[0],
-        n=lambda w: eval_spec(w.dataset, w.kind)[1],
+        args=lambda w: eval_args(eval_subject(w.subject)),
+        attacks=lambda w: eval_spec(eval_subject(w.subject)["dataset"], w.kind)[0],
+        n=lambda w: eval_spec(eval_subject(w.subject)["dataset"], w.kind)[1],
         state=lambda w, output: f"{output[0]}.state",
     threads: eval_res("threads")
     resources:
@@ -88,9 +37,9 @@ rule evaluate_teacher:
         runtime=eval_res("runtime"),
         gpu=eval_res("gpu"),
     log:
-        "logs/teachers/{dataset}/evaluate_{kind}.log",
+        "logs/{subject}/evaluate_{kind}.log",
     benchmark:
-        "results/teachers/{dataset}/benchmark_evaluate_{kind}.tsv"
+        "results/{subject}/benchmark_evaluate_{kind}.tsv"
     conda:
         "../../environment.yml"
     shell:

@@ -1,5 +1,6 @@
 # The robust teacher of each dataset's students, one rule per source. Every rule writes the
-# project's model-file format (mixacm.checkpoint), so students load any teacher the same way.
+# project's model-file format (mixacm.checkpoint), so students load any teacher the same way, and
+# passes the teachers.<dataset> block to `mixacm teacher` as mixacm.config.teacher_source reads it.
 # Downloads run on the submitting host (localrules): compute nodes often have no internet.
 
 localrules:
@@ -13,9 +14,7 @@ rule fetch_teacher_robustbench:
     output:
         "results/teachers/{dataset}/robustbench/model.pt",
     params:
-        name=lambda w: config["teachers"][w.dataset]["name"],
-        threat_model=lambda w: config["teachers"][w.dataset]["threat_model"],
-        arch=lambda w: config["teachers"][w.dataset]["arch"] or "",
+        source=lambda w: teacher_source_json(w.dataset),
     threads: res("teacher", "threads")
     resources:
         mem_mb=res("teacher", "mem_mb"),
@@ -28,17 +27,14 @@ rule fetch_teacher_robustbench:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm teacher --robustbench {params.name:q} --threat-model {params.threat_model}"
-        " --dataset {wildcards.dataset} --arch {params.arch:q} --out {output} > {log} 2>&1"
+        "mixacm teacher --source-json {params.source:q} --out {output} > {log} 2>&1"
 
 
 rule fetch_teacher_url:
     output:
         "results/teachers/{dataset}/url/model.pt",
     params:
-        url=lambda w: config["teachers"][w.dataset]["url"],
-        sha256=lambda w: config["teachers"][w.dataset]["sha256"],
-        arch=lambda w: config["teachers"][w.dataset]["arch"],
+        source=lambda w: teacher_source_json(w.dataset),
     threads: res("teacher", "threads")
     resources:
         mem_mb=res("teacher", "mem_mb"),
@@ -51,8 +47,7 @@ rule fetch_teacher_url:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm teacher --url {params.url:q} --sha256 {params.sha256} --arch {params.arch:q}"
-        " --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "mixacm teacher --source-json {params.source:q} --out {output} > {log} 2>&1"
 
 
 rule import_teacher_file:
@@ -61,7 +56,7 @@ rule import_teacher_file:
     output:
         "results/teachers/{dataset}/file/model.pt",
     params:
-        arch=lambda w: config["teachers"][w.dataset]["arch"] or "",
+        source=lambda w: teacher_source_json(w.dataset),
     threads: res("teacher", "threads")
     resources:
         mem_mb=res("teacher", "mem_mb"),
@@ -74,8 +69,7 @@ rule import_teacher_file:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm teacher --path {input:q} --arch {params.arch:q} --dataset {wildcards.dataset}"
-        " --out {output} > {log} 2>&1"
+        "mixacm teacher --source-json {params.source:q} --out {output} > {log} 2>&1"
 
 
 rule write_teacher_config:
