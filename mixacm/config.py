@@ -25,16 +25,6 @@ from mixacm.utils import config_hash, parse_eps
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_config.schema.yaml"
 
-# Filled in under the method's recipe when neither the recipe nor `optim` sets them.
-RECIPE_DEFAULTS: dict[str, Any] = {
-    "momentum": 0.9,
-    "weight_decay": 0.0,
-    "nesterov": False,
-    "schedule": "step",
-    "milestones": [],
-    "gamma": 0.1,
-    "warmup_epochs": 0,
-}
 RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
 
 # Keys that do not change what is trained: left out of the config hash so that renaming a run,
@@ -193,22 +183,24 @@ def _method_recipe(cfg: Mapping[str, Any], method: Any = None) -> dict:
 
 
 def resolve_recipe(cfg: Mapping[str, Any], method: Any = None) -> dict:
-    """The optimiser recipe a run uses: defaults < the method's recipe for the dataset < ``optim``.
+    """The optimiser recipe a run uses: the schema's defaults (``$defs/recipe``) < the method's
+    recipe for the dataset < ``optim``.
 
     ``method`` is the constructed method when the caller has one (its recipe may depend on its
     knobs). Keys the optimiser does not use (e.g. a recipe's ``replays``) are dropped here; the
     method keeps its own copy.
     """
-    schema = run_config_schema()["properties"]["optim"]
-    recipe = {k: v for k, v in _method_recipe(cfg, method).items() if k in schema["properties"]}
-    merged = {**RECIPE_DEFAULTS, **recipe, **cfg["optim"]}
+    defs = run_config_schema()["$defs"]
+    recipe = {k: v for k, v in _method_recipe(cfg, method).items() if k in defs["recipe_keys"]["properties"]}
+    merged = {**recipe, **cfg["optim"]}
     missing = [k for k in RECIPE_REQUIRED if k not in merged]
     if missing:
         raise ConfigError(
             f"optim.{missing[0]}: method {cfg['method']['name']!r} has no recipe value for "
             f"{', '.join(missing)} on {cfg['dataset']['name']}; set it under optim"
         )
-    validate(merged, schema, what="resolved recipe", prefix=("optim",))
+    # The schema's $defs/recipe fills in the defaults (momentum, schedule, ...) while validating.
+    validate(merged, {"$defs": defs, "$ref": "#/$defs/recipe"}, what="resolved recipe", prefix=("optim",))
     merged["milestones"] = sorted(float(m) for m in merged["milestones"])
     return merged
 

@@ -73,7 +73,11 @@ def test_every_object_in_the_schema_rejects_unknown_keys():
     open_ended = {"method", "kwargs"}
     seen = []
 
+    defs = run_config_schema()["$defs"]
+
     def walk(node, name):
+        if "$ref" in node:  # "#/$defs/<name>"
+            node = {**defs[node["$ref"].rsplit("/", 1)[1]], **{k: v for k, v in node.items() if k != "$ref"}}
         if node.get("type") == "object":
             seen.append(name)
             if name not in open_ended:
@@ -92,9 +96,24 @@ def test_recipe_is_the_methods_own_with_optim_overrides():
     at = resolve_recipe(load_run_config({"method": {"name": "at"}, "optim": {"epochs": 4, "batch_size": 32}}))
     assert (at["epochs"], at["batch_size"], at["weight_decay"], at["milestones"]) == (4, 32, 5e-4, [0.5, 0.75])
     assert at["warmup_epochs"] == 0 and at["nesterov"] is False  # filled-in defaults
+
     # Free-AT's recipe depends on its knobs: epochs = ceil(budget / replays).
     free = resolve_recipe(load_run_config({"method": {"name": "free_at", "replays": 3, "budget_epochs": 10}}))
     assert free["epochs"] == math.ceil(10 / 3) and "replays" not in free
+
+
+def test_recipe_keys_nobody_sets_take_the_schemas_defaults(monkeypatch):
+    from mixacm.methods import METHODS
+
+    bare = {"epochs": 2, "batch_size": 8, "lr": 0.1}
+    monkeypatch.setitem(METHODS.get("standard").recipes, "cifar10", dict(bare))
+    recipe = resolve_recipe(load_run_config({"method": {"name": "standard"}, "optim": {"nesterov": True}}))
+    defaults = {k: v["default"] for k, v in run_config_schema()["$defs"]["recipe"]["properties"].items()}
+    assert recipe == {**bare, **defaults, "nesterov": True}
+    assert defaults == {"momentum": 0.9, "weight_decay": 0.0, "nesterov": False, "schedule": "step",
+                        "milestones": [], "gamma": 0.1, "warmup_epochs": 0}
+    with pytest.raises(ConfigError, match=r"^optim\.momentum: 1 is greater than or equal to the maximum of 1"):
+        resolve_recipe(load_run_config({"method": {"name": "standard"}, "optim": {"momentum": 1}}))
 
 
 def test_config_hash_follows_what_is_trained():
