@@ -5,9 +5,15 @@ the defaults in it). ``load_run_config`` fills the defaults, validates with ``js
 converts the selection eps (``"8/255"``) to a float once, here at the boundary. Errors are
 ``ConfigError`` naming the key path, e.g. ``optim.lr: -1 is less than the minimum of 0``.
 
-Method knobs are checked against the method class (unknown knob -> error naming it); their
-values are checked by the class's constructor when training starts. ``resolve_recipe`` merges
-``optim`` over the method's official recipe for the dataset.
+Method knobs are checked by the method class (``Method.resolve``: unknown knob or bad value ->
+error naming it). ``resolve_recipe`` merges ``optim`` over the method's official recipe for the
+dataset over the schema's recipe defaults (``$defs/recipe``).
+
+The pipeline config (``workflow/schemas/config.schema.yaml``, validated with its defaults by the
+Snakefile) meets the package here and only here: ``pipeline_run_config`` turns one of its recipes
+into a run config, ``check_pipeline_recipe`` validates that run config as ``mixacm train`` will
+(errors keyed by the pipeline config's key), ``teacher_source`` turns a ``teachers.<dataset>``
+block into ``mixacm.teachers.acquire_teacher``'s form.
 """
 from __future__ import annotations
 
