@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from mixacm import distributed as ddp
 from mixacm.checkpoint import load_model_file, model_spec, save_model_file
-from mixacm.config import ConfigError, load_run_config, method_class, method_knobs, resolve_recipe, run_config_hash
+from mixacm.config import (ConfigError, load_run_config, method_class, method_knobs, recipe_record, resolve_recipe,
+                           run_config_hash)
 from mixacm.data import balanced_subset, dataset_labels, dataset_source, holdout_split, load_dataset, make_train_loader
 from mixacm.models import build_model
 from mixacm.provenance import provenance
@@ -72,22 +73,27 @@ class LRSchedule:
     * ``step``: ``gamma ** (number of milestones reached)``, milestone ``m`` reached at step
       ``round(m * total)``; with milestones on epoch boundaries this is MultiStepLR;
     * ``cosine``: ``(1 + cos(pi * t / total)) / 2``;
-    * ``cyclic``: one triangle from 0 up to 1 at 2/5 of training and back to 0 at the end,
-      evaluated at ``t + 1`` so the first step already moves (Fast-AT, Wong et al. 2020);
+    * ``cyclic``: one triangle from 0 up to 1 at ``peak`` (a fraction of training) and back to
+      0 at the end, evaluated at ``t`` as ``CyclicLR`` stepped after every batch is (Fast-AT's
+      official code: peak 0.5, so the first step has lr 0);
+    * ``piecewise``: linear between ``points`` ([fraction of training, factor], from 0 to 1),
+      evaluated at ``t + 1`` as Fast-AT's ImageNet code does (``epoch + (i + 1) / len``);
     * ``constant``: 1.
     A linear warmup over ``warmup_steps`` multiplies the factor by ``min(1, (t + 1) / warmup)``.
     A callable object, so ``LambdaLR`` checkpoints it with the scheduler.
     """
 
-    PEAK = 0.4
+    SCHEDULES = ("step", "cosine", "cyclic", "piecewise", "constant")
 
     def __init__(self, schedule: str, total: int, milestones: list[float] = (), gamma: float = 0.1,
-                 warmup_steps: int = 0) -> None:
-        if schedule not in ("step", "cosine", "cyclic", "constant"):
-            raise ConfigError(f"optim.schedule: unknown schedule {schedule!r}; valid: step, cosine, cyclic, constant")
+                 warmup_steps: int = 0, peak: float = 0.5, points: list[list[float]] = ()) -> None:
+        if schedule not in self.SCHEDULES:
+            raise ConfigError(f"optim.schedule: unknown schedule {schedule!r}; valid: {', '.join(self.SCHEDULES)}")
         self.schedule, self.total, self.gamma = schedule, max(1, int(total)), float(gamma)
         self.milestone_steps = sorted(round(float(m) * self.total) for m in milestones)
         self.warmup_steps = int(warmup_steps)
+        self.peak = float(peak)
+        self.points = [(float(f), float(v)) for f, v in points]
 
     def __call__(self, t: int) -> float:
         if self.schedule == "step":
@@ -95,7 +101,10 @@ class LRSchedule:
         elif self.schedule == "cosine":
             factor = 0.5 * (1.0 + math.cos(math.pi * min(t, self.total) / self.total))
         elif self.schedule == "cyclic":
-            factor = float(np.interp((t + 1) / self.total, [0.0, self.PEAK, 1.0], [0.0, 1.0, 0.0]))
+            factor = float(np.interp(t / self.total, [0.0, self.peak, 1.0], [0.0, 1.0, 0.0]))
+        elif self.schedule == "piecewise":
+            xs, ys = zip(*self.points)
+            factor = float(np.interp((t + 1) / self.total, xs, ys))
         else:
             factor = 1.0
         if self.warmup_steps > 0:
@@ -108,6 +117,7 @@ def make_schedule(recipe: Mapping[str, Any], steps_per_epoch: int) -> LRSchedule
     return LRSchedule(
         recipe["schedule"], recipe["epochs"] * steps_per_epoch, recipe.get("milestones", []),
         recipe.get("gamma", 0.1), round(recipe.get("warmup_epochs", 0) * steps_per_epoch),
+        recipe.get("lr_peak", 0.5), recipe.get("lr_points", ()),
     )
 
 
@@ -267,7 +277,7 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
         teacher = teacher.to(memory_format=memory_format).eval().requires_grad_(False)
     net = ddp.wrap_model(model, ctx)
     try:
-        method = cls(net, teacher=teacher, **method_knobs(cfg))
+        method = cls(net, teacher=teacher, dataset=cfg["dataset"]["name"], **method_knobs(cfg))
     except ValueError as err:
         raise ConfigError(f"method: {err}") from None
     extra = method.extra_modules().to(device)
@@ -276,6 +286,8 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
         method.load_state_dict(state["method"])
     ddp.broadcast_module(extra, ctx)
     recipe = resolve_recipe(cfg, method)
+    # The method sees the recipe as run (optim overrides included; Free-AT records its budget).
+    method.recipe = {**getattr(method, "recipe", {}), **recipe}
 
     world = ctx.world_size
     if recipe["batch_size"] % world:
@@ -414,7 +426,7 @@ def _finish(cfg, out, ctx, model, spec, method, recipe, cfg_hash, history, best,
     d = cfg["dataset"]
     summary = {
         "name": cfg["name"], "config_hash": cfg_hash, "completed": True,
-        "method": cfg["method"]["name"], "knobs": knobs, "recipe": recipe,
+        "method": cfg["method"]["name"], "knobs": knobs, "recipe": recipe_record(cfg, method, recipe),
         "model": spec, "teacher": cfg["teacher"], "seed": cfg["seed"],
         "dataset": {"name": d["name"], "fraction": d["fraction"], "subset_seed": d["subset_seed"],
                     "holdout": d["holdout"], "augment": d["augment"], "source": source},

@@ -88,7 +88,7 @@ def test_every_object_in_the_schema_rejects_unknown_keys():
 def test_recipe_is_the_methods_own_with_optim_overrides():
     trades = resolve_recipe(load_run_config({"method": {"name": "trades"}}))
     assert (trades["epochs"], trades["weight_decay"], trades["lr"]) == (76, 2e-4, 0.1)
-    assert trades["milestones"] == [pytest.approx(75 / 76)]
+    assert trades["milestones"] == [pytest.approx(74 / 76)]
     at = resolve_recipe(load_run_config({"method": {"name": "at"}, "optim": {"epochs": 4, "batch_size": 32}}))
     assert (at["epochs"], at["batch_size"], at["weight_decay"], at["milestones"]) == (4, 32, 5e-4, [0.5, 0.75])
     assert at["warmup_epochs"] == 0 and at["nesterov"] is False  # filled-in defaults

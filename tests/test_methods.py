@@ -11,6 +11,7 @@ from torch import nn
 
 from mixacm.losses import acm_distance, kd_kl
 from mixacm.methods import METHODS, build_method
+from mixacm.methods.base import RecipeError
 from mixacm.models import build_model
 from mixacm.models.base import FeatureClassifier
 
@@ -96,8 +97,8 @@ def bn_updates(model: FeatureClassifier) -> int:
 @pytest.mark.parametrize(
     ("name", "knobs", "forwards_in_train_mode"),
     [
-        ("at", {}, 1),  # the attack's 10 forwards run in eval mode: only the loss's counts
-        ("at", {"attack_mode": "train"}, 11),  # 10 PGD forwards + the loss's
+        ("at", {}, 11),  # default train, as Rice et al.'s code: 10 PGD forwards + the loss's
+        ("at", {"attack_mode": "eval"}, 1),  # the attack's 10 forwards in eval mode: only the loss's
         ("fast_at", {}, 2),  # official: the FGSM forward is an ordinary training forward
         ("fast_at", {"attack_mode": "eval"}, 1),
         ("trades", {}, 2),  # eval-mode attack; clean and adversarial forwards of the loss
@@ -148,12 +149,24 @@ def test_free_at_delta_stays_within_eps_and_changes_across_replays():
     assert not torch.equal(deltas[0], deltas[1]) and not torch.equal(deltas[1], deltas[2])
 
     # A smaller last batch continues from the leading part of the carried perturbation ...
-    method.loss(x[:5], y[:5])
+    loss, _ = method.loss(x[:5], y[:5])
     torch.testing.assert_close(method._leaf.detach(), deltas[-1][:5])
-    # ... and a larger one starts again from zero.
+    loss.backward()
+    method.after_backward()
+    # ... and the perturbation keeps its full size: rows 5.. are untouched, rows :5 moved
+    # (the official code updates global_noise_data[0:n] only).
+    assert method.delta.shape == x.shape
+    torch.testing.assert_close(method.delta[5:], deltas[-1][5:])
+    assert not torch.equal(method.delta[:5], deltas[-1][:5])
+    after_small = method.delta.clone()
+    # The next full batch continues from all of it (no reset to zero).
+    method.loss(x, y)
+    torch.testing.assert_close(method._leaf.detach(), after_small)
+    # A larger batch keeps what it has and starts its extra rows from zero.
     x_big, y_big = batch(12, seed=1)
     method.loss(x_big, y_big)
-    assert torch.count_nonzero(method._leaf) == 0
+    torch.testing.assert_close(method._leaf.detach()[:8], after_small)
+    assert torch.count_nonzero(method._leaf[8:]) == 0
 
     # The carried perturbation survives a state round trip (resume).
     fresh = make("free_at", replays=3)
@@ -214,7 +227,7 @@ def test_knob_listing_and_resolved_values():
     assert listed["eps"]["default"] == "8/255" and listed["eps"]["unit"] == "fraction of [0, 1]"
     method = make("at", eps="4/255", steps="5")
     assert method.resolved_knobs() == {
-        "eps": 4 / 255, "steps": 5, "step_size": 2 / 255, "random_start": True, "attack_mode": "eval",
+        "eps": 4 / 255, "steps": 5, "step_size": 2 / 255, "random_start": True, "attack_mode": "train",
     }
 
 
@@ -222,8 +235,10 @@ def test_recipes_follow_method_md():
     at, trades, mix = make("at"), make("trades"), make("mixacm")
     assert (at.recipe["epochs"], at.recipe["weight_decay"], at.recipe["milestones"]) == (200, 5e-4, [0.5, 0.75])
     assert (trades.recipe["epochs"], trades.recipe["weight_decay"]) == (76, 2e-4)
-    assert trades.recipe["epochs"] * trades.recipe["milestones"][0] == pytest.approx(75)
-    assert mix.recipe_for("cifar100") == mix.recipe_for("cifar10") == mix.recipe
+    # Official: lr / 10 from 1-based epoch 75, i.e. after 74 of the 76 epochs.
+    assert trades.recipe["epochs"] * trades.recipe["milestones"][0] == pytest.approx(74)
+    with pytest.raises(RecipeError, match="method 'mixacm' has no recipe for dataset 'cifar100'"):
+        mix.recipe_for("cifar100")
     imagenet = mix.recipe_for("imagenet")
     assert (imagenet["epochs"], imagenet["weight_decay"], imagenet["lr"], imagenet["batch_size"]) == (90, 1e-4, 0.1, 256)
     assert make("fast_at").recipe["schedule"] == "cyclic"
@@ -346,3 +361,76 @@ def test_resolved_knobs_round_trip(name):
     # A run's recorded knobs rebuild the same method (what a rerun from results relies on).
     used = make(name, **({"ablation": "acm+kd"} if name == "mixacm" else {})).resolved_knobs()
     assert make(name, **used).resolved_knobs() == used
+
+
+# -- recipes per dataset ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_recipe_names_its_source_and_resolves(name):
+    from mixacm.config import load_run_config, resolve_recipe
+
+    cls = METHODS.get(name)
+    assert cls.recipe_datasets(), f"method {name!r} declares no recipe"
+    for dataset in cls.recipe_datasets():
+        assert len(cls.recipes[dataset]["source"]) > 10, (name, dataset)
+        cfg = {"dataset": {"name": dataset}, "method": {"name": name}}
+        if cls.needs_teacher:
+            cfg["teacher"] = "teacher.pt"
+        recipe = resolve_recipe(load_run_config(cfg))
+        assert recipe["epochs"] >= 1 and recipe["batch_size"] >= 1
+
+
+def test_imagenet_recipes_of_the_papers():
+    from mixacm.config import load_run_config, resolve_recipe
+
+    def resolved(name, **knobs):
+        cfg = {"dataset": {"name": "imagenet"}, "method": {"name": name, **knobs}}
+        if name == "mixacm":
+            cfg["teacher"] = "t.pt"
+        cfg = load_run_config(cfg)
+        return resolve_recipe(cfg), METHODS.get(name).resolve(knobs, dataset="imagenet")
+
+    # Free-AT (FreeAdversarialTraining configs.yml + main_free.py): m 4, eps 4/255, budget 90 ->
+    # 23 epochs, lr 0.1 / 10 every ceil(30 / 4) = 8 epochs, batch 256, wd 1e-4.
+    free, k = resolved("free_at")
+    assert (k.replays, k.eps, k.budget_epochs) == (4, 4 / 255, 90)
+    assert (free["epochs"], free["batch_size"], free["lr"], free["weight_decay"]) == (23, 256, 0.1, 1e-4)
+    assert [m * 23 for m in free["milestones"]] == pytest.approx([8, 16])
+    # Fast-AT (fast_adversarial ImageNet): 15 epochs, FGSM 1.25 eps from a random start at 4/255.
+    fast, k = resolved("fast_at")
+    assert (k.eps, k.step_scale, fast["epochs"], fast["schedule"]) == (4 / 255, 1.25, 15, "piecewise")
+    assert fast["lr"] == 0.4 and fast["lr_points"][1] == pytest.approx([1 / 15, 1.0])
+    # MixACM (method.md): SGD, lr 0.1 at batch 256, wd 1e-4, 90 epochs.
+    mix, _ = resolved("mixacm")
+    assert (mix["epochs"], mix["batch_size"], mix["lr"], mix["weight_decay"]) == (90, 256, 0.1, 1e-4)
+    # None of them is the CIFAR recipe.
+    for r in (free, fast, mix):
+        assert r["batch_size"] != 128
+
+
+def test_no_recipe_for_the_dataset_is_a_config_error_naming_both():
+    from mixacm.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match="method 'at' has no recipe for dataset 'imagenet'"):
+        load_run_config({"dataset": {"name": "imagenet"}, "method": {"name": "at"}})
+    with pytest.raises(ConfigError, match="method 'trades' has no recipe for dataset 'cifar100'"):
+        load_run_config({"dataset": {"name": "cifar100"}, "method": {"name": "trades"}})
+    with pytest.raises(RecipeError, match="method 'fast_at' has no recipe for dataset 'imagefolder'"):
+        make("fast_at").recipe_for("imagefolder")
+
+
+def test_at_attacks_the_model_in_training_mode_by_default():
+    method = make("at", steps=2)
+    seen = []
+    method.model.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    method.model.eval()  # the loop sets train(); the attack must not depend on it either way
+    method.model.train()
+    method.loss(*batch())
+    assert seen == [True, True, True]  # 2 PGD forwards + the loss's, all in training mode
+    seen.clear()
+    make_eval = make("at", steps=2, attack_mode="eval")
+    make_eval.model.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    make_eval.model.train()
+    make_eval.loss(*batch())
+    assert seen == [False, False, True]

@@ -140,15 +140,20 @@ class MixACM(Method):
     The teacher is frozen: eval mode, no gradients, forward under ``torch.no_grad()``; it sees
     the same (mixup) batch as the student. Metrics: loss, ce, kd, acm (unweighted terms, so
     loss = ce + beta * kd + gamma * acm) and lam (1 without mixup).
-    Recipe: CIFAR-10 SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr / 10
-    at epochs 100 and 150; ImageNet SGD lr 0.1 at batch 256 (scale it by batch / 256), weight
-    decay 1e-4, 90 epochs, lr / 10 at epochs 30 and 60."""
+    Recipe, CIFAR-10 (source: method.md section 1, the paper's CIFAR-10 setting): SGD lr 0.1,
+    momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr / 10 at epochs 100 and 150.
+    ImageNet (source: method.md section 1): SGD lr 0.1 at batch 256 (scale it by batch / 256),
+    weight decay 1e-4, 90 epochs, step schedule (method.md allows step or cosine; the step
+    schedule of the standard ResNet-50 recipe: lr / 10 at epochs 30 and 60). No CIFAR-100
+    recipe: the paper gives none."""
 
     needs_teacher = True
     Knobs = MixACMKnobs
     recipes = {
-        "cifar10": sgd_recipe(weight_decay=5e-4, epochs=200, milestones=[0.5, 0.75]),
-        "imagenet": sgd_recipe(epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4, milestones=[1 / 3, 2 / 3]),
+        "cifar10": sgd_recipe(source="method.md section 1 (MixACM paper, CIFAR-10 WRN-34-10)",
+                              weight_decay=5e-4, epochs=200, milestones=[0.5, 0.75]),
+        "imagenet": sgd_recipe(source="method.md section 1 (MixACM paper, ImageNet ResNet-50; step schedule)",
+                               epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4, milestones=[1 / 3, 2 / 3]),
     }
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None = None, **knobs: Any) -> None:
@@ -176,10 +181,10 @@ class MixACM(Method):
         ).to(device)
 
     @classmethod
-    def resolve(cls, given: dict[str, Any]) -> MixACMKnobs:
+    def resolve(cls, given: dict[str, Any], dataset: str | None = None) -> MixACMKnobs:
         """Validate the knobs; the ablation preset and the acm/kd/mixup switches are reconciled
         here (no networks needed), the block names against the networks in ``__init__``."""
-        knobs = super().resolve(given)
+        knobs = super().resolve(given, dataset)
         _check_blocks_format(knobs.blocks)
         return dataclasses.replace(knobs, **_resolve_switches(knobs, preset_given="ablation" in given))
 
