@@ -434,3 +434,30 @@ def test_at_attacks_the_model_in_training_mode_by_default():
     make_eval.model.train()
     make_eval.loss(*batch())
     assert seen == [False, False, True]
+
+
+def test_docs_recipe_table_matches_the_registry():
+    """docs/recipes.md has one row per (method, dataset) recipe, with the code's epochs, batch,
+    lr and weight decay."""
+    from pathlib import Path
+
+    from mixacm.config import load_run_config, resolve_recipe
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[0] in METHODS:
+            rows[(cells[0], cells[1])] = cells
+    expected = set()
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        for dataset in cls.recipe_datasets():
+            expected.add((name, dataset))
+            cfg = {"dataset": {"name": dataset}, "method": {"name": name}, "teacher": "t.pt" if cls.needs_teacher else None}
+            r = resolve_recipe(load_run_config(cfg))
+            cells = rows.get((name, dataset))
+            assert cells is not None, f"docs/recipes.md has no row for {name} on {dataset}"
+            assert (int(cells[2]), int(cells[3]), float(cells[4]), float(cells[5])) == (
+                r["epochs"], r["batch_size"], r["lr"], r["weight_decay"]), (name, dataset)
+    assert set(rows) == expected
