@@ -427,6 +427,7 @@ def _finish(cfg, out, ctx, model, spec, method, recipe, cfg_hash, history, best,
     summary = {
         "name": cfg["name"], "config_hash": cfg_hash, "completed": True,
         "method": cfg["method"]["name"], "knobs": knobs, "recipe": recipe_record(cfg, method, recipe),
+        "method_details": method.run_details() if hasattr(method, "run_details") else {},
         "model": spec, "teacher": cfg["teacher"], "seed": cfg["seed"],
         "dataset": {"name": d["name"], "fraction": d["fraction"], "subset_seed": d["subset_seed"],
                     "holdout": d["holdout"], "augment": d["augment"], "source": source},
@@ -439,8 +440,8 @@ def _finish(cfg, out, ctx, model, spec, method, recipe, cfg_hash, history, best,
         "selection": selection, "provenance": prov,
     }
     if ctx.is_main:
-        meta = {k: summary[k] for k in ("name", "config_hash", "method", "knobs", "recipe", "seed", "dataset",
-                                        "teacher", "selection")}
+        meta = {k: summary[k] for k in ("name", "config_hash", "method", "knobs", "recipe", "method_details", "seed",
+                                        "dataset", "teacher", "selection")}
         if cfg["teacher"]:
             meta["teacher_sha256"] = sha256_file(cfg["teacher"])
         save_model_file(model, spec, out / "model.pt", {**meta, "provenance": prov})

@@ -325,8 +325,9 @@ def test_mixacm_ablation_presets_switch_terms(preset, on):
     # Clean inputs and plain CE: every term can be recomputed from the networks directly.
     assert m["lam"] == 1.0
     with torch.no_grad():
-        logits, s_feats = model(x, features=("layer1", "layer2", "layer3"))
-        t_logits, t_feats = teacher(x, features=("layer1", "layer2", "layer3"))
+        # The default activation is the network's own: the features as the next layer receives them.
+        logits, s_feats = model(x, features=("layer1", "layer2", "layer3"), activated=True)
+        t_logits, t_feats = teacher(x, features=("layer1", "layer2", "layer3"), activated=True)
     assert m["ce"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
     if "kd" in on:
         assert m["kd"] == pytest.approx(kd_kl(logits, t_logits).item(), rel=1e-5)
@@ -461,3 +462,70 @@ def test_docs_recipe_table_matches_the_registry():
             assert (int(cells[2]), int(cells[3]), float(cells[4]), float(cells[5])) == (
                 r["epochs"], r["batch_size"], r["lr"], r["weight_decay"]), (name, dataset)
     assert set(rows) == expected
+
+
+# -- the activated channel map of pre-activation networks ---------------------------------------
+
+
+def test_wrn_student_acm_is_the_map_its_next_layer_receives():
+    """WRN student and teacher (pre-activation): with the default activation ('network') the ACM
+    of layer k is computed from exactly the tensor the network's next unit convolves (the next
+    group's first BN + ReLU; after the last group, the final BN + ReLU before pooling), in the
+    training-mode forward of the loss itself; it differs from relu(raw residual sum)."""
+    from mixacm.losses import activated_channel_map
+    from mixacm.models import build_model
+
+    torch.manual_seed(0)
+    student = build_model("wide_resnet", depth=10, widen_factor=1)
+    teacher = build_model("wide_resnet", depth=10, widen_factor=2).eval()
+    method = build_method("mixacm", student, teacher, ablation="acm")
+    assert method.knobs.activation == "network"
+    assert method.run_details()["acm_activation"]["student"].startswith("network: next unit's BN + ReLU")
+
+    received: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda mod, args, out=None: received.__setitem__(name, (args[0] if out is None else torch.relu(out)).detach())
+
+    # What the next layer receives: the first conv of the next group (its input is relu(bn1(x)))
+    # and the final BN's output through the ReLU.
+    student.block2.layer[0].conv1.register_forward_pre_hook(keep("layer1"))
+    student.block3.layer[0].conv1.register_forward_pre_hook(keep("layer2"))
+    student.bn1.register_forward_hook(lambda mod, args, out: received.__setitem__("layer3", torch.relu(out).detach()))
+    used: dict[str, torch.Tensor] = {}
+    original = method.student_channel_map
+
+    def spy(s, t, feat):
+        used[s] = feat.detach()
+        return original(s, t, feat)
+
+    method.student_channel_map = spy
+    student.train()
+    x, y = batch()
+    method.loss(x, y)
+    assert sorted(used) == ["layer1", "layer2", "layer3"]
+    for name in used:
+        torch.testing.assert_close(used[name], received[name], rtol=0, atol=0)
+        acm = method.channel_map(used[name])
+        torch.testing.assert_close(acm, activated_channel_map(received[name], activation="none"))
+    # The old map, relu of the raw residual sum, is a different vector.
+    with torch.no_grad():
+        _, raw = student(x, features=("layer3",))
+    assert not torch.allclose(method.channel_map(used["layer3"]),
+                              activated_channel_map(raw["layer3"], activation="relu"), atol=1e-3)
+
+
+def test_activated_features_leave_the_logits_unchanged():
+    from mixacm.models import build_model
+
+    for name in ("tiny", "preact_resnet18"):
+        torch.manual_seed(0)
+        model = build_model(name).eval()
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            logits = model(x)
+            a_logits, act = model(x, features=model.feature_names, activated=True)
+            _, raw = model(x, features=model.feature_names)
+        torch.testing.assert_close(a_logits, logits)
+        for f in model.feature_names:
+            assert act[f].min() >= 0 and act[f].shape == raw[f].shape

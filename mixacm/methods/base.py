@@ -214,6 +214,10 @@ class Method:
         """The knob values this instance uses (eps values as floats), for the run's records."""
         return dataclasses.asdict(self.knobs)
 
+    def run_details(self) -> dict[str, Any]:
+        """What the knobs resolved to on these networks, for the run's records (not knobs)."""
+        return {}
+
     # -- recipe -----------------------------------------------------------------------------
     @classmethod
     def recipe_datasets(cls) -> list[str]:
