@@ -75,6 +75,16 @@ class WideResNet(FeatureClassifier):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Also drops ``sub_block1.*`` when this model has none: that group is never used in the
+        forward pass (RobustBench's Carmon2019Unlabeled, Zhang2019Theoretically carry it), so the
+        logits are those of the checkpoint's own network."""
+        sd = super().adapt_state_dict(state_dict)
+        if not hasattr(self, "sub_block1"):
+            sd = {k: v for k, v in sd.items() if not k.startswith("sub_block1.")}
+        return sd
+
+
 @MODELS.register("wide_resnet")
 def wide_resnet(num_classes: int = 10, depth: int = 28, widen_factor: int = 10, **kwargs) -> WideResNet:
     return WideResNet(num_classes=num_classes, depth=depth, widen_factor=widen_factor, **kwargs)
