@@ -98,7 +98,7 @@ def test_workflow_teacher_rule_loads_a_robustbench_checkpoint(tmp_path, model_di
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1",
                MIXACM_ROBUSTBENCH_DIR=str(model_dir))
     target = "results/teachers/cifar10/robustbench/model.pt"
-    proc = subprocess.run([str(BIN / "snakemake"), "--cores", "1", "--configfile", "rb.yaml", target],
+    proc = subprocess.run([str(BIN / "snakemake"), target, "--cores", "1", "--configfile", "rb.yaml"],
                           cwd=wf, env=env, capture_output=True, text=True, timeout=600)
     log = wf / "logs" / "teachers" / "cifar10" / "robustbench.log"
     assert proc.returncode == 0, proc.stderr[-3000:] + (log.read_text()[-3000:] if log.exists() else "")
