@@ -208,6 +208,8 @@ def _teacher_source(args: argparse.Namespace) -> dict:
         raise UsageError("--url needs --sha256: downloads are always checked")
     if args.robustbench:
         source = {"robustbench": args.robustbench, "dataset": args.dataset, "threat_model": args.threat_model}
+        if args.model_dir:
+            source["model_dir"] = args.model_dir
     elif args.url:
         source = {"url": args.url, "sha256": args.sha256}
     else:
@@ -377,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--robustbench", metavar="NAME", help="RobustBench model name, e.g. Carmon2019Unlabeled")
     p.add_argument("--threat-model", default="Linf", choices=("Linf", "L2"),
                    help="RobustBench threat model (default: %(default)s)")
+    p.add_argument("--model-dir", metavar="DIR",
+                   help="RobustBench model folder: checkpoints at DIR/<dataset>/<threat model>/<name>.pt are "
+                        "loaded without a download (default: $MIXACM_ROBUSTBENCH_DIR, else ./models)")
     p.add_argument("--url", help="download URL (needs --sha256)")
     p.add_argument("--sha256", metavar="HEX", help="expected sha256 of the downloaded (or local) file")
     p.add_argument("--path", metavar="FILE", help="local model file or state dict")

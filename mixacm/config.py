@@ -158,13 +158,26 @@ def method_knobs(cfg: Mapping[str, Any]) -> dict:
     return {k: v for k, v in cfg["method"].items() if k != "name"}
 
 
+def check_recipe_exists(cls: type, dataset: str) -> None:
+    """``ConfigError`` naming the method and the dataset when the method has no recipe for it."""
+    datasets = getattr(cls, "recipe_datasets", None)
+    if callable(datasets) and dataset not in datasets():
+        have = ", ".join(datasets()) or "none"
+        raise ConfigError(
+            f"method.name: method {cls.name!r} has no recipe for dataset {dataset!r} (it has recipes for: "
+            f"{have}); no other dataset's recipe is used in its place"
+        )
+
+
 def _check_method(cfg: dict) -> None:
     cls = method_class(cfg)
+    dataset = cfg["dataset"]["name"]
+    check_recipe_exists(cls, dataset)
     resolve = getattr(cls, "resolve", None)
     if callable(resolve):
         # The class validates its own knobs: unknown names and out-of-range values, by name.
         try:
-            resolve(method_knobs(cfg))
+            resolve(method_knobs(cfg), dataset=dataset)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"method: {err}") from None
     if getattr(cls, "needs_teacher", False) and not cfg["teacher"]:
@@ -182,8 +195,10 @@ def _method_recipe(cfg: Mapping[str, Any], method: Any = None) -> dict:
             return dict(cls.recipe_for(dataset))
         # recipe_for may depend on the knobs (Free-AT: epochs = budget / replays) but never on
         # the networks, so a knobs-only instance answers it without building any model.
+        check_recipe_exists(cls, dataset)
         method = cls.__new__(cls)
-        method.knobs = cls.resolve(method_knobs(cfg))
+        method.dataset = dataset
+        method.knobs = cls.resolve(method_knobs(cfg), dataset=dataset)
     recipe_for = getattr(method, "recipe_for", None)
     return dict(recipe_for(dataset) if callable(recipe_for) else getattr(method, "recipe", {}))
 
@@ -208,7 +223,33 @@ def resolve_recipe(cfg: Mapping[str, Any], method: Any = None) -> dict:
     # The schema's $defs/recipe fills in the defaults (momentum, schedule, ...) while validating.
     validate(merged, {"$defs": defs, "$ref": "#/$defs/recipe"}, what="resolved recipe", prefix=("optim",))
     merged["milestones"] = sorted(float(m) for m in merged["milestones"])
+    if merged["schedule"] == "piecewise":
+        points = [(float(f), float(v)) for f, v in merged["lr_points"]]
+        if len(points) < 2 or points[0][0] != 0.0 or points[-1][0] != 1.0 or any(
+                b[0] <= a[0] for a, b in zip(points, points[1:])):
+            raise ConfigError(
+                "optim.lr_points: the piecewise schedule needs [fraction, lr factor] points with fractions "
+                f"increasing from 0 to 1, got {merged['lr_points']!r}"
+            )
     return merged
+
+
+def recipe_record(cfg: Mapping[str, Any], method: Any, recipe: Mapping[str, Any]) -> dict:
+    """What a run records of its recipe: the resolved optimiser settings, the recipe's source, the
+    keys ``optim`` overrode, Free-AT's replays, and the checkpoint selection."""
+    dataset = cfg["dataset"]["name"]
+    try:
+        declared = type(method).base_recipe(dataset)
+    except (AttributeError, ValueError):
+        declared = {}
+    record = dict(recipe)
+    record["dataset"] = dataset
+    record["source"] = declared.get("source") or None
+    record["overrides"] = sorted(cfg["optim"])
+    if getattr(method, "replays", 1) != 1:
+        record["replays"] = int(method.replays)
+    record["selection"] = cfg["train"]["selection"]
+    return record
 
 
 def run_config_hash(cfg: Mapping[str, Any]) -> str:

@@ -42,7 +42,7 @@ from mixacm.utils import sha256_file
 
 _KINDS = ("robustbench", "url", "path")
 _ALLOWED = {
-    "robustbench": {"robustbench", "dataset", "threat_model", "arch", "kwargs"},
+    "robustbench": {"robustbench", "dataset", "threat_model", "arch", "kwargs", "model_dir"},
     "url": {"url", "sha256", "arch", "key", "kwargs", "dataset"},
     "path": {"path", "sha256", "arch", "key", "kwargs", "dataset"},
 }
@@ -182,32 +182,111 @@ def _download(url: str, dest: Path) -> str:
     return h.hexdigest()
 
 
+ROBUSTBENCH_DIR_ENV = "MIXACM_ROBUSTBENCH_DIR"
+
+
+def import_robustbench_load_model():
+    """``robustbench.utils.load_model`` from the registry's robustbench 1.1.1.
+
+    That release imports ``autoattack`` (upstream's module name) while it declares the
+    ``pyautoattack`` package: when no ``autoattack`` module is installed, ``autoattack`` and
+    ``autoattack.state`` are mapped to pyautoattack's modules first (the same code under another
+    name). ``pkg_resources`` comes from ``setuptools<81``, pinned by the ``robustbench`` extra.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("autoattack") is None and importlib.util.find_spec("pyautoattack") is not None:
+        pkg = importlib.import_module("pyautoattack")
+        sys.modules.setdefault("autoattack", pkg)
+        for sub in ("state", "autopgd_base", "fab_pt", "square", "other_utils", "checks"):
+            try:
+                sys.modules.setdefault(f"autoattack.{sub}", importlib.import_module(f"pyautoattack.{sub}"))
+            except ImportError:
+                pass
+    from robustbench.utils import load_model
+
+    return load_model
+
+
+def robustbench_checkpoint_path(model_dir: str | os.PathLike, name: str, dataset: str, threat_model: str) -> Path:
+    """Where RobustBench's ``load_model`` reads (and downloads) a model's checkpoint."""
+    return Path(model_dir) / dataset / threat_model / f"{name}.pt"
+
+
+def _robustbench_names(dataset: str, threat_model: str) -> list[str]:
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    return list(model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)])
+
+
 def _from_robustbench(source: Mapping[str, Any], out_path: Path, num_classes: int | None) -> Path:
+    import difflib
+
     name = source["robustbench"]
     dataset = source.get("dataset", "cifar10")
     threat_model = source.get("threat_model", "Linf")
+    model_dir = Path(source.get("model_dir") or os.environ.get(ROBUSTBENCH_DIR_ENV) or "models").expanduser()
     try:
-        from robustbench.utils import load_model
-    except Exception as exc:  # not installed, or (as 1.1.1 from PyPI) failing at import
+        load_model = import_robustbench_load_model()
+    except Exception as exc:  # not installed, or failing at import
         raise TeacherError(
             f"teacher source robustbench {name!r}: the robustbench package is not usable here "
             f"({type(exc).__name__}: {exc}). Install it with `pip install 'mixacm[robustbench]'` "
-            f"(or `pip install git+https://github.com/RobustBench/robustbench`); its model downloads "
-            f"need internet access. Without it, give the teacher as a local file "
-            f"({{path: FILE, arch: ...}}) or as {{url: URL, sha256: HEX, arch: ...}}"
+            f"(robustbench 1.1.1 with setuptools<81; the README says more); its model downloads need "
+            f"internet access, or a checkpoint placed in its model folder. Without it, give the "
+            f"teacher as a local file ({{path: FILE, arch: ...}}) or as {{url: URL, sha256: HEX, arch: ...}}"
         ) from exc
-    with tempfile.TemporaryDirectory(prefix=".robustbench-", dir=out_path.parent) as model_dir:
-        try:
-            net = load_model(model_name=name, model_dir=model_dir, dataset=dataset, threat_model=threat_model)
-        except Exception as exc:
-            raise TeacherError(
-                f"RobustBench could not load {name!r} ({dataset}, {threat_model}): "
-                f"{type(exc).__name__}: {exc}. Its downloads need internet access"
-            ) from exc
-        weights = Path(model_dir) / "weights.pt"
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, weights)
+    try:
+        names = _robustbench_names(dataset, threat_model)
+    except ImportError:
+        names = None  # a robustbench without its model zoo module: load_model itself checks the name
+    except (KeyError, ValueError) as exc:
+        raise TeacherError(f"RobustBench has no {dataset!r} / {threat_model!r} leaderboard: {exc}") from exc
+    if names is not None and name not in names:
+        near = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+        raise TeacherError(
+            f"RobustBench has no model {name!r} for {dataset} / {threat_model}; nearest names: "
+            f"{', '.join(near) if near else 'none'} ({len(names)} models in that leaderboard)"
+        )
+    ckpt = robustbench_checkpoint_path(model_dir, name, dataset, threat_model)
+    had_file = ckpt.is_file()
+    new_dirs = [p for p in (ckpt.parent, *ckpt.parent.parents) if not p.exists()]
+    try:
+        net = load_model(model_name=name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model)
+    except Exception as exc:
+        # A failed download (offline, or a quota page saved instead of weights) leaves nothing:
+        # the next run must not read a broken file as the checkpoint.
+        if not had_file:
+            ckpt.unlink(missing_ok=True)
+            for folder in new_dirs:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        where = (f"the file {ckpt} is there but could not be read" if had_file else
+                 f"to load it without a download, place its checkpoint at {ckpt} (RobustBench's "
+                 f"<model_dir>/<dataset>/<threat_model>/<name>.pt; model_dir from the source's "
+                 f"model_dir, ${ROBUSTBENCH_DIR_ENV} or ./models)")
+        raise TeacherError(
+            f"RobustBench could not load {name!r} ({dataset}, {threat_model}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Its downloads need internet access; {where}"
+        ) from exc
+    with _temp_beside(out_path, ".robustbench.pt") as weights:
+        sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        del net
+        if not any(k.endswith("normalize.mean") for k in sd) and "mean" not in sd and "std" not in sd:
+            # RobustBench's models take [0, 1] images; those without a normalisation layer (its
+            # CIFAR WideResNets) must not get the project model's default mean/std.
+            sd["mean"], sd["std"] = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+        torch.save(sd, weights)
         # A raw state dict (no "state_dict" entry): _convert reads the file itself as the weights.
-        return _convert(weights, source, sha256_file(weights), out_path, num_classes)
+        conv_source = {k: v for k, v in source.items() if k != "model_dir"}
+        conv_source["checkpoint"] = str(ckpt)
+        digest = sha256_file(ckpt if ckpt.is_file() else weights)
+        return _convert(weights, conv_source, digest, out_path, num_classes)
 
 
 # ----------------------------------------------------------------------------- converting

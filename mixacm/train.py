@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 
 from mixacm import distributed as ddp
 from mixacm.checkpoint import load_model_file, model_spec, save_model_file
-from mixacm.config import ConfigError, load_run_config, method_class, method_knobs, resolve_recipe, run_config_hash
+from mixacm.config import (ConfigError, load_run_config, method_class, method_knobs, recipe_record, resolve_recipe,
+                           run_config_hash)
 from mixacm.data import balanced_subset, dataset_labels, dataset_source, holdout_split, load_dataset, make_train_loader
 from mixacm.models import build_model
 from mixacm.provenance import provenance
@@ -72,8 +73,7 @@ class ResumeError(RuntimeError):
 
 # ----------------------------------------------------------------------------- schedule
 
-SCHEDULES = ("step", "cosine", "cyclic", "constant")
-CYCLIC_PEAK = 0.4  # where the cyclic schedule peaks when the recipe gives no milestones[0]
+SCHEDULES = ("step", "cosine", "cyclic", "piecewise", "constant")
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Mapping[str, Any],
@@ -85,9 +85,12 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Mapping[str, Any
     * ``step``: ``MultiStepLR``, lr times ``gamma`` at optimiser step ``round(m * T)`` for each
       milestone fraction ``m`` (milestones on epoch boundaries drop at the first step of that epoch);
     * ``cosine``: ``CosineAnnealingLR`` from lr to 0 over ``T`` steps;
-    * ``cyclic``: ``CyclicLR``, one triangle 0 -> lr -> 0 peaking at ``milestones[0]`` of training
-      (0.4 when not given; Fast-AT, Wong et al. 2020), advanced by one step up front so the first
-      step already moves and the last step reaches 0;
+    * ``cyclic``: ``CyclicLR``, one triangle 0 -> lr -> 0 peaking at ``lr_peak`` of training and
+      stepped after every batch as in Fast-AT's official CIFAR-10 code (Wong et al. 2020: peak 0.5,
+      so step 0 trains at lr 0);
+    * ``piecewise``: ``LambdaLR`` linear between ``lr_points`` ([fraction of training, factor]),
+      evaluated at ``t + 1`` as Fast-AT's ImageNet code does (``epoch + (i + 1) / len``); torch has
+      no piecewise-linear scheduler, so the factor is a small picklable callable;
     * ``constant``: ``ConstantLR`` with factor 1.
     ``warmup_epochs`` chains a ``LinearLR`` from lr / W up to lr over the first ``W`` steps
     (factor ``min(1, (t + 1) / W)``, multiplied into the schedule).
@@ -103,13 +106,11 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Mapping[str, Any
     elif schedule == "cosine":
         main = sched.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
     elif schedule == "cyclic":
-        peak = milestones[0] if milestones else CYCLIC_PEAK
-        up = max(1.0, peak * total)
+        up = max(1.0, float(recipe.get("lr_peak", 0.5)) * total)
         main = sched.CyclicLR(optimizer, base_lr=0.0, max_lr=recipe["lr"], step_size_up=up,
                               step_size_down=max(1.0, total - up), cycle_momentum=False)
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
-            warnings.simplefilter("ignore", UserWarning)
-            main.step()
+    elif schedule == "piecewise":
+        main = sched.LambdaLR(optimizer, PiecewiseLinear(recipe["lr_points"], total))
     else:
         main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
     warmup = round(recipe.get("warmup_epochs", 0) * steps_per_epoch)
@@ -120,6 +121,20 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Mapping[str, Any
     # LinearLR's factor at step t is start + (1 - start) * t / (W - 1) = (t + 1) / W for t < W.
     ramp = sched.LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1)
     return sched.ChainedScheduler([main, ramp], optimizer)
+
+
+class PiecewiseLinear:
+    """lr factor of optimiser step ``t``: linear between ``points`` ([fraction of training,
+    factor], fractions from 0 to 1), evaluated at ``(t + 1) / total``. A callable object rather
+    than a lambda, so ``LambdaLR.state_dict`` stores it and resume continues it."""
+
+    def __init__(self, points: list[list[float]], total: int) -> None:
+        self.xs = [float(f) for f, _ in points]
+        self.ys = [float(v) for _, v in points]
+        self.total = int(total)
+
+    def __call__(self, t: int) -> float:
+        return float(np.interp((t + 1) / self.total, self.xs, self.ys))
 
 
 # ----------------------------------------------------------------------------- data
@@ -273,7 +288,7 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
         teacher = teacher.to(memory_format=memory_format).eval().requires_grad_(False)
     net = ddp.wrap_model(model, ctx)
     try:
-        method = cls(net, teacher=teacher, **method_knobs(cfg))
+        method = cls(net, teacher=teacher, dataset=cfg["dataset"]["name"], **method_knobs(cfg))
     except ValueError as err:
         raise ConfigError(f"method: {err}") from None
     extra = method.extra_modules().to(device)
@@ -282,6 +297,8 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
         method.load_state_dict(state["method"])
     ddp.broadcast_module(extra, ctx)
     recipe = resolve_recipe(cfg, method)
+    # The method sees the recipe as run (optim overrides included; Free-AT records its budget).
+    method.recipe = {**getattr(method, "recipe", {}), **recipe}
 
     world = ctx.world_size
     if recipe["batch_size"] % world:
@@ -544,7 +561,8 @@ def _finish(run: Run, state: TrainState) -> dict:
     d = cfg["dataset"]
     summary = {
         "name": cfg["name"], "config_hash": run.cfg_hash, "completed": True,
-        "method": cfg["method"]["name"], "knobs": knobs, "recipe": run.recipe,
+        "method": cfg["method"]["name"], "knobs": knobs, "recipe": recipe_record(cfg, run.method, run.recipe),
+        "method_details": run.method.run_details(),
         "model": run.spec, "teacher": cfg["teacher"], "seed": cfg["seed"],
         "dataset": {"name": d["name"], "fraction": d["fraction"], "subset_seed": d["subset_seed"],
                     "holdout": d["holdout"], "augment": d["augment"], "source": run.source},
@@ -557,8 +575,8 @@ def _finish(run: Run, state: TrainState) -> dict:
         "selection": selection, "provenance": prov,
     }
     if ctx.is_main:
-        meta = {k: summary[k] for k in ("name", "config_hash", "method", "knobs", "recipe", "seed", "dataset",
-                                        "teacher", "selection")}
+        meta = {k: summary[k] for k in ("name", "config_hash", "method", "knobs", "recipe", "method_details", "seed",
+                                        "dataset", "teacher", "selection")}
         if cfg["teacher"]:
             meta["teacher_sha256"] = sha256_file(cfg["teacher"])
         save_model_file(run.model, run.spec, run.out / "model.pt", {**meta, "provenance": prov})

@@ -92,7 +92,7 @@ def test_every_object_in_the_schema_rejects_unknown_keys():
 def test_recipe_is_the_methods_own_with_optim_overrides():
     trades = resolve_recipe(load_run_config({"method": {"name": "trades"}}))
     assert (trades["epochs"], trades["weight_decay"], trades["lr"]) == (76, 2e-4, 0.1)
-    assert trades["milestones"] == [pytest.approx(75 / 76)]
+    assert trades["milestones"] == [pytest.approx(74 / 76)]
     at = resolve_recipe(load_run_config({"method": {"name": "at"}, "optim": {"epochs": 4, "batch_size": 32}}))
     assert (at["epochs"], at["batch_size"], at["weight_decay"], at["milestones"]) == (4, 32, 5e-4, [0.5, 0.75])
     assert at["warmup_epochs"] == 0 and at["nesterov"] is False  # filled-in defaults
@@ -106,12 +106,12 @@ def test_recipe_keys_nobody_sets_take_the_schemas_defaults(monkeypatch):
     from mixacm.methods import METHODS
 
     bare = {"epochs": 2, "batch_size": 8, "lr": 0.1}
-    monkeypatch.setitem(METHODS.get("standard").recipes, "cifar10", dict(bare))
+    monkeypatch.setitem(METHODS.get("standard").recipes, "cifar10", {**bare, "source": "test", "knobs": {}})
     recipe = resolve_recipe(load_run_config({"method": {"name": "standard"}, "optim": {"nesterov": True}}))
     defaults = {k: v["default"] for k, v in run_config_schema()["$defs"]["recipe"]["properties"].items()}
     assert recipe == {**bare, **defaults, "nesterov": True}
     assert defaults == {"momentum": 0.9, "weight_decay": 0.0, "nesterov": False, "schedule": "step",
-                        "milestones": [], "gamma": 0.1, "warmup_epochs": 0}
+                        "milestones": [], "gamma": 0.1, "lr_peak": 0.5, "lr_points": [], "warmup_epochs": 0}
     with pytest.raises(ConfigError, match=r"^optim\.momentum: 1 is greater than or equal to the maximum of 1"):
         resolve_recipe(load_run_config({"method": {"name": "standard"}, "optim": {"momentum": 1}}))
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from mixacm.losses import acm_distance, kd_kl
 from mixacm.methods import METHODS, build_method
+from mixacm.methods.base import RecipeError
 from mixacm.models import build_model
 from mixacm.models.base import FeatureClassifier
 
@@ -96,8 +97,8 @@ def bn_updates(model: FeatureClassifier) -> int:
 @pytest.mark.parametrize(
     ("name", "knobs", "forwards_in_train_mode"),
     [
-        ("at", {}, 1),  # the attack's 10 forwards run in eval mode: only the loss's counts
-        ("at", {"attack_mode": "train"}, 11),  # 10 PGD forwards + the loss's
+        ("at", {}, 11),  # default train, as Rice et al.'s code: 10 PGD forwards + the loss's
+        ("at", {"attack_mode": "eval"}, 1),  # the attack's 10 forwards in eval mode: only the loss's
         ("fast_at", {}, 2),  # official: the FGSM forward is an ordinary training forward
         ("fast_at", {"attack_mode": "eval"}, 1),
         ("trades", {}, 2),  # eval-mode attack; clean and adversarial forwards of the loss
@@ -148,12 +149,24 @@ def test_free_at_delta_stays_within_eps_and_changes_across_replays():
     assert not torch.equal(deltas[0], deltas[1]) and not torch.equal(deltas[1], deltas[2])
 
     # A smaller last batch continues from the leading part of the carried perturbation ...
-    method.loss(x[:5], y[:5])
+    loss, _ = method.loss(x[:5], y[:5])
     torch.testing.assert_close(method._leaf.detach(), deltas[-1][:5])
-    # ... and a larger one starts again from zero.
+    loss.backward()
+    method.after_backward()
+    # ... and the perturbation keeps its full size: rows 5.. are untouched, rows :5 moved
+    # (the official code updates global_noise_data[0:n] only).
+    assert method.delta.shape == x.shape
+    torch.testing.assert_close(method.delta[5:], deltas[-1][5:])
+    assert not torch.equal(method.delta[:5], deltas[-1][:5])
+    after_small = method.delta.clone()
+    # The next full batch continues from all of it (no reset to zero).
+    method.loss(x, y)
+    torch.testing.assert_close(method._leaf.detach(), after_small)
+    # A larger batch keeps what it has and starts its extra rows from zero.
     x_big, y_big = batch(12, seed=1)
     method.loss(x_big, y_big)
-    assert torch.count_nonzero(method._leaf) == 0
+    torch.testing.assert_close(method._leaf.detach()[:8], after_small)
+    assert torch.count_nonzero(method._leaf[8:]) == 0
 
     # The carried perturbation survives a state round trip (resume).
     fresh = make("free_at", replays=3)
@@ -214,7 +227,7 @@ def test_knob_listing_and_resolved_values():
     assert listed["eps"]["default"] == "8/255" and listed["eps"]["unit"] == "fraction of [0, 1]"
     method = make("at", eps="4/255", steps="5")
     assert method.resolved_knobs() == {
-        "eps": 4 / 255, "steps": 5, "step_size": 2 / 255, "random_start": True, "attack_mode": "eval",
+        "eps": 4 / 255, "steps": 5, "step_size": 2 / 255, "random_start": True, "attack_mode": "train",
     }
 
 
@@ -222,8 +235,10 @@ def test_recipes_follow_method_md():
     at, trades, mix = make("at"), make("trades"), make("mixacm")
     assert (at.recipe["epochs"], at.recipe["weight_decay"], at.recipe["milestones"]) == (200, 5e-4, [0.5, 0.75])
     assert (trades.recipe["epochs"], trades.recipe["weight_decay"]) == (76, 2e-4)
-    assert trades.recipe["epochs"] * trades.recipe["milestones"][0] == pytest.approx(75)
-    assert mix.recipe_for("cifar100") == mix.recipe_for("cifar10") == mix.recipe
+    # Official: lr / 10 from 1-based epoch 75, i.e. after 74 of the 76 epochs.
+    assert trades.recipe["epochs"] * trades.recipe["milestones"][0] == pytest.approx(74)
+    with pytest.raises(RecipeError, match="method 'mixacm' has no recipe for dataset 'cifar100'"):
+        mix.recipe_for("cifar100")
     imagenet = mix.recipe_for("imagenet")
     assert (imagenet["epochs"], imagenet["weight_decay"], imagenet["lr"], imagenet["batch_size"]) == (90, 1e-4, 0.1, 256)
     assert make("fast_at").recipe["schedule"] == "cyclic"
@@ -310,8 +325,9 @@ def test_mixacm_ablation_presets_switch_terms(preset, on):
     # Clean inputs and plain CE: every term can be recomputed from the networks directly.
     assert m["lam"] == 1.0
     with torch.no_grad():
-        logits, s_feats = model(x, features=("layer1", "layer2", "layer3"))
-        t_logits, t_feats = teacher(x, features=("layer1", "layer2", "layer3"))
+        # The default activation is the network's own: the features as the next layer receives them.
+        logits, s_feats = model(x, features=("layer1", "layer2", "layer3"), activated=True)
+        t_logits, t_feats = teacher(x, features=("layer1", "layer2", "layer3"), activated=True)
     assert m["ce"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
     if "kd" in on:
         assert m["kd"] == pytest.approx(kd_kl(logits, t_logits).item(), rel=1e-5)
@@ -346,3 +362,170 @@ def test_resolved_knobs_round_trip(name):
     # A run's recorded knobs rebuild the same method (what a rerun from results relies on).
     used = make(name, **({"ablation": "acm+kd"} if name == "mixacm" else {})).resolved_knobs()
     assert make(name, **used).resolved_knobs() == used
+
+
+# -- recipes per dataset ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_recipe_names_its_source_and_resolves(name):
+    from mixacm.config import load_run_config, resolve_recipe
+
+    cls = METHODS.get(name)
+    assert cls.recipe_datasets(), f"method {name!r} declares no recipe"
+    for dataset in cls.recipe_datasets():
+        assert len(cls.recipes[dataset]["source"]) > 10, (name, dataset)
+        cfg = {"dataset": {"name": dataset}, "method": {"name": name}}
+        if cls.needs_teacher:
+            cfg["teacher"] = "teacher.pt"
+        recipe = resolve_recipe(load_run_config(cfg))
+        assert recipe["epochs"] >= 1 and recipe["batch_size"] >= 1
+
+
+def test_imagenet_recipes_of_the_papers():
+    from mixacm.config import load_run_config, resolve_recipe
+
+    def resolved(name, **knobs):
+        cfg = {"dataset": {"name": "imagenet"}, "method": {"name": name, **knobs}}
+        if name == "mixacm":
+            cfg["teacher"] = "t.pt"
+        cfg = load_run_config(cfg)
+        return resolve_recipe(cfg), METHODS.get(name).resolve(knobs, dataset="imagenet")
+
+    # Free-AT (FreeAdversarialTraining configs.yml + main_free.py): m 4, eps 4/255, budget 90 ->
+    # 23 epochs, lr 0.1 / 10 every ceil(30 / 4) = 8 epochs, batch 256, wd 1e-4.
+    free, k = resolved("free_at")
+    assert (k.replays, k.eps, k.budget_epochs) == (4, 4 / 255, 90)
+    assert (free["epochs"], free["batch_size"], free["lr"], free["weight_decay"]) == (23, 256, 0.1, 1e-4)
+    assert [m * 23 for m in free["milestones"]] == pytest.approx([8, 16])
+    # Fast-AT (fast_adversarial ImageNet): 15 epochs, FGSM 1.25 eps from a random start at 4/255.
+    fast, k = resolved("fast_at")
+    assert (k.eps, k.step_scale, fast["epochs"], fast["schedule"]) == (4 / 255, 1.25, 15, "piecewise")
+    assert fast["lr"] == 0.4 and fast["lr_points"][1] == pytest.approx([1 / 15, 1.0])
+    # MixACM (method.md): SGD, lr 0.1 at batch 256, wd 1e-4, 90 epochs.
+    mix, _ = resolved("mixacm")
+    assert (mix["epochs"], mix["batch_size"], mix["lr"], mix["weight_decay"]) == (90, 256, 0.1, 1e-4)
+    # None of them is the CIFAR recipe.
+    for r in (free, fast, mix):
+        assert r["batch_size"] != 128
+
+
+def test_no_recipe_for_the_dataset_is_a_config_error_naming_both():
+    from mixacm.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match="method 'at' has no recipe for dataset 'imagenet'"):
+        load_run_config({"dataset": {"name": "imagenet"}, "method": {"name": "at"}})
+    with pytest.raises(ConfigError, match="method 'trades' has no recipe for dataset 'cifar100'"):
+        load_run_config({"dataset": {"name": "cifar100"}, "method": {"name": "trades"}})
+    with pytest.raises(RecipeError, match="method 'fast_at' has no recipe for dataset 'imagefolder'"):
+        make("fast_at").recipe_for("imagefolder")
+
+
+def test_at_attacks_the_model_in_training_mode_by_default():
+    method = make("at", steps=2)
+    seen = []
+    method.model.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    method.model.eval()  # the loop sets train(); the attack must not depend on it either way
+    method.model.train()
+    method.loss(*batch())
+    assert seen == [True, True, True]  # 2 PGD forwards + the loss's, all in training mode
+    seen.clear()
+    make_eval = make("at", steps=2, attack_mode="eval")
+    make_eval.model.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    make_eval.model.train()
+    make_eval.loss(*batch())
+    assert seen == [False, False, True]
+
+
+def test_docs_recipe_table_matches_the_registry():
+    """docs/recipes.md has one row per (method, dataset) recipe, with the code's epochs, batch,
+    lr and weight decay."""
+    from pathlib import Path
+
+    from mixacm.config import load_run_config, resolve_recipe
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[0] in METHODS:
+            rows[(cells[0], cells[1])] = cells
+    expected = set()
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        for dataset in cls.recipe_datasets():
+            expected.add((name, dataset))
+            cfg = {"dataset": {"name": dataset}, "method": {"name": name}, "teacher": "t.pt" if cls.needs_teacher else None}
+            r = resolve_recipe(load_run_config(cfg))
+            cells = rows.get((name, dataset))
+            assert cells is not None, f"docs/recipes.md has no row for {name} on {dataset}"
+            assert (int(cells[2]), int(cells[3]), float(cells[4]), float(cells[5])) == (
+                r["epochs"], r["batch_size"], r["lr"], r["weight_decay"]), (name, dataset)
+    assert set(rows) == expected
+
+
+# -- the activated channel map of pre-activation networks ---------------------------------------
+
+
+def test_wrn_student_acm_is_the_map_its_next_layer_receives():
+    """WRN student and teacher (pre-activation): with the default activation ('network') the ACM
+    of layer k is computed from exactly the tensor the network's next unit convolves (the next
+    group's first BN + ReLU; after the last group, the final BN + ReLU before pooling), in the
+    training-mode forward of the loss itself; it differs from relu(raw residual sum)."""
+    from mixacm.losses import activated_channel_map
+    from mixacm.models import build_model
+
+    torch.manual_seed(0)
+    student = build_model("wide_resnet", depth=10, widen_factor=1)
+    teacher = build_model("wide_resnet", depth=10, widen_factor=2).eval()
+    method = build_method("mixacm", student, teacher, ablation="acm")
+    assert method.knobs.activation == "network"
+    assert method.run_details()["acm_activation"]["student"].startswith("network: next unit's BN + ReLU")
+
+    received: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda mod, args, out=None: received.__setitem__(name, (args[0] if out is None else torch.relu(out)).detach())
+
+    # What the next layer receives: the first conv of the next group (its input is relu(bn1(x)))
+    # and the final BN's output through the ReLU.
+    student.block2.layer[0].conv1.register_forward_pre_hook(keep("layer1"))
+    student.block3.layer[0].conv1.register_forward_pre_hook(keep("layer2"))
+    student.bn1.register_forward_hook(lambda mod, args, out: received.__setitem__("layer3", torch.relu(out).detach()))
+    used: dict[str, torch.Tensor] = {}
+    original = method.student_channel_map
+
+    def spy(s, t, feat):
+        used[s] = feat.detach()
+        return original(s, t, feat)
+
+    method.student_channel_map = spy
+    student.train()
+    x, y = batch()
+    method.loss(x, y)
+    assert sorted(used) == ["layer1", "layer2", "layer3"]
+    for name in used:
+        torch.testing.assert_close(used[name], received[name], rtol=0, atol=0)
+        acm = method.channel_map(used[name])
+        torch.testing.assert_close(acm, activated_channel_map(received[name], activation="none"))
+    # The old map, relu of the raw residual sum, is a different vector.
+    with torch.no_grad():
+        _, raw = student(x, features=("layer3",))
+    assert not torch.allclose(method.channel_map(used["layer3"]),
+                              activated_channel_map(raw["layer3"], activation="relu"), atol=1e-3)
+
+
+def test_activated_features_leave_the_logits_unchanged():
+    from mixacm.models import build_model
+
+    for name in ("tiny", "preact_resnet18"):
+        torch.manual_seed(0)
+        model = build_model(name).eval()
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            logits = model(x)
+            a_logits, act = model(x, features=model.feature_names, activated=True)
+            _, raw = model(x, features=model.feature_names)
+        torch.testing.assert_close(a_logits, logits)
+        for f in model.feature_names:
+            assert act[f].min() >= 0 and act[f].shape == raw[f].shape

@@ -100,9 +100,9 @@ def test_step_schedule_drops_at_fraction_milestones():
     # 200 epochs x 10 steps, lr / 10 at 50 % and 75 %: the drops land on epochs 100 and 150.
     s = lrs("step", 200, 10, milestones=[0.5, 0.75], gamma=0.1)
     assert [s[t] for t in (0, 999, 1000, 1499, 1500, 1999)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
-    # TRADES: 76 epochs, one drop at epoch 75 = 75/76 of training.
-    trades = lrs("step", 76, 391, milestones=[75 / 76], gamma=0.1)
-    assert trades[75 * 391 - 1] == 1.0 and trades[75 * 391] == pytest.approx(0.1)
+    # TRADES: 76 epochs, lr / 10 from 1-based epoch 75 on = after 74/76 of training.
+    trades = lrs("step", 76, 391, milestones=[74 / 76], gamma=0.1)
+    assert trades[74 * 391 - 1] == 1.0 and trades[74 * 391] == pytest.approx(0.1)
 
 
 def test_step_schedule_equals_the_closed_form_bit_for_bit():
@@ -120,17 +120,23 @@ def test_cosine_schedule_values():
     assert s[99] == pytest.approx((1 + math.cos(math.pi * 99 / 100)) / 2)
 
 
-def test_cyclic_schedule_is_one_triangle_peaking_at_two_fifths():
+def test_cyclic_schedule_is_one_triangle_peaking_halfway_as_cycliclr():
     s = lrs("cyclic", 100)
-    # Shifted by one step: step 39 is the peak, step 19 half way up, the last step reaches 0.
-    assert s[39] == pytest.approx(1.0)
-    assert s[19] == pytest.approx(0.5)
-    assert s[69] == pytest.approx(0.5)  # (70 - 40) / 60 of the way down
-    assert s[99] == pytest.approx(0.0, abs=1e-12)
-    assert s[0] == pytest.approx(1 / 40)  # the first step already moves
-    # The peak position is recipe data: milestones[0].
-    half = lrs("cyclic", 10, 10, milestones=[0.5])
-    assert max(half) == pytest.approx(1.0) and half.index(max(half)) == 49
+    # Fast-AT's CyclicLR(base 0, step_size_up = step_size_down = total / 2), stepped after each
+    # batch: step t trains at lr_max * interp(t / total); the peak is step 50, step 0 has lr 0.
+    assert s[50] == pytest.approx(1.0)
+    assert s[25] == pytest.approx(0.5) and s[75] == pytest.approx(0.5)
+    assert s[0] == 0.0 and s[99] == pytest.approx(0.02)
+    # Another peak position is a recipe value (optim.lr_peak).
+    forty = lrs("cyclic", 10, 10, lr_peak=0.4)
+    assert max(forty) == pytest.approx(1.0) and forty.index(max(forty)) == 40
+
+
+def test_piecewise_schedule_interpolates_points_at_t_plus_one():
+    # Fast-AT ImageNet phase 1 over 15 epochs of 10 steps: 0 -> 1 in the first epoch, 0.1 at epoch 6.
+    s = lrs("piecewise", 15, 10, lr_points=[[0, 0], [1 / 15, 1], [6 / 15, 0.1], [1, 0.001]])
+    assert s[4] == pytest.approx(0.5) and s[9] == pytest.approx(1.0)
+    assert s[59] == pytest.approx(0.1) and s[149] == pytest.approx(0.001)
 
 
 def test_warmup_and_constant():
@@ -145,7 +151,7 @@ def test_warmup_and_constant():
 
 def test_scheduler_state_round_trip_continues_the_same_lrs():
     # Resume: a scheduler rebuilt and loaded from a state_dict continues where the first stopped.
-    recipe = {"schedule": "cyclic", "epochs": 4, "lr": 0.2, "milestones": [0.5]}
+    recipe = {"schedule": "cyclic", "epochs": 4, "lr": 0.2, "lr_peak": 0.5}
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
     sched = make_lr_scheduler(opt, recipe, 5)
     for _ in range(7):
@@ -158,6 +164,65 @@ def test_scheduler_state_round_trip_continues_the_same_lrs():
     for _ in range(5):
         assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
         opt.step(), sched.step(), opt2.step(), sched2.step()
+
+
+# ----------------------------------------------------------------------------- official recipes, as run
+
+
+def test_trades_recipe_schedule_drops_from_epoch_75_of_76():
+    """TRADES's resolved recipe through the schedule builder: with 391 steps an epoch, every step
+    of (1-based) epoch 74 trains at lr 0.1, every step of epochs 75 and 76 at 0.01."""
+    from mixacm.config import load_run_config, resolve_recipe
+
+    recipe = resolve_recipe(load_run_config({"method": {"name": "trades"}}))
+    s = lrs(recipe["schedule"], recipe["epochs"], 391, lr=recipe["lr"], milestones=recipe["milestones"],
+            gamma=recipe["gamma"])
+    lr = {e: {round(x, 12) for x in s[(e - 1) * 391: e * 391]} for e in (74, 75, 76)}
+    assert lr[74] == {0.1} and lr[75] == lr[76] == {0.01}
+
+
+@pytest.mark.slow
+def test_trades_lr_drops_from_epoch_75_of_76(tmp_path, data_root):
+    """The lr each epoch trains at, read from metrics.jsonl of a run on TRADES's own recipe (one
+    step an epoch): 0.1 up to epoch 74, 0.01 at epochs 75 and 76 (train_trades_cifar10.py)."""
+    cfg = run_config(data_root, {"name": "trades", "steps": 1})
+    cfg["optim"] = {"batch_size": 16}
+    cfg["dataset"]["cache"] = True
+    cfg["train"]["max_steps_per_epoch"] = 1
+    summary = train(cfg, tmp_path / "trades")
+    lrs = {line["epoch"]: line["lr"] for line in metric_lines(tmp_path / "trades")}
+    assert summary["epochs"] == 76 and summary["recipe"]["source"].startswith("Zhang et al. 2019")
+    assert (lrs[1], lrs[74], lrs[75], lrs[76]) == pytest.approx((0.1, 0.1, 0.01, 0.01))
+
+
+def test_fast_at_cyclic_lr_peaks_halfway(tmp_path, data_root):
+    """Fast-AT's recipe (15 epochs, cyclic to 0.2) at two steps an epoch: the halfway step (15 of
+    30) is the last of epoch 8 and trains at the peak 0.2; the lr rises before it and falls after."""
+    cfg = run_config(data_root, {"name": "fast_at"})
+    cfg["optim"] = {"batch_size": 16}
+    cfg["train"]["max_steps_per_epoch"] = 2
+    summary = train(cfg, tmp_path / "fast")
+    lrs = [line["lr"] for line in metric_lines(tmp_path / "fast")]
+    assert summary["recipe"]["schedule"] == "cyclic" and summary["recipe"]["lr_peak"] == 0.5
+    assert len(lrs) == 15 and summary["recipe"]["milestones"] == []  # no unread milestones
+    assert "milestones" not in METHODS.get("fast_at").recipes["cifar10"]
+    assert max(lrs) == pytest.approx(0.2) and lrs.index(max(lrs)) == 7  # epoch 8
+    assert lrs[6] == pytest.approx(0.2 * 13 / 15) and lrs[8] == pytest.approx(0.2 * 13 / 15)
+    assert lrs == sorted(lrs[:8]) + sorted(lrs[8:], reverse=True)
+
+
+def test_run_records_say_what_ran(tmp_path, data_root):
+    """Free-AT with its epochs overridden records the budget it trained (epochs x m), the recipe's
+    source and which keys the config overrode."""
+    cfg = run_config(data_root, {"name": "free_at", "replays": 2}, epochs=1)
+    cfg["train"]["max_steps_per_epoch"] = 1
+    summary = train(cfg, tmp_path / "free")
+    assert summary["knobs"]["budget_epochs"] == 2 and summary["knobs"]["replays"] == 2
+    rec = summary["recipe"]
+    assert rec["epochs"] == 1 and rec["replays"] == 2 and rec["dataset"] == "cifar10"
+    assert rec["overrides"] == ["batch_size", "epochs", "lr"] and "free_adv_train" in rec["source"]
+    meta = load_model_file(tmp_path / "free" / "model.pt")[1]["meta"]
+    assert meta["recipe"] == rec and meta["knobs"]["budget_epochs"] == 2
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -160,9 +160,11 @@ def _bad(cfg: dict, path: list, value) -> dict:
          "experiments.cifar10.autoattack_standard[0]"),
         (["experiments", "cifar10", "autoattack_standard"], ["mixacm"],
          "evaluation.cifar10.autoattack_standard.n"),
+        (["experiments", "imagenet"], {"dataset": "imagenet", "arch": "tiny", "recipes": ["at"]},
+         "experiments.imagenet.recipes[0]: method 'at' (recipe 'at') has no recipe for dataset 'imagenet'"),
     ],
     ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
-         "knob-eps-8", "standard-aa-unknown-recipe", "standard-aa-without-n"],
+         "knob-eps-8", "standard-aa-unknown-recipe", "standard-aa-without-n", "no-recipe-for-dataset"],
 )
 def test_bad_config_stops_before_any_job(wf, path, value, expected):
     cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)

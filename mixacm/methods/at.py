@@ -21,22 +21,33 @@ class ATKnobs:
     step_size: float = knob("2/255", "PGD step size", kind="eps", unit="fraction of [0, 1]")
     random_start: bool = knob(True, "start from x + U(-eps, eps)", kind="bool")
     attack_mode: str = knob(
-        "eval", "model mode while the attack runs (eval: BatchNorm running statistics, untouched "
-        "by adversarial passes)", kind="choice", choices=("eval", "train"),
+        "train", "model mode while the attack runs (train: as Rice et al.'s train_cifar.py, the "
+        "attack sees batch statistics and updates BatchNorm's running ones; eval: running "
+        "statistics, untouched by adversarial passes)", kind="choice", choices=("eval", "train"),
     )
 
 
 @register_method("at")
 class AT(Method):
     """PGD-AT. Knobs: eps (default 8/255, fraction of the [0, 1] range), steps (10), step_size
-    (2/255), random_start (true), attack_mode (eval | train, default eval: the attack sees
-    BatchNorm's running statistics and does not update them; the loss is then computed in the
-    model's training mode). Recipe: SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128,
-    200 epochs, lr / 10 at 50 % and 75 % of training; the published recipe keeps the best
-    checkpoint by PGD accuracy (``train.selection: best_pgd``)."""
+    (2/255), random_start (true), attack_mode (train | eval, default train: the code the recipe
+    cites runs the attack with the model in training mode, so the attack's forward passes use
+    batch statistics and update BatchNorm's running statistics; eval keeps them untouched).
+
+    Recipe, CIFAR-10 (source: Rice, Wong and Kolter, ICML 2020, locuslab/robust_overfitting
+    ``train_cifar.py`` defaults with ``--lr-schedule piecewise``): SGD lr 0.1, momentum 0.9,
+    weight decay 5e-4, batch 128, 200 epochs, lr / 10 at 50 % and lr / 100 at 75 % of training
+    (their schedule is evaluated at ``epoch + (i + 1) / len``, i.e. each drop one step earlier
+    than here); PGD-10 of 2/255 within 8/255 from a random start; the paper keeps the best
+    checkpoint by PGD accuracy (``train.selection: best_pgd``). No ImageNet recipe: the sources
+    give none, so an AT run on ImageNet is a config error."""
 
     Knobs = ATKnobs
-    recipes = {"cifar10": sgd_recipe(weight_decay=5e-4, epochs=200, milestones=[0.5, 0.75])}
+    recipes = {
+        "cifar10": sgd_recipe(
+            source="Rice et al. 2020, locuslab/robust_overfitting train_cifar.py defaults (piecewise schedule)",
+            weight_decay=5e-4, epochs=200, milestones=[0.5, 0.75]),
+    }
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         k = self.knobs

@@ -114,53 +114,81 @@ def attack_mode(model: nn.Module, mode: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Recipes: dicts of optimiser settings; milestones are fractions of the epochs.
+# Recipes: per dataset, dicts of optimiser settings (milestones and schedule points are fractions
+# of training), the source they come from, and the method's knob defaults for that dataset
+# (attack settings: ImageNet trains at eps 4/255, CIFAR at 8/255).
 
 RECIPE_KEYS = (
     "epochs", "batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma",
+    "lr_peak", "lr_points",
 )
+# Keys of a recipe that are not optimiser settings.
+RECIPE_META_KEYS = ("source", "knobs", "replays", "drop_every_budget_epochs")
 
 
-def sgd_recipe(**kw: Any) -> dict[str, Any]:
+class RecipeError(ValueError):
+    """A method has no recipe for the dataset a run asks for (no silent fallback)."""
+
+
+def sgd_recipe(source: str = "", knobs: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
     """An SGD recipe: the CIFAR defaults of method.md section 3 (lr 0.1, momentum 0.9, batch 128,
-    step schedule, lr / 10 at each milestone) with ``kw`` replacing some of them."""
+    step schedule, lr / 10 at each milestone) with ``kw`` replacing some of them.
+
+    ``source`` names where the values come from (paper section or official script and its
+    defaults); ``knobs`` are the method's knob defaults for the dataset (e.g. eps 4/255).
+    """
     recipe = {
         "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
         "nesterov": False, "schedule": "step", "milestones": [0.5, 0.75], "gamma": 0.1,
     }
-    unknown = set(kw) - set(recipe) - {"replays"}
+    unknown = set(kw) - set(RECIPE_KEYS) - set(RECIPE_META_KEYS)
     if unknown:
         raise ValueError(f"unknown recipe key(s) {sorted(unknown)}; valid: {list(RECIPE_KEYS)}")
     recipe.update(kw)
+    if recipe["schedule"] != "step":
+        recipe.pop("milestones")
+        recipe.pop("gamma")
+    recipe["source"] = source
+    recipe["knobs"] = dict(knobs or {})
     return recipe
 
 
 class Method:
     """Base class. Subclasses set ``Knobs`` (a frozen dataclass of ``knob`` fields) and ``recipes``
-    (``{"cifar10": {...}}`` plus ``"imagenet"`` where method.md gives one), and implement ``loss``.
+    (one ``sgd_recipe`` per dataset the method supports: ``"cifar10"``, ``"cifar100"``,
+    ``"imagenet"``, each with its source), and implement ``loss``. A dataset without a recipe is
+    an error (``RecipeError``), never a fallback to another dataset's recipe.
     """
 
     name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = False
     replays: int = 1
     Knobs: ClassVar[type] = NoKnobs
-    recipes: ClassVar[dict[str, dict[str, Any]]] = {"cifar10": sgd_recipe()}
+    recipes: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, model: nn.Module, teacher: nn.Module | None = None, **knobs: Any) -> None:
+    def __init__(self, model: nn.Module, teacher: nn.Module | None = None, dataset: str = "cifar10",
+                 **knobs: Any) -> None:
         if self.needs_teacher and teacher is None:
             raise ValueError(f"method {self.name!r} needs a teacher: set `teacher:` in the run config")
         if not self.needs_teacher and teacher is not None:
             raise ValueError(f"method {self.name!r} does not use a teacher, but one was given")
         self.model = model
         self.teacher = teacher
-        self.knobs = self.resolve(knobs)
-        self.recipe = self.recipe_for("cifar10")
+        self.dataset = dataset
+        self.knobs = self.resolve(knobs, dataset)
+        self.recipe = self.recipe_for(dataset)
 
     # -- knobs ------------------------------------------------------------------------------
     @classmethod
-    def resolve(cls, given: dict[str, Any]) -> Any:
-        """Validate ``given`` knob values and fill in the defaults; errors name the knob."""
+    def resolve(cls, given: dict[str, Any], dataset: str | None = None) -> Any:
+        """Validate ``given`` knob values and fill in the defaults; errors name the knob.
+
+        With ``dataset``, the knob defaults of the method's recipe for that dataset (e.g. eps
+        4/255 on ImageNet) come between the class defaults and ``given``.
+        """
         fields = {f.name: f for f in dataclasses.fields(cls.Knobs)}
+        if dataset is not None:
+            given = {**cls.base_recipe(dataset)["knobs"], **given}
         unknown = sorted(set(given) - set(fields))
         if unknown:
             raise ValueError(
@@ -186,16 +214,31 @@ class Method:
         """The knob values this instance uses (eps values as floats), for the run's records."""
         return dataclasses.asdict(self.knobs)
 
-    # -- recipe -----------------------------------------------------------------------------
-    def recipe_for(self, dataset: str = "cifar10") -> dict[str, Any]:
-        """The official optimiser recipe for ``dataset`` (a copy; the loop merges overrides).
+    def run_details(self) -> dict[str, Any]:
+        """What the knobs resolved to on these networks, for the run's records (not knobs)."""
+        return {}
 
-        ImageNet uses the method's ImageNet recipe where method.md gives one; every other
-        dataset (CIFAR-10/100, small image folders) uses the CIFAR-10 recipe.
-        """
-        key = "imagenet" if dataset == "imagenet" and "imagenet" in self.recipes else "cifar10"
-        recipe = {k: (list(v) if isinstance(v, list) else v) for k, v in self.recipes[key].items()}
-        return self.adjust_recipe(recipe)
+    # -- recipe -----------------------------------------------------------------------------
+    @classmethod
+    def recipe_datasets(cls) -> list[str]:
+        """The datasets this method has an official recipe for."""
+        return sorted(cls.recipes)
+
+    @classmethod
+    def base_recipe(cls, dataset: str) -> dict[str, Any]:
+        """A copy of the declared recipe for ``dataset``; ``RecipeError`` when there is none."""
+        if dataset not in cls.recipes:
+            have = ", ".join(cls.recipe_datasets()) or "none"
+            raise RecipeError(
+                f"method {cls.name!r} has no recipe for dataset {dataset!r} (it has recipes for: {have}); "
+                f"add one with its source to {cls.__name__}.recipes, or use another method"
+            )
+        return copy.deepcopy(cls.recipes[dataset])
+
+    def recipe_for(self, dataset: str = "cifar10") -> dict[str, Any]:
+        """The official recipe for ``dataset`` (a copy; the loop merges ``optim`` overrides), after
+        ``adjust_recipe`` (knob-dependent values). ``RecipeError`` for a dataset without one."""
+        return self.adjust_recipe(self.base_recipe(dataset))
 
     def adjust_recipe(self, recipe: dict[str, Any]) -> dict[str, Any]:
         """Hook for recipes that depend on knobs (Free-AT: epochs = budget / replays)."""

@@ -28,14 +28,38 @@ class FastATKnobs:
 class FastAT(Method):
     """Fast-AT. Knobs: eps (8/255, fraction of the [0, 1] range), step_scale (1.25: alpha =
     1.25 eps = 10/255 at 8/255), attack_mode (train, as the official code: the FGSM pass is an
-    ordinary training-mode forward). Recipe (CIFAR-10, Wong et al.): SGD momentum 0.9, weight
-    decay 5e-4, batch 128, 15 epochs, cyclic lr rising linearly from 0 to lr = 0.2 at
-    ``milestones[0]`` = 40 % of training and back to 0 at the end. The early stop against
-    catastrophic overfitting is the loop's checkpoint selection by PGD accuracy on a held-out
-    split (``train.selection: best_pgd``), not part of this loss."""
+    ordinary training-mode forward). The early stop against catastrophic overfitting is the
+    loop's checkpoint selection by PGD accuracy on a held-out split (``train.selection:
+    best_pgd``), not part of this loss.
+
+    Recipe, CIFAR-10 (source: Wong, Rice and Kolter, ICLR 2020, locuslab/fast_adversarial
+    ``CIFAR10/train_fgsm.py`` defaults): SGD momentum 0.9, weight decay 5e-4, batch 128, 15
+    epochs, ``CyclicLR(base_lr=0, max_lr=0.2, step_size_up = step_size_down = steps / 2)``
+    stepped after every batch: lr rises linearly from 0 and peaks halfway (``lr_peak`` 0.5),
+    back to 0 at the end; eps 8/255, alpha 10/255 (1.25 eps), random start.
+
+    Recipe, ImageNet (source: locuslab/fast_adversarial ``ImageNet/run_fast_4px.sh`` and its
+    phase configs; eps 4/255, ``fgsm_step`` 5/255 = 1.25 eps, ``n_repeats`` 1, random init):
+    15 epochs in three phases ending at epochs 6, 12 and 15; phase 1 (read here: lr_epochs
+    [0, 1, 6], lr_values [0, 0.4, 0.04], batch 512, weight decay 5e-4) warms lr up linearly to
+    0.4 in one epoch and decays it linearly to 0.04 at epoch 6; phases 2 and 3 are continued here
+    as linear decays by 10x per phase (0.004 at epoch 12, 0.0004 at 15), which the phase-2/3
+    files, not readable here, may set differently. The official phases also grow the image size
+    (128, 224, 288 px crops with batches 512, 224, 128); this pipeline trains at 224 px with
+    batch 512 throughout."""
 
     Knobs = FastATKnobs
-    recipes = {"cifar10": sgd_recipe(epochs=15, lr=0.2, weight_decay=5e-4, schedule="cyclic", milestones=[0.4])}
+    recipes = {
+        "cifar10": sgd_recipe(
+            source="Wong et al. 2020, locuslab/fast_adversarial CIFAR10/train_fgsm.py defaults (cyclic lr)",
+            epochs=15, lr=0.2, weight_decay=5e-4, schedule="cyclic"),
+        "imagenet": sgd_recipe(
+            source="Wong et al. 2020, locuslab/fast_adversarial ImageNet/run_fast_4px.sh + phase configs "
+                   "(phase 1 read; phases 2-3 assumed 10x linear decays; fixed 224 px, batch 512)",
+            knobs={"eps": "4/255", "step_scale": 1.25},
+            epochs=15, batch_size=512, lr=0.4, weight_decay=5e-4, schedule="piecewise",
+            lr_points=[[0.0, 0.0], [1 / 15, 1.0], [6 / 15, 0.1], [12 / 15, 0.01], [1.0, 0.001]]),
+    }
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         k = self.knobs

@@ -41,7 +41,10 @@ class MixACMKnobs:
     pooling: str = knob("mean", "spatial pooling of the ACM", kind="choice", choices=("mean", "sum"))
     normalize: str = knob("l2", "normalisation of the ACM across channels", kind="choice", choices=("l2", "none"))
     activation: str = knob(
-        "relu", "applied to block outputs before the power", kind="choice", choices=("relu", "none")
+        "network", "what activates a block output before the power: 'network' = the activation the "
+        "network itself applies next (pre-activation nets: the next unit's BN + ReLU, the final BN + "
+        "ReLU after the last group; other nets: their features already end in a ReLU), 'relu' = "
+        "relu(raw output), 'none'", kind="choice", choices=("network", "relu", "none")
     )
     blocks: Any = knob(
         "groups",
@@ -134,21 +137,27 @@ def _resolve_switches(knobs: MixACMKnobs, preset_given: bool) -> dict[str, Any]:
 @register_method("mixacm")
 class MixACM(Method):
     """MixACM. Knobs (defaults from docs/method.md; units: beta, gamma, T, mixup_alpha are
-    dimensionless): p (2), pooling (mean), normalize (l2), activation (relu), blocks (groups),
+    dimensionless): p (2), pooling (mean), normalize (l2), activation (network: the BN + ReLU the
+    network applies next for pre-activation nets, see docs/method_choices.md), blocks (groups),
     transform (linear), beta (1), gamma (50), T (1), mixup_alpha (1), ablation (full | acm |
     acm+kd | acm+mixup | kd) and the switches acm / kd / mixup that the preset sets.
     The teacher is frozen: eval mode, no gradients, forward under ``torch.no_grad()``; it sees
     the same (mixup) batch as the student. Metrics: loss, ce, kd, acm (unweighted terms, so
     loss = ce + beta * kd + gamma * acm) and lam (1 without mixup).
-    Recipe: CIFAR-10 SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr / 10
-    at epochs 100 and 150; ImageNet SGD lr 0.1 at batch 256 (scale it by batch / 256), weight
-    decay 1e-4, 90 epochs, lr / 10 at epochs 30 and 60."""
+    Recipe, CIFAR-10 (source: method.md section 1, the paper's CIFAR-10 setting): SGD lr 0.1,
+    momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr / 10 at epochs 100 and 150.
+    ImageNet (source: method.md section 1): SGD lr 0.1 at batch 256 (scale it by batch / 256),
+    weight decay 1e-4, 90 epochs, step schedule (method.md allows step or cosine; the step
+    schedule of the standard ResNet-50 recipe: lr / 10 at epochs 30 and 60). No CIFAR-100
+    recipe: the paper gives none."""
 
     needs_teacher = True
     Knobs = MixACMKnobs
     recipes = {
-        "cifar10": sgd_recipe(weight_decay=5e-4, epochs=200, milestones=[0.5, 0.75]),
-        "imagenet": sgd_recipe(epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4, milestones=[1 / 3, 2 / 3]),
+        "cifar10": sgd_recipe(source="method.md section 1 (MixACM paper, CIFAR-10 WRN-34-10)",
+                              weight_decay=5e-4, epochs=200, milestones=[0.5, 0.75]),
+        "imagenet": sgd_recipe(source="method.md section 1 (MixACM paper, ImageNet ResNet-50; step schedule)",
+                               epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4, milestones=[1 / 3, 2 / 3]),
     }
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None = None, **knobs: Any) -> None:
@@ -176,10 +185,10 @@ class MixACM(Method):
         ).to(device)
 
     @classmethod
-    def resolve(cls, given: dict[str, Any]) -> MixACMKnobs:
+    def resolve(cls, given: dict[str, Any], dataset: str | None = None) -> MixACMKnobs:
         """Validate the knobs; the ablation preset and the acm/kd/mixup switches are reconciled
         here (no networks needed), the block names against the networks in ``__init__``."""
-        knobs = super().resolve(given)
+        knobs = super().resolve(given, dataset)
         _check_blocks_format(knobs.blocks)
         return dataclasses.replace(knobs, **_resolve_switches(knobs, preset_given="ablation" in given))
 
@@ -214,9 +223,27 @@ class MixACM(Method):
         return self.transforms
 
     def channel_map(self, feat: Tensor) -> Tensor:
-        """The ACM of one feature tensor with this run's p, pooling, normalisation, activation."""
+        """The ACM of one feature tensor with this run's p, pooling, normalisation, activation
+        (``network``: the features come from the forward already activated by the network)."""
         k = self.knobs
-        return activated_channel_map(feat, p=k.p, pooling=k.pooling, normalize=k.normalize, activation=k.activation)
+        act = "none" if k.activation == "network" else k.activation
+        return activated_channel_map(feat, p=k.p, pooling=k.pooling, normalize=k.normalize, activation=act)
+
+    def applied_activation(self) -> dict[str, str]:
+        """What activated each side's maps in this run, in words (recorded with the knobs)."""
+        k = self.knobs
+        out = {}
+        for role, net in (("student", self.model), ("teacher", self.teacher)):
+            if k.activation != "network":
+                out[role] = k.activation
+            elif getattr(net, "preactivation", False):
+                out[role] = "network: next unit's BN + ReLU (final BN + ReLU after the last group)"
+            else:
+                out[role] = "network: the features' own ReLU (post-activation blocks)"
+        return out
+
+    def run_details(self) -> dict[str, Any]:
+        return {"acm_activation": self.applied_activation(), "acm_pairs": [list(p) for p in self.pairs]}
 
     def student_channel_map(self, s: str, t: str, feat: Tensor) -> Tensor:
         """Student ACM mapped to the teacher's length, then normalised again so that both sides
@@ -239,8 +266,9 @@ class MixACM(Method):
 
         s_names = list(dict.fromkeys(s for s, _ in self.pairs))
         t_names = list(dict.fromkeys(t for _, t in self.pairs))
+        act = k.activation == "network"
         if s_names:
-            logits, s_feats = self.model(x_in, features=s_names)
+            logits, s_feats = self.model(x_in, features=s_names, activated=act)
         else:
             logits, s_feats = self.model(x_in), {}
         ce = mixup_ce(logits, y_a, y_b, lam) if k.mixup else F.cross_entropy(logits, y)
@@ -252,7 +280,7 @@ class MixACM(Method):
             self.teacher.eval()
             with torch.no_grad():
                 if t_names:
-                    t_logits, t_feats = self.teacher(x_in, features=t_names)
+                    t_logits, t_feats = self.teacher(x_in, features=t_names, activated=act)
                 else:
                     t_logits, t_feats = self.teacher(x_in), {}
             if k.kd:

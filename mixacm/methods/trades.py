@@ -33,11 +33,18 @@ class TRADESKnobs:
 class TRADES(Method):
     """TRADES. Knobs: beta (6), eps (0.031, fraction of the [0, 1] range: the official value,
     not 8/255), steps (10), step_size (0.007), init_std (0.001), attack_mode (eval, official).
-    Recipe: SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch 128, 76 epochs, lr / 10 at
-    epoch 75."""
+    Recipe, CIFAR-10 (source: Zhang et al., ICML 2019, yaodongyu/TRADES
+    ``train_trades_cifar10.py`` defaults): SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch
+    128, 76 epochs; ``adjust_learning_rate`` gives lr / 10 from 1-based epoch 75 on
+    (``if epoch >= 75``, epochs counted from 1), so epochs 75 and 76 train at 0.01: the drop is
+    at 74 / 76 of training. No ImageNet or CIFAR-100 recipe in the source."""
 
     Knobs = TRADESKnobs
-    recipes = {"cifar10": sgd_recipe(weight_decay=2e-4, epochs=76, milestones=[75 / 76])}
+    recipes = {
+        "cifar10": sgd_recipe(
+            source="Zhang et al. 2019, yaodongyu/TRADES train_trades_cifar10.py defaults",
+            weight_decay=2e-4, epochs=76, milestones=[74 / 76]),
+    }
 
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         k = self.knobs

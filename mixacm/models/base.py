@@ -26,6 +26,11 @@ class FeatureClassifier(nn.Module):
     """
 
     feature_names: tuple[str, ...] = ()
+    # Pre-activation networks (WideResNet, PreAct ResNet, tiny): a named feature is a raw
+    # residual sum that the network itself activates with the next unit's BN + ReLU. Their
+    # ``_forward`` takes ``activated`` and then returns those activated maps instead. Other
+    # models' features already end in a ReLU (``activated`` changes nothing for them).
+    preactivation: bool = False
 
     def __init__(self, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> None:
         super().__init__()
@@ -51,13 +56,20 @@ class FeatureClassifier(nn.Module):
                 f"{type(self).__name__} has no feature(s) {unknown}; valid: {list(self.feature_names)}"
             )
 
-    def forward(self, x: Tensor, features: Sequence[str] = ()) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, features: Sequence[str] = (), activated: bool = False
+                ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Logits, or ``(logits, {name: feature})``. ``activated=True``: each feature as the network
+        activates it before its next layer (pre-activation nets: the next BN + ReLU, computed once
+        in the forward pass and shared with that layer; other nets: the feature itself)."""
         z = (x - self.mean) / self.std
         if not features:
             return self._forward(z, frozenset(), {})
         self.check_features(features)
         feats: dict[str, Tensor] = {}
-        logits = self._forward(z, frozenset(features), feats)
+        if self.preactivation:
+            logits = self._forward(z, frozenset(features), feats, activated=activated)
+        else:
+            logits = self._forward(z, frozenset(features), feats)
         return logits, {name: feats[name] for name in features}
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixacm.models.base import FeatureClassifier
-from mixacm.models.blocks import PreActBlock
+from mixacm.models.blocks import PreActBlock, run_preact_groups
 from mixacm.models.registry import MODELS
 
 
 class PreActResNet(FeatureClassifier):
     feature_names = ("stem", "layer1", "layer2", "layer3", "layer4")
+    preactivation = True
 
     def __init__(self, num_classes: int = 10, blocks: tuple[int, ...] = (2, 2, 2, 2), **norm) -> None:
         super().__init__(**norm)
@@ -34,9 +35,9 @@ class PreActResNet(FeatureClassifier):
         self.bn = nn.BatchNorm2d(512)
         self.linear = nn.Linear(512, num_classes)
 
-    def _forward(self, z: Tensor, want: frozenset[str], feats: dict[str, Tensor]) -> Tensor:
-        stages = [self.conv1] + [getattr(self, n) for n in self.feature_names[1:]]
-        out = F.relu(self.bn(self._run_stages(z, stages, want, feats)))
+    def _forward(self, z: Tensor, want: frozenset[str], feats: dict[str, Tensor], activated: bool = False) -> Tensor:
+        groups = [getattr(self, n) for n in self.feature_names[1:]]
+        out = run_preact_groups(self.conv1(z), self.feature_names, groups, self.bn, want, feats, activated)
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixacm.models.base import FeatureClassifier
-from mixacm.models.blocks import PreActBlock
+from mixacm.models.blocks import PreActBlock, run_preact_groups
 from mixacm.models.registry import MODELS
 
 
 class TinyResNet(FeatureClassifier):
     feature_names = ("stem", "layer1", "layer2", "layer3")
+    preactivation = True
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64), **norm) -> None:
         super().__init__(**norm)
@@ -24,9 +25,9 @@ class TinyResNet(FeatureClassifier):
         self.bn = nn.BatchNorm2d(widths[2])
         self.fc = nn.Linear(widths[2], num_classes)
 
-    def _forward(self, z: Tensor, want: frozenset[str], feats: dict[str, Tensor]) -> Tensor:
-        stages = [getattr(self, name) for name in self.feature_names]
-        out = F.relu(self.bn(self._run_stages(z, stages, want, feats)))
+    def _forward(self, z: Tensor, want: frozenset[str], feats: dict[str, Tensor], activated: bool = False) -> Tensor:
+        groups = [self.layer1, self.layer2, self.layer3]
+        out = run_preact_groups(self.stem(z), self.feature_names, groups, self.bn, want, feats, activated)
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 

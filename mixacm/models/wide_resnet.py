@@ -10,7 +10,8 @@ N(0, 2 / (k*k*out_channels)), linear bias 0).
 
 Features: ``stem`` = conv1's output (the paper's block 1), ``layer1``..``layer3`` = the outputs of
 the three groups (blocks 2-4). Blocks are pre-activation, so these maps are not yet ReLU'd (the
-final BN + ReLU follows layer3).
+next group's first BN + ReLU, or the final BN + ReLU after layer3, activates them);
+``model(x, features, activated=True)`` returns those activated maps.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixacm.models.base import FeatureClassifier
-from mixacm.models.blocks import PreActBlock
+from mixacm.models.blocks import PreActBlock, run_preact_groups
 from mixacm.models.registry import MODELS
 
 
@@ -39,6 +40,7 @@ class NetworkBlock(nn.Module):
 
 class WideResNet(FeatureClassifier):
     feature_names = ("stem", "layer1", "layer2", "layer3")
+    preactivation = True
 
     def __init__(self, num_classes: int = 10, depth: int = 28, widen_factor: int = 10,
                  dropout: float = 0.0, sub_block1: bool = False, bias_last: bool = True,
@@ -66,11 +68,21 @@ class WideResNet(FeatureClassifier):
             elif isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def _forward(self, z: Tensor, want: frozenset[str], feats: dict[str, Tensor]) -> Tensor:
-        out = self._run_stages(z, (self.conv1, self.block1, self.block2, self.block3), want, feats)
-        out = F.relu(self.bn1(out))
+    def _forward(self, z: Tensor, want: frozenset[str], feats: dict[str, Tensor], activated: bool = False) -> Tensor:
+        out = run_preact_groups(self.conv1(z), self.feature_names, [self.block1, self.block2, self.block3],
+                                self.bn1, want, feats, activated)
         # RobustBench pools with a fixed 8x8 window, which is global pooling for 32x32 inputs.
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Also drops ``sub_block1.*`` when this model has none: that group is never used in the
+        forward pass (RobustBench's Carmon2019Unlabeled, Zhang2019Theoretically carry it), so the
+        logits are those of the checkpoint's own network."""
+        sd = super().adapt_state_dict(state_dict)
+        if not hasattr(self, "sub_block1"):
+            sd = {k: v for k, v in sd.items() if not k.startswith("sub_block1.")}
+        return sd
 
 
 @MODELS.register("wide_resnet")

@@ -39,6 +39,14 @@ def _check_config(cfg):
                     f"config key experiments.{exp_name}.recipes[{i}]: unknown recipe {recipe!r}; "
                     f"defined under recipes: {', '.join(sorted(cfg['recipes']))}"
                 )
+            # No silent fallback to another dataset's recipe: the method must have one for this dataset.
+            method = METHODS.get(cfg["recipes"][recipe]["method"])
+            if exp["dataset"] not in method.recipe_datasets():
+                raise WorkflowError(
+                    f"config key experiments.{exp_name}.recipes[{i}]: method {method.name!r} (recipe "
+                    f"{recipe!r}) has no recipe for dataset {exp['dataset']!r}; it has recipes for: "
+                    f"{', '.join(method.recipe_datasets()) or 'none'}"
+                )
         if exp["dataset"] not in cfg["evaluation"]:
             raise WorkflowError(
                 f"config key experiments.{exp_name}.dataset: {exp['dataset']!r} has no "
