@@ -197,6 +197,12 @@ class Method:
         recipe = {k: (list(v) if isinstance(v, list) else v) for k, v in self.recipes[key].items()}
         return self.adjust_recipe(recipe)
 
+    @classmethod
+    def check_feature_names(cls, given: dict[str, Any], student_names: Any, teacher_names: Any) -> None:
+        """Check knobs that name network features (MixACM's block pairs) against the feature
+        names of the student and the teacher, before any job; errors are ValueErrors naming the
+        knob and the valid names. Most methods name no features."""
+
     def adjust_recipe(self, recipe: dict[str, Any]) -> dict[str, Any]:
         """Hook for recipes that depend on knobs (Free-AT: epochs = budget / replays)."""
         return recipe

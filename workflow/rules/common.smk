@@ -65,6 +65,7 @@ def _check_config(cfg):
                 f"config key experiments.{exp_name}: its recipes need a teacher but "
                 f"teachers.{exp['dataset']} is not set"
             )
+        _check_feature_names(cfg, exp_name, exp)
     for ds, teacher in cfg["teachers"].items():
         if teacher["source"] == "file" and not Path(teacher["path"]).is_file():
             raise WorkflowError(
@@ -73,6 +74,30 @@ def _check_config(cfg):
         if teacher["source"] == "train" and teacher["recipe"] not in cfg["recipes"]:
             raise WorkflowError(
                 f"config key teachers.{ds}.recipe: unknown recipe {teacher['recipe']!r}"
+            )
+
+
+def _check_feature_names(cfg, exp_name, exp):
+    # Knobs naming features (MixACM's distillation-term block pairs) against the student's and
+    # the teacher's architectures, read from the model registry without building weights.
+    from mixacm.distill import arch_feature_names
+
+    teacher = cfg["teachers"].get(exp["dataset"], {})
+    if not teacher.get("arch"):
+        return  # a teacher file without arch: checked by the run config once the file exists
+    names = None
+    for recipe in exp["recipes"]:
+        cls = METHODS.get(cfg["recipes"][recipe]["method"])
+        if not cls.needs_teacher:
+            continue
+        if names is None:
+            names = arch_feature_names(exp["arch"]), arch_feature_names(teacher["arch"])
+        try:
+            cls.check_feature_names(cfg["recipes"][recipe].get("knobs", {}), *names)
+        except ValueError as err:
+            raise WorkflowError(
+                f"config key recipes.{recipe}.knobs (student {exp['arch']} of experiments.{exp_name}, "
+                f"teacher {teacher['arch']}): {err}"
             )
 
 
