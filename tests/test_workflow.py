@@ -154,9 +154,14 @@ def _bad(cfg: dict, path: list, value) -> dict:
          "experiments.cifar10.autoattack_standard[0]"),
         (["experiments", "cifar10", "autoattack_standard"], ["mixacm"],
          "evaluation.cifar10.autoattack_standard.n"),
+        (["recipes", "mixacm", "knobs"], {"terms": [{"term": "crd"}]},
+         "recipes.mixacm.knobs: knob 'terms' of method 'mixacm'[0].term: unknown distillation term 'crd'; "
+         "valid: acm, at, fitnet, kd, sp"),
+        (["recipes", "mixacm", "knobs"], {"terms": [{"term": "at", "blocks": [["layer3", "layer4"]]}]},
+         "the teacher has no feature(s) ['layer4']; valid: ['stem', 'layer1', 'layer2', 'layer3']"),
     ],
     ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
-         "knob-eps-8", "standard-aa-unknown-recipe", "standard-aa-without-n"],
+         "knob-eps-8", "standard-aa-unknown-recipe", "standard-aa-without-n", "unknown-term", "missing-block"],
 )
 def test_bad_config_stops_before_any_job(wf, path, value, expected):
     cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)
