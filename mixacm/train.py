@@ -316,6 +316,7 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
     steps_this_call = 0
     while epoch < recipe["epochs"]:
         t_epoch = time.perf_counter()
+        method.begin_epoch(epoch, recipe["epochs"])
         loader = make_train_loader(train_set, local_bs, cfg["seed"], epoch, rank=ctx.rank, world_size=world,
                                    num_workers=tcfg["num_workers"], pin_memory=device.type == "cuda")
         net.train()

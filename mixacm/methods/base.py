@@ -218,6 +218,10 @@ class Method:
     def after_backward(self) -> None:
         """Called by the loop after ``loss.backward()`` and before the optimiser step."""
 
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the loop before each epoch (0-based ``epoch`` of ``epochs``, also after a
+        resume): for knobs that follow the epoch, e.g. AWP's warm-up or FAT's dynamic tau."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
