@@ -317,7 +317,7 @@ def n_arg(n):
 
 # -- tables, figures, report ---------------------------------------------------------------------
 
-TABLE_NAMES = ["cifar10", "imagenet", "less_data", "ablation"]
+TABLE_NAMES = ["cifar10", "imagenet", "less_data", "ablation", "transfer"]
 TABLES = expand("results/table_{table}.csv", table=TABLE_NAMES)
 FIGURES = expand("results/figures/{figure}", figure=FIGURE_NAMES)
 
@@ -334,13 +334,29 @@ def experiment_results(name):
     standard = set(exp.get("autoattack_standard", []))
     files += [f"{run_dir(*run)}/eval_autoattack_standard.json"
               for run in experiment_runs(name) if run[1] in standard]
+    if name == "transfer" and exp["dataset"] in config["teachers"]:
+        # The transfer table's Teacher row: the teacher's own evaluations.
+        kinds = ["clean_pgd"] + (["autoattack"] if exp.get("autoattack", True) else [])
+        files += [f"results/teachers/{exp['dataset']}/eval_{kind}.json" for kind in kinds]
     return files
+
+
+def teacher_costs(name):
+    """The training summary of a teacher trained in the DAG, for the transfer table's cost."""
+    exp = config["experiments"].get(name)
+    if name != "transfer" or exp is None:
+        return []
+    teacher = config["teachers"].get(exp["dataset"])
+    if teacher is None or teacher["source"] != "train":
+        return []
+    return [f"results/teachers/{exp['dataset']}/trained/train_summary.json"]
 
 
 def table_inputs(table):
     return {
         "results": experiment_results(table),
-        "costs": experiment_files(table, "train_summary.json") + experiment_benchmarks(table),
+        "costs": experiment_files(table, "train_summary.json") + experiment_benchmarks(table)
+        + teacher_costs(table),
     }
 
 
