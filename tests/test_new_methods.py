@@ -255,3 +255,20 @@ def test_igam_trains_its_discriminator_every_disc_every_steps():
     other = build_method("igam", tiny(), tiny(1), disc_every=2)
     other.load_state_dict(state)
     assert other.steps == 3 and all(torch.equal(a, b) for a, b in zip(params(other.disc), params(method.disc)))
+
+
+def test_bench_methods_covers_every_new_method(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
+    spec = importlib.util.spec_from_file_location("bench_methods", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    new = {"awp_at", "awp_trades", "fat", "igam", "ard", "rslad"}
+    assert new <= set(bench.DEFAULT_METHODS) and new <= set(bench.EXPECTED)
+    bench.main(["--model", "resnet2b", "--teacher", "resnet4b", "--batch-size", "2", "--image-size", "16", "--rounds", "1",
+                "--iters", "1", "--warmup", "0", "--methods", "standard", "mixacm", *sorted(new)])
+    out = capsys.readouterr().out
+    assert all(f"| {name} " in out for name in ("teacher-fwd", "standard", "mixacm", *new))
+    assert "mixacm / (standard + teacher forward) = " in out
