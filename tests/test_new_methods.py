@@ -267,7 +267,7 @@ def test_bench_methods_covers_every_new_method(capsys):
     spec.loader.exec_module(bench)
     new = {"awp_at", "awp_trades", "fat", "igam", "ard", "rslad"}
     assert new <= set(bench.DEFAULT_METHODS) and new <= set(bench.EXPECTED)
-    bench.main(["--model", "resnet2b", "--teacher", "resnet4b", "--batch-size", "2", "--image-size", "16", "--rounds", "1",
+    bench.main(["--model", "resnet2b", "--teacher", "resnet4b", "--batch-size", "2", "--rounds", "1",
                 "--iters", "1", "--warmup", "0", "--methods", "standard", "mixacm", *sorted(new)])
     out = capsys.readouterr().out
     assert all(f"| {name} " in out for name in ("teacher-fwd", "standard", "mixacm", *new))
