@@ -21,8 +21,10 @@ on the classifier's schedule, classifier SGD momentum 0.9, weight decay 2e-4, ba
 steps (205 epochs of CIFAR-10) with lr 0.1 / 0.01 / 0.001 at steps 40,000 and 60,000.
 Officially supported dataset here: CIFAR-10 (the target task of the paper's Tiny-ImageNet
 transfer). Choices of this project where the code says no more: D's layers are 3 x 3
-convolutions (stride 1, then 2) with leaky ReLU (0.2), channels doubling from 16, global
-average pooling and a linear map to 2 logits; D's learning rate follows the recipe's
+convolutions of stride 2 with leaky ReLU (0.2), channels doubling from 16, global average
+pooling and a linear map to 2 logits (stride 2 from the first layer keeps D at about 1.3 M
+multiply-adds per 32 x 32 gradient: negligible beside a WideResNet, and still about the cost
+of the CPU-scale students, see docs/benchmarks.md); D's learning rate follows the recipe's
 milestones (``begin_epoch``) from ``disc_lr``.
 """
 from __future__ import annotations
@@ -63,8 +65,8 @@ def discriminator_ce(d_student: Tensor, d_teacher: Tensor) -> Tensor:
 
 
 class GradientDiscriminator(nn.Module):
-    """D: ``layers`` 3 x 3 convolutions (the first of stride 1, then stride 2) with leaky ReLU,
-    channels doubling from ``base``, global average pooling, a linear map to 2 logits."""
+    """D: ``layers`` 3 x 3 convolutions of stride 2 with leaky ReLU, channels doubling from
+    ``base``, global average pooling, a linear map to 2 logits."""
 
     def __init__(self, in_channels: int = 3, layers: int = 5, base: int = 16) -> None:
         super().__init__()
@@ -72,7 +74,7 @@ class GradientDiscriminator(nn.Module):
         c_in = in_channels
         for i in range(layers):
             c_out = base * 2**i
-            mods += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1), nn.LeakyReLU(0.2)]
+            mods += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
             c_in = c_out
         self.body = nn.Sequential(*mods)
         self.fc = nn.Linear(c_in, 2)
