@@ -108,10 +108,12 @@ class MixACM(Method):
     """MixACM. Knobs (defaults from docs/method.md; units: beta, gamma, T, mixup_alpha are
     dimensionless): p (2), pooling (mean), normalize (l2), activation (relu), blocks (groups),
     transform (linear), beta (1), gamma (50), T (1), mixup_alpha (1), ablation (full | acm |
-    acm+kd | acm+mixup | kd) and the switches acm / kd / mixup that the preset sets.
+    acm+kd | acm+mixup | kd) and the switches acm / kd / mixup that the preset sets; terms
+    (null: the paper's acm + kd; or a list of mixacm.distill terms replacing them).
     The teacher is frozen: eval mode, no gradients, forward under ``torch.no_grad()``; it sees
     the same (mixup) batch as the student. Metrics: loss, ce, kd, acm (unweighted terms, so
-    loss = ce + beta * kd + gamma * acm) and lam (1 without mixup).
+    loss = ce + beta * kd + gamma * acm), one per further term of ``terms`` (sp, at, fitnet,
+    sp_2, ...) and lam (1 without mixup).
     Recipe: CIFAR-10 SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr / 10
     at epochs 100 and 150; ImageNet SGD lr 0.1 at batch 256 (scale it by batch / 256), weight
     decay 1e-4, 90 epochs, lr / 10 at epochs 30 and 60."""
