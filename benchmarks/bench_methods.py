@@ -6,9 +6,11 @@ check, backward, ``after_backward``, SGD step); the baseline is a bare
 one run, interleaved in rounds so that a change in machine load hits every method alike; each
 figure is the median over all timed steps after a warmup.
 
-Two primitives are timed beside them to explain the ratios: ``fwd-only`` (an eval-mode forward
-without gradients, what MixACM adds per step) and ``pgd-step`` (an eval-mode forward plus the
-gradient w.r.t. the input, what each PGD step costs).
+Primitives are timed beside them to explain the ratios: ``fwd-only`` (an eval-mode forward
+without gradients of the student's architecture), ``teacher-fwd`` (the same for the teacher's
+architecture, when ``--teacher`` names another one: what MixACM, IGAM, ARD and RSLAD add per step)
+and ``pgd-step`` (an eval-mode forward plus the gradient w.r.t. the input, what each PGD step
+costs).
 
 First-principles cost, counting a forward as 1 unit and a full backward as 2 (bare step = 3):
 MixACM = 3 + one teacher forward (1 unit when the teacher is the student's size) -> ~1.33x;
@@ -17,6 +19,15 @@ weight-gradient work, about 1 unit, so 10 x 2 + 3 = 23 units -> ~7.7x (11x if ev
 step cost a full step); TRADES = 10 KL steps (20) + clean target forward (1) + the loss's two
 forwards and backwards (6) -> ~9x; Free-AT: one replay is one full step -> ~1x per optimiser step
 (m replays per minibatch); Fast-AT: one FGSM step (2) + 3 -> ~1.67x.
+AWP adds one forward and backward of the outer loss on the proxy copy: AT-AWP = 23 + 3 = 26
+units -> ~8.7x, TRADES-AWP = 27 + 6 (the TRADES loss has two forwards) = 33 -> 11x. FAT stops
+each example early, so it costs at most AT's 7.7x (on random labels, where an untrained
+model misclassifies almost everything at once, close to a standard step). ARD = AT + a teacher
+forward (24 units with a teacher of the student's size) -> 8x; RSLAD = 10 KL steps (20) + two
+forwards and backwards (6) + a teacher forward (1) -> 9x. IGAM: a student forward (1), the
+input-gradient backward with its graph kept (2), the backward through it (double
+back-propagation, ~4), the teacher's forward and input backward (2) and the small
+discriminator -> ~9 units, 3x: "two to three standard steps plus a teacher pass".
 
     python benchmarks/bench_methods.py                       # tiny student, batch 128, CPU
     python benchmarks/bench_methods.py --model wrn-34-10 --device cuda --amp bf16 --channels-last
@@ -40,10 +51,12 @@ from mixacm.utils import resolve_device, seed_everything
 
 # Cost in units of the bare step (forward 1 + backward 2 = 3 units), from the module docstring.
 EXPECTED = {
-    "bare": 1.0, "fwd-only": 1 / 3, "pgd-step": 2 / 3, "standard": 1.0, "mixacm": 4 / 3,
-    "at": 23 / 3, "trades": 27 / 3, "free_at": 1.0, "fast_at": 5 / 3,
+    "bare": 1.0, "fwd-only": 1 / 3, "teacher-fwd": float("nan"), "pgd-step": 2 / 3, "standard": 1.0,
+    "mixacm": 4 / 3, "at": 23 / 3, "trades": 27 / 3, "free_at": 1.0, "fast_at": 5 / 3,
+    "awp_at": 26 / 3, "awp_trades": 33 / 3, "fat": 23 / 3, "ard": 24 / 3, "rslad": 27 / 3, "igam": 9 / 3,
 }
-DEFAULT_METHODS = ("standard", "mixacm", "at", "trades", "free_at", "fast_at")
+DEFAULT_METHODS = ("standard", "mixacm", "at", "trades", "free_at", "fast_at",
+                   "awp_at", "awp_trades", "fat", "igam", "ard", "rslad")
 
 
 def _sync(device: torch.device) -> None:
@@ -107,6 +120,9 @@ def build_steps(args, device: torch.device) -> dict:
     teacher = build_model(args.teacher or args.model, args.num_classes).to(device, memory_format=fmt).eval()
     steps = {}
     primitives = {"bare": lambda m: BareStep(m, 1e-3), "fwd-only": ForwardOnly, "pgd-step": AttackStep}
+    if args.teacher and args.teacher != args.model:
+        # The teacher's own forward: the share of a distillation step that is not the method's.
+        primitives["teacher-fwd"] = lambda m: ForwardOnly(teacher)
     for name in (*primitives, *args.methods):
         seed_everything(0)  # every method starts from the same weights
         model = build_model(args.model, args.num_classes).to(device, memory_format=fmt).train()
@@ -147,13 +163,18 @@ def report(args, times: dict[str, list[float]], load: tuple[float, float] | None
         f"median of {args.rounds} x {args.iters} timed steps after {args.warmup} warmup steps"
         + (f"; 1-min load average {load[0]:.2f} before, {load[1]:.2f} after ({os.cpu_count()} CPUs)" if load else ""),
         "",
-        f"| {'method':<9} | {'img/s':>8} | {'ms/step':>8} | {'x bare':>7} | {'expected':>8} |",
-        f"|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 10}|",
+        f"| {'method':<11} | {'img/s':>8} | {'ms/step':>8} | {'x bare':>7} | {'expected':>8} |",
+        f"|{'-' * 13}|{'-' * 10}|{'-' * 10}|{'-' * 9}|{'-' * 10}|",
     ]
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        lines.append(f"| {name:<9} | {args.batch_size / t:8.0f} | {1000 * t:8.1f} | {t / bare:7.2f} | "
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, t in med.items():
+        lines.append(f"| {name:<11} | {args.batch_size / t:8.0f} | {1000 * t:8.1f} | {t / bare:7.2f} | "
                      f"{EXPECTED.get(name, float('nan')):8.2f} |")
+    teacher = med.get("teacher-fwd", med.get("fwd-only"))
+    if "mixacm" in med and "standard" in med and teacher is not None:
+        floor = med["standard"] + teacher
+        lines += ["", f"mixacm / (standard + teacher forward) = {med['mixacm'] / floor:.3f} "
+                      f"(goal: within 5 %, i.e. <= 1.05)"]
     return "\n".join(lines)
 
 

@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("table", formatter_class=fmt, help="one paper table (CSV) from result files",
                        description="Render one of the paper's tables, reproduced beside paper-reported "
                                    "numbers, from evaluation result JSONs (mixacm.report).")
-    p.add_argument("--table", required=True, choices=("cifar10", "imagenet", "less_data", "ablation"),
+    p.add_argument("--table", required=True, choices=("cifar10", "imagenet", "less_data", "ablation", "transfer"),
                    help="which table")
     p.add_argument("--results", nargs="*", default=[], metavar="RESULT.json",
                    help="evaluation result files of the table's runs (none: only cited rows)")

@@ -185,6 +185,30 @@ def _check_method(cfg: dict) -> None:
             f"teacher: method {cfg['method']['name']!r} needs a teacher model file "
             "(write one with `mixacm teacher`)"
         )
+    _check_feature_names(cfg, cls)
+
+
+def _check_feature_names(cfg: dict, cls: type) -> None:
+    """Knobs naming features the student or the teacher lacks (MixACM's block pairs), checked
+    from the architectures alone; the teacher's is read from its model file when it exists."""
+    check = getattr(cls, "check_feature_names", None)
+    teacher = cfg["teacher"]
+    if not callable(check) or not getattr(cls, "needs_teacher", False) or not teacher or not Path(teacher).is_file():
+        return
+    import torch
+
+    from mixacm.distill import arch_feature_names
+
+    try:
+        spec = torch.load(teacher, map_location="cpu", weights_only=True, mmap=True)["model"]
+        t_names = arch_feature_names(spec["name"], spec.get("num_classes", 10), **spec.get("kwargs", {}))
+    except Exception:  # not a readable model file: loading the teacher reports it, by file name
+        return
+    s_names = arch_feature_names(cfg["model"]["name"], **cfg["model"]["kwargs"])
+    try:
+        check(method_knobs(cfg), s_names, t_names)
+    except ValueError as err:
+        raise ConfigError(f"method: {err}") from None
 
 
 def _method_recipe(cfg: Mapping[str, Any], method: Any = None) -> dict:

@@ -11,6 +11,11 @@ al., ICML 2019, for TRADES):
 * mixup: ``x~ = lam * x + (1 - lam) * x[perm]`` and
   ``CE_mix = lam * CE(f(x~), y) + (1 - lam) * CE(f(x~), y[perm])``
 * TRADES regulariser: ``KL(f(x) || f(x'))``, averaged over the batch
+* robust distillation (ARD, Goldblum et al., AAAI 2020; RSLAD, Zi et al., ICCV 2021): the same
+  KL averaged over batch *and classes* (PyTorch's ``KLDivLoss()`` default, which both official
+  codes use, so it is ``kd_kl / C``):
+  ``ARD = alpha * T^2 * KL_mean(t(x) / T || s(x') / T) + (1 - alpha) * CE(s(x), y)``,
+  ``RSLAD = w_adv * KL_mean(t(x) || s(x')) + w_nat * KL_mean(t(x) || s(x))``
 """
 from __future__ import annotations
 
@@ -88,6 +93,32 @@ def trades_kl(logits_adv: Tensor, logits_nat: Tensor) -> Tensor:
     return kd_kl(logits_adv, logits_nat, T=1.0)
 
 
+def kl_class_mean(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0) -> Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))`` averaged over batch and classes (``kd_kl / C``)."""
+    return kd_kl(student_logits, teacher_logits, T=T) / student_logits.shape[1]
+
+
+def ard_loss(logits_adv: Tensor, logits_nat: Tensor | None, teacher_logits: Tensor, y: Tensor,
+             alpha: float = 1.0, T: float = 30.0) -> Tensor:
+    """ARD: ``alpha * T^2 * KL_mean(t(x)/T || s(x')/T) + (1 - alpha) * CE(s(x), y)``.
+
+    ``logits_nat`` (the student on clean inputs) may be ``None`` when ``alpha == 1``.
+    """
+    loss = alpha * kl_class_mean(logits_adv, teacher_logits, T=T)
+    if alpha != 1.0:
+        if logits_nat is None:
+            raise ValueError("ard_loss: alpha < 1 needs the student's clean logits")
+        loss = loss + (1.0 - alpha) * F.cross_entropy(logits_nat, y)
+    return loss
+
+
+def rslad_loss(logits_adv: Tensor, logits_nat: Tensor, teacher_logits: Tensor,
+               w_adv: float = 5 / 6, w_nat: float = 1 / 6) -> Tensor:
+    """RSLAD: ``w_adv * KL_mean(t(x) || s(x')) + w_nat * KL_mean(t(x) || s(x))`` (robust soft
+    labels: the teacher's outputs on clean inputs are the targets of both terms)."""
+    return w_adv * kl_class_mean(logits_adv, teacher_logits) + w_nat * kl_class_mean(logits_nat, teacher_logits)
+
+
 def mixup(x: Tensor, y: Tensor, lam: float, perm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mix each example with its partner ``perm[i]``: returns ``(x~, y, y[perm])``."""
     if not 0.0 <= lam <= 1.0:
@@ -106,6 +137,9 @@ __all__ = [
     "acm_distance",
     "kd_kl",
     "trades_kl",
+    "kl_class_mean",
+    "ard_loss",
+    "rslad_loss",
     "mixup",
     "mixup_ce",
 ]

@@ -398,6 +398,7 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
     NaN / inf loss and ``_Stopped`` after ``step_budget`` steps, both before anything is written.
     """
     cfg, ctx, device, epoch = run.cfg, run.ctx, run.ctx.device, state.epoch
+    run.method.begin_epoch(epoch, run.recipe["epochs"])  # per-epoch knobs (AWP warm-up, FAT's tau, ...)
     loader = make_train_loader(run.train_set, run.local_batch_size, cfg["seed"], epoch, rank=ctx.rank,
                                world_size=ctx.world_size, num_workers=cfg["train"]["num_workers"],
                                pin_memory=device.type == "cuda")

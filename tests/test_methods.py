@@ -492,14 +492,17 @@ def test_wrn_student_acm_is_the_map_its_next_layer_receives():
     student.block2.layer[0].conv1.register_forward_pre_hook(keep("layer1"))
     student.block3.layer[0].conv1.register_forward_pre_hook(keep("layer2"))
     student.bn1.register_forward_hook(lambda mod, args, out: received.__setitem__("layer3", torch.relu(out).detach()))
+    # What the loss itself computes the ACM from: the features of the student's forward.
     used: dict[str, torch.Tensor] = {}
-    original = method.student_channel_map
+    forward = student.forward
 
-    def spy(s, t, feat):
-        used[s] = feat.detach()
-        return original(s, t, feat)
+    def spy(x, features=(), activated=False):
+        out = forward(x, features=features, activated=activated)
+        if features:
+            used.update({k: v.detach() for k, v in out[1].items()})
+        return out
 
-    method.student_channel_map = spy
+    student.forward = spy
     student.train()
     x, y = batch()
     method.loss(x, y)

@@ -184,6 +184,27 @@ def test_both_autoattack_versions_keep_their_own_columns(make_result):
     assert robust_column(table[table.status == "reproduced"]) == "autoattack_apgd"
 
 
+def test_transfer_table_puts_the_teacher_and_the_peers_in_order(make_result):
+    files = [
+        make_result("rslad", 0, {"clean": 80.0, "pgd20": 50.0}, config_hash="r0"),
+        make_result("mixacm", 0, {"clean": 90.0, "pgd20": 55.0}, config_hash="m0"),
+        make_result("ard", 0, {"clean": 79.0, "pgd20": 49.0}, config_hash="d0"),
+        make_result("teacher", 0, {"clean": 89.7, "pgd20": 61.0}, arch="wrn-28-10", teacher=None,
+                    variant="Carmon2019Unlabeled", config_hash="t0"),
+        make_result("at", 0, {"clean": 86.0, "pgd20": 48.0}, config_hash="a0", teacher=None),
+        make_result("trades", 0, {"clean": 84.0, "pgd20": 55.0}, config_hash="x0", teacher=None),
+        make_result("mixacm", 0, {"clean": 88.0, "pgd20": 47.0}, variant="acm", config_hash="v0"),
+    ]
+    table = build_table("transfer", collect_results(files))
+    assert table["method_key"].tolist() == ["teacher", "at", "mixacm", "ard", "rslad"]
+    assert table["method"].tolist() == ["Teacher", "AT", "MixACM", "ARD", "RSLAD"]
+    assert (table["status"] == "reproduced").all()
+    teacher = table.iloc[0]
+    assert teacher["variant"] == "Carmon2019Unlabeled" and teacher["student"] == "wrn-28-10"
+    assert table.iloc[2]["pgd20_mean"] == 55.0  # the full MixACM, not the ablation variant
+    assert not any(c.startswith(("paper_", "diff_")) for c in table.columns)
+
+
 def test_cited_rows_and_paper_order(scenario):
     table = build_table("cifar10", collect_results(scenario["files"]))
     cited = table[table.status == "cited"]
@@ -367,7 +388,7 @@ def test_html_numbers_trace_to_tables_results_and_paper(built):
     parser.feed(html)
 
     # every table with reproduced rows names the data they were computed on
-    assert html.count("Reproduced on: <strong>CIFAR-10 (JPEG copy)</strong>") == 3
+    assert html.count("Reproduced on: <strong>CIFAR-10 (JPEG copy)</strong>") == 4  # + transfer
     # self-contained: no scripts, no external resources, figures embedded
     assert "script" not in parser.tags and "link" not in parser.tags
     assert [s for s in parser.srcs if not s.startswith(("#", "data:image/png;base64,"))] == []

@@ -162,9 +162,15 @@ def _bad(cfg: dict, path: list, value) -> dict:
          "evaluation.cifar10.autoattack_standard.n"),
         (["experiments", "imagenet"], {"dataset": "imagenet", "arch": "tiny", "recipes": ["at"]},
          "experiments.imagenet.recipes[0]: method 'at' (recipe 'at') has no recipe for dataset 'imagenet'"),
+        (["recipes", "mixacm", "knobs"], {"terms": [{"term": "crd"}]},
+         "recipes.mixacm.knobs: knob 'terms' of method 'mixacm'[0].term: unknown distillation term 'crd'; "
+         "valid: acm, at, fitnet, kd, sp"),
+        (["recipes", "mixacm", "knobs"], {"terms": [{"term": "at", "blocks": [["layer3", "layer4"]]}]},
+         "the teacher has no feature(s) ['layer4']; valid: ['stem', 'layer1', 'layer2', 'layer3']"),
     ],
     ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
-         "knob-eps-8", "standard-aa-unknown-recipe", "standard-aa-without-n", "no-recipe-for-dataset"],
+         "knob-eps-8", "standard-aa-unknown-recipe", "standard-aa-without-n", "no-recipe-for-dataset",
+         "unknown-term", "missing-block"],
 )
 def test_bad_config_stops_before_any_job(wf, path, value, expected):
     cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)
@@ -197,24 +203,33 @@ def test_ci_config_end_to_end(tmp_path, cifar10_jpeg_root):
                      "--configfile", "config/ci.yaml", env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert (wf / "report" / "paper_tables.html").stat().st_size > 0
-    for fig in ("less_data", "clean_vs_robust", "training_cost"):
+    for fig in ("less_data", "clean_vs_robust", "training_cost", "transfer"):
         assert (wf / "results" / "figures" / f"{fig}.png").stat().st_size > 0
 
     ci = yaml.safe_load((wf / "config" / "ci.yaml").read_text())
-    for kind in ("cifar10", "imagenet", "less_data", "ablation"):
+    for kind in ("cifar10", "imagenet", "less_data", "ablation", "transfer"):
         table = pd.read_csv(wf / "results" / f"table_{kind}.csv")
-        columns = REQUIRED_COLUMNS + (PAPER_COLUMNS if kind != "less_data" else [])
+        columns = REQUIRED_COLUMNS + (PAPER_COLUMNS if kind not in ("less_data", "transfer") else [])
         assert set(columns) <= set(table.columns), (kind, set(columns) - set(table.columns))
         reproduced = table[table["status"] == "reproduced"]
         exp = ci["experiments"].get(kind)
         expected_rows = 0 if exp is None else len(exp["recipes"]) * len(exp.get("fractions", [1.0]))
+        if kind == "transfer":
+            expected_rows += 1  # the teacher's own row
+            assert reproduced["method_key"].tolist() == ["teacher", "at", "mixacm", "igam", "ard", "rslad"]
         assert len(reproduced) == expected_rows, kind
+        if kind == "cifar10":  # the paper's AWP, FAT and IGAM rows are reproduced, not cited
+            cited = set(table.loc[table["status"] == "cited", "method"])
+            assert not cited & {"AWP", "FAT", "IGAM"}, cited
+            assert "AT-AWP" in set(table.loc[table["status"] == "reproduced", "method"])
         for _, row in reproduced.iterrows():
             files = [wf / f for f in row["files"].split(";")]
             docs = [json.loads(f.read_text()) for f in files]
             # Every number in the row is the one in its result files.
-            for col, keys in (("clean", ["clean"]), ("pgd20", ["pgd20"]),
-                              ("autoattack_apgd", ["autoattack-apgd"])):
+            attacks = (("clean", ["clean"]), ("pgd20", ["pgd20"]))
+            if exp.get("autoattack", True):
+                attacks += (("autoattack_apgd", ["autoattack-apgd"]),)
+            for col, keys in attacks:
                 metrics = [d["metrics"][k] for d in docs for k in keys if k in d["metrics"]]
                 assert len(metrics) == 1, (kind, col)
                 assert row[f"{col}_mean"] == pytest.approx(metrics[0]["accuracy_pct"], abs=1e-4)
@@ -222,7 +237,7 @@ def test_ci_config_end_to_end(tmp_path, cifar10_jpeg_root):
                 assert metrics[0]["correct"] == round(metrics[0]["accuracy_pct"] * metrics[0]["n"] / 100)
             assert row["data_fraction"] == docs[0]["run"]["data_fraction"]
             assert row["student"] == docs[0]["run"]["arch"] == "tiny"
-            assert row["train_device_hours"] > 0
+            assert row["train_device_hours"] > 0  # the teacher's too: it is trained in the DAG
     assert (table := pd.read_csv(wf / "results" / "table_cifar10.csv"))["autoattack_apgd_n"].max() == 10
 
     # A second run has nothing to do: nothing is retrained needlessly.

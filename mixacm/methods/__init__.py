@@ -11,5 +11,10 @@ from mixacm.methods import trades  # noqa: E402,F401
 from mixacm.methods import free_at  # noqa: E402,F401
 from mixacm.methods import fast_at  # noqa: E402,F401
 from mixacm.methods import mixacm  # noqa: E402,F401
+from mixacm.methods import awp  # noqa: E402,F401
+from mixacm.methods import fat  # noqa: E402,F401
+from mixacm.methods import igam  # noqa: E402,F401
+from mixacm.methods import ard  # noqa: E402,F401
+from mixacm.methods import rslad  # noqa: E402,F401
 
 __all__ = ["METHODS", "Method", "build_method"]

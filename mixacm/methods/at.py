@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from mixacm.attacks import pgd_linf
 from mixacm.methods.base import Method, attack_mode, detach_metrics, knob, register_method, sgd_recipe
@@ -49,12 +49,21 @@ class AT(Method):
             weight_decay=5e-4, epochs=200, milestones=[0.5, 0.75]),
     }
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def attack(self, x: Tensor, y: Tensor) -> Tensor:
+        """The training attack's adversarial inputs, in the model mode of ``attack_mode``."""
         k = self.knobs
         with attack_mode(self.model, k.attack_mode):
-            x_adv = pgd_linf(
+            return pgd_linf(
                 self.model, x, y, eps=k.eps, steps=k.steps, step_size=k.step_size, random_start=k.random_start
             )
+
+    def objective(self, net: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The outer loss of ``net`` given the adversarial inputs (AWP evaluates it on a copy)."""
+        loss = F.cross_entropy(net(x_adv), y)
+        return loss, {"ce": loss}
+
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        x_adv = self.attack(x, y)
         # Back in the mode the loop set (train) for the loss itself.
-        loss = F.cross_entropy(self.model(x_adv), y)
-        return loss, detach_metrics(loss=loss, ce=loss)
+        loss, terms = self.objective(self.model, x, x_adv, y)
+        return loss, detach_metrics(loss=loss, **terms)

@@ -240,6 +240,12 @@ class Method:
         ``adjust_recipe`` (knob-dependent values). ``RecipeError`` for a dataset without one."""
         return self.adjust_recipe(self.base_recipe(dataset))
 
+    @classmethod
+    def check_feature_names(cls, given: dict[str, Any], student_names: Any, teacher_names: Any) -> None:
+        """Check knobs that name network features (MixACM's block pairs) against the feature
+        names of the student and the teacher, before any job; errors are ValueErrors naming the
+        knob and the valid names. Most methods name no features."""
+
     def adjust_recipe(self, recipe: dict[str, Any]) -> dict[str, Any]:
         """Hook for recipes that depend on knobs (Free-AT: epochs = budget / replays)."""
         return recipe
@@ -254,6 +260,10 @@ class Method:
 
     def after_backward(self) -> None:
         """Called by the loop after ``loss.backward()`` and before the optimiser step."""
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the loop before each epoch (0-based ``epoch`` of ``epochs``, also after a
+        resume): for knobs that follow the epoch, e.g. AWP's warm-up or FAT's dynamic tau."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -8,6 +8,12 @@ of a frozen robust teacher on mixup examples, with no adversarial examples.
 where ``a^l`` is the activated channel map of block l (``mixacm.losses.activated_channel_map``)
 and ``P_l`` the student-side transformation to the teacher's channel count. Every CHOICE of
 ``docs/method.md`` is a knob; ``docs/method_choices.md`` says why each default was chosen.
+
+The distillation part is a list of terms from ``mixacm.distill.TERMS`` (term, block pairs,
+weight): by default the paper's two, built from the knobs (``acm`` on ``blocks`` with weight
+``gamma``, ``kd`` with weight ``beta`` and temperature ``T``) and switched by the ablation
+presets; the ``terms`` knob replaces them with any list (e.g. ``[{term: sp, blocks: groups,
+weight: 1000}, {term: kd, weight: 1}]``), so trying another term needs no code.
 """
 from __future__ import annotations
 
@@ -19,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixacm.losses import acm_distance, activated_channel_map, kd_kl, mixup, mixup_ce, normalize_acm
+from mixacm.distill import (
+    bind_terms, blocks_where, check_blocks_format, check_terms, evaluate_term, resolve_blocks,
+    term_metric_names,
+)
+from mixacm.distill import Interpolate, make_transform  # noqa: F401  (their former home)
+from mixacm.losses import activated_channel_map, mixup, mixup_ce, normalize_acm
 from mixacm.methods.base import Method, detach_metrics, knob, register_method, sgd_recipe
 
 # The loss-ablation presets of the paper's supplement: which of the ACM, KD and mixup parts are
@@ -32,7 +43,6 @@ ABLATIONS: dict[str, dict[str, bool]] = {
     "kd": {"acm": False, "kd": True, "mixup": False},
 }
 SWITCHES = ("acm", "kd", "mixup")
-BLOCK_PRESETS = ("groups", "groups+stem")
 
 
 @dataclass(frozen=True)
@@ -67,50 +77,12 @@ class MixACMKnobs:
     acm: Any = knob(None, "ACM term on/off (null: from the ablation preset)", kind="any")
     kd: Any = knob(None, "KD term on/off (null: from the ablation preset)", kind="any")
     mixup: Any = knob(None, "mixup inputs + mixup CE on/off (null: from the preset)", kind="any")
-
-
-class Interpolate(nn.Module):
-    """Parameter-free transformation: 1-D linear interpolation of a B x C_s vector to length C_t."""
-
-    def __init__(self, c_out: int) -> None:
-        super().__init__()
-        self.c_out = c_out
-
-    def forward(self, a: Tensor) -> Tensor:
-        return F.interpolate(a.unsqueeze(1), size=self.c_out, mode="linear", align_corners=True).squeeze(1)
-
-
-def make_transform(kind: str, c_s: int, c_t: int) -> nn.Module:
-    """The student-side map C_s -> C_t: identity when equal, else a bias-free linear map
-    (initialised to the interpolation) or the parameter-free interpolation."""
-    if c_s == c_t:
-        return nn.Identity()
-    interp = Interpolate(c_t)
-    if kind == "interpolate":
-        return interp
-    linear = nn.Linear(c_s, c_t, bias=False)
-    # Start the learnable map at the interpolation (row i of interp(I) is the image of the i-th
-    # unit vector): a random init would map the non-negative student ACM to a mixed-sign vector
-    # and inflate the ACM distance by an arbitrary amount at the start of training.
-    with torch.no_grad():
-        linear.weight.copy_(interp(torch.eye(c_s)).T)
-    return linear
-
-
-def residual_groups(model: nn.Module) -> list[str]:
-    return [n for n in model.feature_names if n != "stem"]
-
-
-def _check_blocks_format(blocks: Any) -> None:
-    is_pairs = isinstance(blocks, Sequence) and not isinstance(blocks, str) and all(
-        isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 and all(isinstance(n, str) for n in p)
-        for p in blocks
+    terms: Any = knob(
+        None,
+        "distillation terms replacing the acm/kd ones: a list of {term: acm|sp|at|fitnet|kd, weight, "
+        "blocks, options} (mixacm.distill); null: the paper's acm (weight gamma) and kd (weight beta)",
+        kind="any",
     )
-    if blocks not in BLOCK_PRESETS and not is_pairs:
-        raise ValueError(
-            f"knob 'blocks' of method 'mixacm' must be one of {list(BLOCK_PRESETS)} or a list of "
-            f"[student, teacher] feature-name pairs, got {blocks!r}"
-        )
 
 
 def _resolve_switches(knobs: MixACMKnobs, preset_given: bool) -> dict[str, Any]:
@@ -140,10 +112,12 @@ class MixACM(Method):
     dimensionless): p (2), pooling (mean), normalize (l2), activation (network: the BN + ReLU the
     network applies next for pre-activation nets, see docs/method_choices.md), blocks (groups),
     transform (linear), beta (1), gamma (50), T (1), mixup_alpha (1), ablation (full | acm |
-    acm+kd | acm+mixup | kd) and the switches acm / kd / mixup that the preset sets.
+    acm+kd | acm+mixup | kd) and the switches acm / kd / mixup that the preset sets; terms
+    (null: the paper's acm + kd; or a list of mixacm.distill terms replacing them).
     The teacher is frozen: eval mode, no gradients, forward under ``torch.no_grad()``; it sees
     the same (mixup) batch as the student. Metrics: loss, ce, kd, acm (unweighted terms, so
-    loss = ce + beta * kd + gamma * acm) and lam (1 without mixup).
+    loss = ce + beta * kd + gamma * acm), one per further term of ``terms`` (sp, at, fitnet,
+    sp_2, ...) and lam (1 without mixup).
     Recipe, CIFAR-10 (source: method.md section 1, the paper's CIFAR-10 setting): SGD lr 0.1,
     momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr / 10 at epochs 100 and 150.
     ImageNet (source: method.md section 1): SGD lr 0.1 at batch 256 (scale it by batch / 256),
@@ -173,51 +147,66 @@ class MixACM(Method):
         self.teacher.requires_grad_(False)
 
         k = self.knobs
-        pairs = self._resolve_blocks(k.blocks) if k.acm else []
-        self.knobs = dataclasses.replace(k, blocks=[list(p) for p in pairs])
-        self.pairs: list[tuple[str, str]] = pairs
-
-        c_s = model.feature_channels() if pairs else {}
-        c_t = self.teacher.feature_channels() if pairs else {}
+        given = k.terms is not None
+        self.term_specs = k.terms if given else default_terms(k)
+        where = "knob 'terms' of method 'mixacm'" if given else "knob 'blocks' of method 'mixacm'"
+        bound, projectors = bind_terms(self.term_specs, model, self.teacher, where=where, listed=given)
+        self.bound = bound
+        self.metric_names = term_metric_names(bound)
+        acm_terms = [b for b in bound if b.name == "acm"]
+        # The pairs of the (first) ACM term, recorded in the run's knobs as before.
+        self.pairs: list[tuple[str, str]] = acm_terms[0].pairs if acm_terms else []
+        if not given:
+            self.knobs = dataclasses.replace(k, blocks=[list(p) for p in self.pairs])
         device = next(model.parameters()).device
-        self.transforms = nn.ModuleDict(
-            {self._key(s, t): make_transform(k.transform, c_s[s], c_t[t]) for s, t in pairs}
-        ).to(device)
+        self.transforms = projectors.to(device)
+        self._s_names = list(dict.fromkeys(s for b in bound for s, _ in b.pairs))
+        self._t_names = list(dict.fromkeys(t for b in bound for _, t in b.pairs))
+        # Features come from the forward already activated by the network (BN + ReLU of the next
+        # unit in pre-activation nets) when an ACM term asks for activation 'network'; every
+        # feature term of the run then sees those activated maps.
+        self._activated = any(b.spec.get("activation") == "network" for b in bound)
 
     @classmethod
     def resolve(cls, given: dict[str, Any], dataset: str | None = None) -> MixACMKnobs:
-        """Validate the knobs; the ablation preset and the acm/kd/mixup switches are reconciled
-        here (no networks needed), the block names against the networks in ``__init__``."""
+        """Validate the knobs; the ablation preset, the acm/kd/mixup switches and the terms are
+        reconciled here (no networks needed), the block names against the networks in
+        ``__init__``. With ``terms`` the switches acm/kd follow the terms and the ablation is
+        ``custom``."""
         knobs = super().resolve(given, dataset)
-        _check_blocks_format(knobs.blocks)
-        return dataclasses.replace(knobs, **_resolve_switches(knobs, preset_given="ablation" in given))
-
-    @staticmethod
-    def _key(s: str, t: str) -> str:
-        return f"{s}_to_{t}"
-
-    def _resolve_blocks(self, blocks: Any) -> list[tuple[str, str]]:
-        student, teacher = self.model, self.teacher
-        if isinstance(blocks, str):
-            s_groups, t_groups = residual_groups(student), residual_groups(teacher)
-            n = min(len(s_groups), len(t_groups))
-            # Pair from the deepest group backwards: the high-level features carry most of the
-            # robustness and exist in both networks whatever their depths.
-            pairs = list(zip(s_groups[len(s_groups) - n:], t_groups[len(t_groups) - n:]))
-            if blocks == "groups+stem":
-                pairs = [("stem", "stem")] + pairs
-        else:
-            pairs = [(p[0], p[1]) for p in blocks]
-        if not pairs:
-            raise ValueError("knob 'blocks' of method 'mixacm' selects no feature pairs, but the ACM term is on")
-        for role, net, names in (("student", student, [s for s, _ in pairs]), ("teacher", teacher, [t for _, t in pairs])):
-            unknown = [n for n in names if n not in net.feature_names]
-            if unknown:
+        check_blocks_format(knobs.blocks, "knob 'blocks' of method 'mixacm'")
+        if knobs.terms is None:
+            return dataclasses.replace(knobs, **_resolve_switches(knobs, preset_given="ablation" in given))
+        terms = check_terms(knobs.terms, "knob 'terms' of method 'mixacm'")
+        if "ablation" in given and knobs.ablation != "custom":
+            raise ValueError(
+                f"knob 'ablation'={knobs.ablation!r} of method 'mixacm' cannot be combined with knob 'terms' "
+                "(the terms say which distillation terms are on); leave it out or set it to custom"
+            )
+        switches = {s: any(t["term"] == s for t in terms) for s in ("acm", "kd")}
+        for s, on in switches.items():
+            value = getattr(knobs, s)
+            if value is not None and value != on:
                 raise ValueError(
-                    f"knob 'blocks' of method 'mixacm': the {role} has no feature(s) {unknown}; "
-                    f"valid: {list(net.feature_names)}"
+                    f"knob {s!r}={value} of method 'mixacm' contradicts knob 'terms' (which has "
+                    f"{'a' if on else 'no'} {s} term)"
                 )
-        return pairs
+        mixup = True if knobs.mixup is None else knobs.mixup
+        if not isinstance(mixup, bool):
+            raise ValueError(f"knob 'mixup' of method 'mixacm' must be true, false or null, got {mixup!r}")
+        return dataclasses.replace(knobs, terms=terms, mixup=mixup, ablation="custom", **switches)
+
+    @classmethod
+    def check_feature_names(cls, given: dict[str, Any], student_names: Sequence[str],
+                            teacher_names: Sequence[str]) -> None:
+        """Check every term's block pairs against the two networks' feature names (from
+        ``mixacm.distill.arch_feature_names``), before any network or job exists."""
+        k = cls.resolve(given)
+        listed = k.terms is not None
+        where = "knob 'terms' of method 'mixacm'" if listed else "knob 'blocks' of method 'mixacm'"
+        for i, spec in enumerate(k.terms if listed else default_terms(k)):
+            if "blocks" in spec:
+                resolve_blocks(spec["blocks"], student_names, teacher_names, blocks_where(where, i, listed))
 
     def extra_modules(self) -> nn.ModuleDict:
         return self.transforms
@@ -230,12 +219,14 @@ class MixACM(Method):
         return activated_channel_map(feat, p=k.p, pooling=k.pooling, normalize=k.normalize, activation=act)
 
     def applied_activation(self) -> dict[str, str]:
-        """What activated each side's maps in this run, in words (recorded with the knobs)."""
-        k = self.knobs
+        """What activated each side's maps in this run, in words (recorded with the knobs): the
+        activation of the first ACM term (the knob ``activation`` for the paper's terms)."""
+        acm = [b.spec for b in self.bound if b.name == "acm"]
+        activation = acm[0]["activation"] if acm else self.knobs.activation
         out = {}
         for role, net in (("student", self.model), ("teacher", self.teacher)):
-            if k.activation != "network":
-                out[role] = k.activation
+            if activation != "network":
+                out[role] = activation
             elif getattr(net, "preactivation", False):
                 out[role] = "network: next unit's BN + ReLU (final BN + ReLU after the last group)"
             else:
@@ -248,7 +239,7 @@ class MixACM(Method):
     def student_channel_map(self, s: str, t: str, feat: Tensor) -> Tensor:
         """Student ACM mapped to the teacher's length, then normalised again so that both sides
         are compared as unit vectors (a no-op for the identity)."""
-        return normalize_acm(self.transforms[self._key(s, t)](self.channel_map(feat)), self.knobs.normalize)
+        return normalize_acm(self.transforms[f"{s}_to_{t}"](self.channel_map(feat)), self.knobs.normalize)
 
     def _mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
         alpha = torch.tensor(float(self.knobs.mixup_alpha))
@@ -264,32 +255,37 @@ class MixACM(Method):
         else:
             x_in, y_a, y_b, lam = x, y, y, 1.0
 
-        s_names = list(dict.fromkeys(s for s, _ in self.pairs))
-        t_names = list(dict.fromkeys(t for _, t in self.pairs))
-        act = k.activation == "network"
-        if s_names:
-            logits, s_feats = self.model(x_in, features=s_names, activated=act)
+        if self._s_names:
+            logits, s_feats = self.model(x_in, features=self._s_names, activated=self._activated)
         else:
             logits, s_feats = self.model(x_in), {}
         ce = mixup_ce(logits, y_a, y_b, lam) if k.mixup else F.cross_entropy(logits, y)
 
         zero = logits.new_zeros(())
-        kd = acm = zero
-        if k.kd or k.acm:
+        values = {"kd": zero, "acm": zero}
+        loss = ce
+        if self.bound:
             # Guard against a loop that switched every module to train mode.
             self.teacher.eval()
             with torch.no_grad():
-                if t_names:
-                    t_logits, t_feats = self.teacher(x_in, features=t_names, activated=act)
+                if self._t_names:
+                    t_logits, t_feats = self.teacher(x_in, features=self._t_names, activated=self._activated)
                 else:
                     t_logits, t_feats = self.teacher(x_in), {}
-            if k.kd:
-                kd = kd_kl(logits, t_logits, T=k.T)
-            if k.acm:
-                acm = sum(
-                    (acm_distance(self.student_channel_map(s, t, s_feats[s]), self.channel_map(t_feats[t]))
-                     for s, t in self.pairs),
-                    zero,
-                )
-        loss = ce + k.beta * kd + k.gamma * acm
-        return loss, detach_metrics(loss=loss, ce=ce, kd=kd, acm=acm, lam=lam)
+            for b, name in zip(self.bound, self.metric_names):
+                value = evaluate_term(b, self.transforms, logits, t_logits, s_feats, t_feats)
+                values[name] = value
+                loss = loss + b.weight * value
+        return loss, detach_metrics(loss=loss, ce=ce, **values, lam=lam)
+
+
+def default_terms(k: MixACMKnobs) -> list[dict[str, Any]]:
+    """The paper's distillation terms from the knobs: ACM (weight gamma) and KD (weight beta),
+    each when its switch is on."""
+    terms: list[dict[str, Any]] = []
+    if k.acm:
+        terms.append({"term": "acm", "weight": k.gamma, "blocks": k.blocks, "p": k.p, "pooling": k.pooling,
+                      "normalize": k.normalize, "activation": k.activation, "transform": k.transform})
+    if k.kd:
+        terms.append({"term": "kd", "weight": k.beta, "T": k.T})
+    return check_terms(terms, "knobs of method 'mixacm'") if terms else []

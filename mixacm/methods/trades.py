@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from mixacm.attacks import pgd_linf
 from mixacm.losses import trades_kl
@@ -46,19 +46,27 @@ class TRADES(Method):
             weight_decay=2e-4, epochs=76, milestones=[74 / 76]),
     }
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def attack(self, x: Tensor, y: Tensor) -> Tensor:
+        """The inner maximisation of the KL, in the model mode of ``attack_mode``."""
         k = self.knobs
         with attack_mode(self.model, k.attack_mode):
             with torch.no_grad():
                 logits_target = self.model(x)
             x_init = x + k.init_std * torch.randn_like(x)
-            x_adv = pgd_linf(
+            return pgd_linf(
                 self.model, x, logits_target, eps=k.eps, steps=k.steps, step_size=k.step_size,
                 random_start=False, loss_fn=trades_kl, x_init=x_init,
             )
-        # Back in training mode: both terms are trained, gradients reach f(x) through both.
-        logits_nat = self.model(x)
+
+    def objective(self, net: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``CE(f(x), y) + beta * KL(f(x) || f(x'))`` of ``net`` (AWP evaluates it on a copy)."""
+        logits_nat = net(x)
         ce = F.cross_entropy(logits_nat, y)
-        kl = trades_kl(self.model(x_adv), logits_nat)
-        loss = ce + k.beta * kl
-        return loss, detach_metrics(loss=loss, ce=ce, kl=kl)
+        kl = trades_kl(net(x_adv), logits_nat)
+        return ce + self.knobs.beta * kl, {"ce": ce, "kl": kl}
+
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        x_adv = self.attack(x, y)
+        # Back in training mode: both terms are trained, gradients reach f(x) through both.
+        loss, terms = self.objective(self.model, x, x_adv, y)
+        return loss, detach_metrics(loss=loss, **terms)

@@ -7,6 +7,10 @@
   Robust is the strongest attack every reproduced row of the table has, all its seeds included
   (standard AutoAttack, then APGD-CE + APGD-T, then PGD-20), so the points compare like with like.
 - ``training_cost.png``: training device-hours per reproduced row (mean over seeds).
+- ``transfer.png``: robust accuracy against training cost (device-hours, log scale) of the
+  robustness-transfer table's rows (the teacher, AT, MixACM, IGAM, ARD, RSLAD); robust is the
+  strongest attack every row has; a row without a recorded cost (a teacher from a file) is
+  drawn as a horizontal line at its robust accuracy.
 
 Figures use ``matplotlib.figure.Figure`` directly (no pyplot), so no global backend or state is
 touched and the functions are safe to call from tests and notebooks.
@@ -25,7 +29,7 @@ from matplotlib.figure import Figure
 from mixacm.report.tables import ROBUST_PREFERENCE, load_paper_numbers, robust_label
 from mixacm.utils import atomic_write
 
-FIGURE_NAMES = ("less_data.png", "clean_vs_robust.png", "training_cost.png")
+FIGURE_NAMES = ("less_data.png", "clean_vs_robust.png", "training_cost.png", "transfer.png")
 _NO_DATA = "no reproduced results yet"
 
 
@@ -168,16 +172,51 @@ def training_cost_figure(tables: Mapping[str, pd.DataFrame], path: Path) -> Path
     return _save(fig, path)
 
 
+def transfer_figure(table: pd.DataFrame | None, path: Path) -> Path:
+    rows = _reproduced(table)
+    fig = Figure(figsize=(6.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    if rows.empty:
+        _empty(ax)
+    else:
+        col = robust_column(rows)
+        costed = rows[rows["train_device_hours"].notna() & (rows["train_device_hours"] > 0)]
+        for _, row in rows.iterrows():
+            robust = float(row[f"{col}_mean"])
+            if np.isnan(robust):
+                continue
+            label = f"{row['method']} ({row['student']})"
+            if row.name in costed.index:
+                ax.scatter(row["train_device_hours"], robust, s=55, color="tab:red", zorder=3)
+                ax.annotate(label, (row["train_device_hours"], robust), fontsize=7, xytext=(4, 3),
+                            textcoords="offset points", color="tab:red")
+            else:
+                ax.axhline(robust, color="tab:gray", ls="--", lw=1)
+                ax.annotate(label + ", cost not recorded", (0.01, robust), xycoords=("axes fraction", "data"),
+                            fontsize=7, xytext=(0, 3), textcoords="offset points", color="tab:gray")
+        if len(costed):
+            ax.set_xscale("log")
+        eps = ", ".join(sorted(set(rows["eps"].astype(str))))
+        ax.set_xlabel("training cost (device-hours, mean over seeds)")
+        ax.set_ylabel(f"robust accuracy (%), {robust_label(col)} at {eps}")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.15, y=0.1)
+    ax.set_title("Robustness transfer: robust accuracy against training cost" + _sources(rows), fontsize=9)
+    return _save(fig, path)
+
+
 def make_figures(tables: Mapping[str, pd.DataFrame], out_dir: str | Path,
                  paper: Mapping[str, Any] | None = None) -> list[Path]:
-    """Write the three figures (``FIGURE_NAMES``) into ``out_dir`` from ``build_table`` output.
+    """Write the figures (``FIGURE_NAMES``) into ``out_dir`` from ``build_table`` output.
 
-    ``tables`` maps a table kind (``cifar10``, ``imagenet``, ``less_data``, ``ablation``) to
-    its table; missing kinds are treated as empty, and an empty figure says so in its canvas.
+    ``tables`` maps a table kind (``cifar10``, ``imagenet``, ``less_data``, ``ablation``,
+    ``transfer``) to its table; missing kinds are treated as empty, and an empty figure says so
+    in its canvas.
     """
     paper = load_paper_numbers() if paper is None else paper
     out = Path(out_dir)
-    less, scatter, cost = (out / name for name in FIGURE_NAMES)
+    less, scatter, cost, transfer = (out / name for name in FIGURE_NAMES)
     return [less_data_figure(tables.get("less_data"), less),
             clean_vs_robust_figure(tables, paper, scatter),
-            training_cost_figure(tables, cost)]
+            training_cost_figure(tables, cost),
+            transfer_figure(tables.get("transfer"), transfer)]

@@ -19,12 +19,13 @@ import jinja2
 import pandas as pd
 
 import mixacm
-from mixacm.report.tables import ATTACK_COLUMNS, ATTACK_TITLES, TABLE_KINDS, load_paper_numbers
+from mixacm.report.tables import ATTACK_COLUMNS, ATTACK_TITLES, NO_PAPER_KINDS, TABLE_KINDS, load_paper_numbers
 from mixacm.utils import atomic_write
 
 TEMPLATE = "paper_tables.html.j2"
-# Tables in the order the paper presents them; the less-data curve has no paper column.
-REPORT_ORDER = ("cifar10", "imagenet", "ablation", "less_data")
+# Tables in the order the paper presents them, then the robustness-transfer comparison; the
+# less-data curve and the transfer table have no paper column.
+REPORT_ORDER = ("cifar10", "imagenet", "ablation", "less_data", "transfer")
 
 
 def _value(v: Any) -> Any:
@@ -115,7 +116,8 @@ def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Pa
             rows.append(row)
         sections.append({"kind": kind, "title": spec.get("title", kind), "source": spec.get("source"),
                          "student": spec.get("student"), "eps": spec.get("eps"),
-                         "has_paper": kind != "less_data", "rows": rows,
+                         "has_paper": kind not in NO_PAPER_KINDS, "rows": rows,
+                         "description": spec.get("description"),
                          "attack_columns": _attack_columns(rows),
                          "data_sources": sorted({r["data_source"] for r in rows
                                                  if r["status"] == "reproduced" and r.get("data_source")})})

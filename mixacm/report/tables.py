@@ -27,7 +27,11 @@ import yaml
 from mixacm.utils import atomic_write, format_eps
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
-TABLE_KINDS = ("cifar10", "imagenet", "less_data", "ablation")
+TABLE_KINDS = ("cifar10", "imagenet", "less_data", "ablation", "transfer")
+# Tables without the paper's numbers (no paper, difference or reference columns).
+NO_PAPER_KINDS = ("less_data", "transfer")
+# Names of methods that no paper table row names (the transfer table's peers and the teacher).
+EXTRA_LABELS = {"teacher": "Teacher", "ard": "ARD", "rslad": "RSLAD", "awp_at": "AT-AWP"}
 RESULT_SCHEMA = 1
 
 # Table column -> metric keys of a result file, in order of preference. AutoAttack has two columns
@@ -308,6 +312,11 @@ def _select(kind: str, results: pd.DataFrame, spec: Mapping[str, Any]) -> pd.Dat
     if kind == "ablation":
         methods = {row["method"] for row in spec["rows"] if row.get("method")}
         return r[full_data & r["method"].isin(methods)]
+    if kind == "transfer":
+        # The teacher's own evaluation names the teacher in run.variant: it is no loss variant.
+        keep = r["method"].isin(spec.get("methods", [])) & (
+            r["variant"].map(_is_full).astype(bool) | (r["method"] == "teacher"))
+        return r[full_data & keep]
     full_method = r["variant"].map(_is_full).astype(bool)
     return r[full_method] if kind == "less_data" else r[full_method & full_data]
 
@@ -424,9 +433,9 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
             if r.get("dataset") == spec["dataset"]]
     # Reproduced methods the table has no paper row for (the less-data table has none) take the
     # paper's name of the method from the full-data table of the same dataset.
-    labels = {r["method"]: r["label"] for t in paper["tables"].values()
-              if t.get("dataset") == spec["dataset"] for r in t["rows"]
-              if r.get("method") and not r.get("variant")}
+    labels = {**EXTRA_LABELS, **{r["method"]: r["label"] for t in paper["tables"].values()
+                                 if t.get("dataset") == spec["dataset"] for r in t["rows"]
+                                 if r.get("method") and not r.get("variant")}}
     paper_rows = {}
     for prow in spec["rows"]:
         keys = [prow.get("variant")] + list(prow.get("aliases", []))
@@ -473,11 +482,15 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
                          "method_key": prow.get("method") or "", "variant": prow.get("variant") or "",
                          "dataset": spec["dataset"], **_paper_columns(prow, spec, refs, source)})
     rows.extend(extra)
-    columns = [c for c in TABLE_COLUMNS if kind != "less_data" or c not in _PAPER_ONLY]
+    columns = [c for c in TABLE_COLUMNS if kind not in NO_PAPER_KINDS or c not in _PAPER_ONLY]
     table = _with_count_types(pd.DataFrame(rows, columns=columns))
     if kind == "less_data":
         table = table.sort_values(["method", "student", "teacher", "eps", "data_fraction"],
                                   kind="stable", ignore_index=True)
+    if kind == "transfer":
+        order = {m: i for i, m in enumerate(spec.get("methods", []))}
+        table = table.sort_values(["method_key", "student", "eps"], key=lambda c: c.map(order) if c.name ==
+                                  "method_key" else c, kind="stable", ignore_index=True)
     return table
 
 

@@ -71,6 +71,7 @@ def _check_config(cfg):
                 f"config key experiments.{exp_name}: its recipes need a teacher but "
                 f"teachers.{exp['dataset']} is not set"
             )
+        _check_feature_names(cfg, exp_name, exp)
     for ds, teacher in cfg["teachers"].items():
         if teacher["source"] == "file" and not Path(teacher["path"]).is_file():
             raise WorkflowError(
@@ -90,6 +91,30 @@ def _check_config(cfg):
                                   teacher=teacher_file(dataset) if needs else None)
         except ConfigError as err:
             raise WorkflowError(f"config key {err}")
+
+
+def _check_feature_names(cfg, exp_name, exp):
+    # Knobs naming features (MixACM's distillation-term block pairs) against the student's and
+    # the teacher's architectures, read from the model registry without building weights.
+    from mixacm.distill import arch_feature_names
+
+    teacher = cfg["teachers"].get(exp["dataset"], {})
+    if not teacher.get("arch"):
+        return  # a teacher file without arch: checked by the run config once the file exists
+    names = None
+    for recipe in exp["recipes"]:
+        cls = METHODS.get(cfg["recipes"][recipe]["method"])
+        if not cls.needs_teacher:
+            continue
+        if names is None:
+            names = arch_feature_names(exp["arch"]), arch_feature_names(teacher["arch"])
+        try:
+            cls.check_feature_names(cfg["recipes"][recipe].get("knobs", {}), *names)
+        except ValueError as err:
+            raise WorkflowError(
+                f"config key recipes.{recipe}.knobs (student {exp['arch']} of experiments.{exp_name}, "
+                f"teacher {teacher['arch']}): {err}"
+            )
 
 
 # Methods that distil from a teacher (Method.needs_teacher in the registry).
@@ -298,7 +323,7 @@ def n_arg(n):
 
 # -- tables, figures, report ---------------------------------------------------------------------
 
-TABLE_NAMES = ["cifar10", "imagenet", "less_data", "ablation"]
+TABLE_NAMES = ["cifar10", "imagenet", "less_data", "ablation", "transfer"]
 TABLES = expand("results/table_{table}.csv", table=TABLE_NAMES)
 FIGURES = expand("results/figures/{figure}", figure=FIGURE_NAMES)
 
@@ -315,13 +340,29 @@ def experiment_results(name):
     standard = set(exp.get("autoattack_standard", []))
     files += [f"{run_dir(*run)}/eval_autoattack_standard.json"
               for run in experiment_runs(name) if run[1] in standard]
+    if name == "transfer" and exp["dataset"] in config["teachers"]:
+        # The transfer table's Teacher row: the teacher's own evaluations.
+        kinds = ["clean_pgd"] + (["autoattack"] if exp.get("autoattack", True) else [])
+        files += [f"results/teachers/{exp['dataset']}/eval_{kind}.json" for kind in kinds]
     return files
+
+
+def teacher_costs(name):
+    """The training summary of a teacher trained in the DAG, for the transfer table's cost."""
+    exp = config["experiments"].get(name)
+    if name != "transfer" or exp is None:
+        return []
+    teacher = config["teachers"].get(exp["dataset"])
+    if teacher is None or teacher["source"] != "train":
+        return []
+    return [f"results/teachers/{exp['dataset']}/trained/train_summary.json"]
 
 
 def table_inputs(table):
     return {
         "results": experiment_results(table),
-        "costs": experiment_files(table, "train_summary.json") + experiment_benchmarks(table),
+        "costs": experiment_files(table, "train_summary.json") + experiment_benchmarks(table)
+        + teacher_costs(table),
     }
 
 
