@@ -73,7 +73,10 @@ class FreeAT(Method):
         if leaf is None or leaf.grad is None:
             raise RuntimeError("free_at: after_backward() needs loss() and loss.backward() first")
         eps = self.knobs.eps
-        self.delta = (leaf.detach() + eps * leaf.grad.sign()).clamp_(-eps, eps)
+        # Under train.amp: fp16 this gradient comes from the loop's scaled loss (GradScaler), so
+        # it does not underflow; a step the scaler skips for inf/NaN must not poison delta.
+        grad = torch.nan_to_num(leaf.grad, nan=0.0)
+        self.delta = (leaf.detach() + eps * grad.sign()).clamp_(-eps, eps)
         self._leaf = None
 
     def state_dict(self) -> dict[str, Any]:
