@@ -218,15 +218,38 @@ def _teacher_source(args: argparse.Namespace) -> dict:
         source["arch"] = args.arch
     if args.key and not args.robustbench:
         source["key"] = args.key
+    if args.normalization:
+        source["normalization"] = _parse_normalization(args.normalization)
+    if args.stated_acc is not None:
+        source["stated_clean_acc"] = args.stated_acc
+    check = {k: v for k, v in (("n", args.check_n), ("margin_pct", args.margin),
+                               ("on_mismatch", args.on_mismatch)) if v is not None}
+    if check:
+        source["check"] = check
     return source
+
+
+def _parse_normalization(text: str) -> Any:
+    """``none`` or ``MEAN/STD`` with comma-separated channels, e.g. ``0.5,0.5,0.5/0.25,0.25,0.25``."""
+    if text == "none":
+        return "none"
+    try:
+        mean, std = text.split("/")
+        return {"mean": [float(v) for v in mean.split(",")], "std": [float(v) for v in std.split(",")]}
+    except ValueError:
+        raise UsageError(f"--normalization {text!r}: expected none or MEAN/STD, e.g. "
+                         "0.4914,0.4822,0.4465/0.2471,0.2435,0.2616") from None
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     from mixacm.teachers import acquire_teacher
 
+    from mixacm.checkpoint import load_model_file
+
     source = _teacher_source(args)
-    out = acquire_teacher(source, Path(args.out))
-    print(json.dumps({"out": str(out), "source": source}))
+    out = acquire_teacher(source, Path(args.out), data_root=args.data_root)
+    check = load_model_file(out)[1]["meta"].get("accuracy_check")
+    print(json.dumps({"out": str(out), "source": source, "accuracy_check": check}))
     return 0
 
 
@@ -385,6 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="entry of a foreign checkpoint that holds the weights (default: state_dict)")
     p.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100", "imagenet"),
                    help="RobustBench dataset of the teacher (default: %(default)s)")
+    p.add_argument("--normalization", metavar="none|MEAN/STD",
+                   help="the network's input normalisation: none (it takes raw [0, 1] pixels) or "
+                        "MEAN/STD per channel, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (default: the file's "
+                        "RobustBench normaliser, else the architecture's)")
+    p.add_argument("--stated-acc", type=float, metavar="PCT",
+                   help="the clean accuracy (percent) the teacher should have (default: the file's "
+                        "test_acc / clean_acc entry)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="test data for the accuracy check (default $MIXACM_DATA_<DATASET>; none: not run)")
+    p.add_argument("--check-n", type=int, metavar="N", help="test points of the accuracy check (default 1000)")
+    p.add_argument("--margin", type=float, metavar="PCT",
+                   help="largest accepted |measured - stated| in points (default 3)")
+    p.add_argument("--on-mismatch", choices=("refuse", "warn"),
+                   help="beyond the margin: refuse (default, nothing written) or warn and record")
     p.add_argument("--out", required=True, metavar="TEACHER.pt", help="where the model file goes")
     p.set_defaults(func=cmd_teacher)
 
