@@ -277,7 +277,7 @@ def test_killed_training_resumes_and_matches_uninterrupted_run(tmp_path, cifar10
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["file", "url"])
-def test_teacher_rules_write_model_files(tmp_path, shared_models, source):
+def test_teacher_rules_write_model_files(tmp_path, shared_models, cifar10_jpeg_root, source):
     from mixacm.checkpoint import load_model_file
 
     wf = copy_workflow(tmp_path / "wf")
@@ -285,9 +285,11 @@ def test_teacher_rules_write_model_files(tmp_path, shared_models, source):
     checkpoint = shared_models / "resnet4b.pth"
     sha = "6158f9668935890e832d4e0fdc3b6cece2386ec826319eac36f329490b7729e7"  # models/README.md
     cfg["teachers"]["cifar10"] = (
-        {"source": "file", "path": str(checkpoint), "arch": "resnet4b"} if source == "file"
+        {"source": "file", "path": str(checkpoint), "arch": "resnet4b", "check": {"n": 200}} if source == "file"
         else {"source": "url", "url": checkpoint.as_uri(), "sha256": sha, "arch": "resnet4b"}
     )
+    if source == "file":  # the import's accuracy check reads the test data from data.cifar10.root
+        cfg["data"]["cifar10"]["root"] = str(cifar10_jpeg_root)
     (wf / "teacher.yaml").write_text(yaml.safe_dump(cfg))
     target = f"results/teachers/cifar10/{source}/model.pt"
     proc = snakemake(wf, target, "--cores", "1", "--configfile", "teacher.yaml")
@@ -295,6 +297,11 @@ def test_teacher_rules_write_model_files(tmp_path, shared_models, source):
     model, info = load_model_file(wf / target)
     assert info["model"]["name"] == "resnet4b"
     assert info["meta"]["source_sha256"] == sha
+    # The import measured the teacher where ci.yaml's test data is, against the file's test_acc.
+    check = info["meta"]["accuracy_check"]
+    assert check["stated_clean_acc_pct"] == pytest.approx(77.2)
+    if source == "file":
+        assert check["status"] == "agrees" and check["n"] == 200
     # A distilling student's run config points at that file; a baseline's has no teacher.
     runs = ["results/cifar10/mixacm/tiny/frac1.0/seed0/run.yaml", "results/cifar10/at/tiny/frac1.0/seed0/run.yaml"]
     proc = snakemake(wf, *runs, "--cores", "1", "--configfile", "teacher.yaml")

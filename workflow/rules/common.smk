@@ -322,3 +322,17 @@ def table_inputs(table):
 def all_of(key):
     """Every table's files of one kind ("results" or "costs"), each once."""
     return sorted({f for t in TABLE_NAMES for f in table_inputs(t)[key]})
+
+
+# -- teacher import (mixacm teacher) ---------------------------------------------------------------
+
+
+def teacher_source_json(w):
+    """The dataset's teacher block as `mixacm teacher --source-json` reads it."""
+    return json.dumps({**config["teachers"][w.dataset], "dataset": w.dataset}, sort_keys=True)
+
+
+def teacher_data_arg(w):
+    """Test data for the import's accuracy check (else $MIXACM_DATA_<NAME>; none: not run)."""
+    root = config["data"].get(w.dataset, {}).get("root")
+    return f"--data-root {shell_quote(root)}" if root else ""

@@ -13,9 +13,8 @@ rule fetch_teacher_robustbench:
     output:
         "results/teachers/{dataset}/robustbench/model.pt",
     params:
-        name=lambda w: config["teachers"][w.dataset]["name"],
-        threat_model=lambda w: config["teachers"][w.dataset]["threat_model"],
-        arch=lambda w: config["teachers"][w.dataset]["arch"] or "",
+        source=teacher_source_json,
+        data=teacher_data_arg,
     threads: res("teacher", "threads")
     resources:
         mem_mb=res("teacher", "mem_mb"),
@@ -28,17 +27,15 @@ rule fetch_teacher_robustbench:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm teacher --robustbench {params.name:q} --threat-model {params.threat_model}"
-        " --dataset {wildcards.dataset} --arch {params.arch:q} --out {output} > {log} 2>&1"
+        "mixacm teacher --source-json {params.source:q} {params.data} --out {output} > {log} 2>&1"
 
 
 rule fetch_teacher_url:
     output:
         "results/teachers/{dataset}/url/model.pt",
     params:
-        url=lambda w: config["teachers"][w.dataset]["url"],
-        sha256=lambda w: config["teachers"][w.dataset]["sha256"],
-        arch=lambda w: config["teachers"][w.dataset]["arch"],
+        source=teacher_source_json,
+        data=teacher_data_arg,
     threads: res("teacher", "threads")
     resources:
         mem_mb=res("teacher", "mem_mb"),
@@ -51,8 +48,7 @@ rule fetch_teacher_url:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm teacher --url {params.url:q} --sha256 {params.sha256} --arch {params.arch:q}"
-        " --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "mixacm teacher --source-json {params.source:q} {params.data} --out {output} > {log} 2>&1"
 
 
 rule import_teacher_file:
@@ -61,7 +57,8 @@ rule import_teacher_file:
     output:
         "results/teachers/{dataset}/file/model.pt",
     params:
-        arch=lambda w: config["teachers"][w.dataset]["arch"] or "",
+        source=teacher_source_json,
+        data=teacher_data_arg,
     threads: res("teacher", "threads")
     resources:
         mem_mb=res("teacher", "mem_mb"),
@@ -74,8 +71,7 @@ rule import_teacher_file:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm teacher --path {input:q} --arch {params.arch:q} --dataset {wildcards.dataset}"
-        " --out {output} > {log} 2>&1"
+        "mixacm teacher --source-json {params.source:q} {params.data} --out {output} > {log} 2>&1"
 
 
 rule write_teacher_config:
