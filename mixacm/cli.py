@@ -294,7 +294,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     tables = _read_tables(args.tables)
     results = collect_results(args.results)
     costs = collect_costs(args.costs) if args.costs else None
-    render_report(tables, args.figures, results, args.out, costs=costs)
+    teachers = None
+    if args.teachers:
+        from mixacm.report.teachers import teacher_records
+
+        teachers = teacher_records(args.teachers)
+    render_report(tables, args.figures, results, args.out, costs=costs, teachers=teachers)
     return 0
 
 
@@ -451,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", nargs="*", default=[], metavar="RESULT.json",
                    help="result files, for each number's config, seed, attack, commit and cost")
     _add_costs_argument(p)
+    p.add_argument("--teachers", nargs="*", default=[], metavar="TEACHER.pt",
+                   help="teacher model files: their import accuracy checks get a section")
     p.add_argument("--out", required=True, metavar="REPORT.html", help="where the HTML goes")
     p.set_defaults(func=cmd_report)
 

@@ -121,3 +121,19 @@ def test_cli_refuses_in_one_line_and_accepts_normalization_none(folded, cifar10_
     assert main(args + ["--normalization", "none"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["accuracy_check"]["status"] == "agrees"
+
+
+def test_report_shows_each_teachers_measured_and_stated_accuracy(folded, cifar10_jpeg_root, tmp_path):
+    import pandas as pd
+
+    from mixacm.report import render_report
+    from mixacm.report.teachers import teacher_records
+
+    out = tmp_path / "teacher.pt"
+    acquire_teacher({"path": str(folded), "arch": "resnet4b", "normalization": "none", "check": {"n": 200}},
+                    out, data_root=cifar10_jpeg_root)
+    rows = teacher_records([out])
+    measured = load_model_file(out)[1]["meta"]["accuracy_check"]["measured_clean_acc_pct"]
+    assert rows[0]["measured_clean_acc_pct"] == measured and rows[0]["status"] == "agrees"
+    html = render_report({}, [], pd.DataFrame(columns=["file"]), tmp_path / "r.html", teachers=rows).read_text()
+    assert 'id="teachers"' in html and f'value="{measured}"' in html and "77.20" in html

@@ -336,3 +336,9 @@ def teacher_data_arg(w):
     """Test data for the import's accuracy check (else $MIXACM_DATA_<NAME>; none: not run)."""
     root = config["data"].get(w.dataset, {}).get("root")
     return f"--data-root {shell_quote(root)}" if root else ""
+
+
+def report_teachers():
+    """The teacher files of the datasets the experiments train on (their import checks)."""
+    datasets = {run[0] for name in config["experiments"] for run in experiment_runs(name)}
+    return [teacher_file(ds) for ds in sorted(datasets) if ds in config["teachers"]]
