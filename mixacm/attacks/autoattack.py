@@ -99,6 +99,7 @@ class AutoAttackAdapter:
         norm: str = "Linf",
         backend: str | None = None,
         verbose: bool = False,
+        square_queries: int | None = None,
     ) -> None:
         parse_eps(eps)
         if version not in VERSIONS:
@@ -120,6 +121,10 @@ class AutoAttackAdapter:
         self.verbose = verbose
         self.backend, self._module = find_backend(backend)
         self.package_version = _package_version(self.backend, self._module)
+        if square_queries is not None and (isinstance(square_queries, bool) or int(square_queries) < 1):
+            raise ValueError(f"square_queries={square_queries!r} must be a positive integer")
+        # Square's query budget; None keeps the package's (5,000 in the standard version).
+        self.square_queries = None if square_queries is None else int(square_queries)
         self.num_classes: int | None = None
         self.n_target_classes = DEFAULT_TARGETS
 
@@ -148,6 +153,8 @@ class AutoAttackAdapter:
             "package": self.backend,
             "version": self.package_version,
         }
+        if self.square_queries is not None:
+            spec["square_queries"] = self.square_queries
         if self.num_classes is not None and any(a in ("apgd-t", "fab-t") for a in self.attacks):
             spec.update(num_classes=self.num_classes, n_target_classes=self.n_target_classes,
                         target_rule=TARGET_RULE)
@@ -171,6 +178,8 @@ class AutoAttackAdapter:
         # Set after construction: the packages' version presets write 9 in the constructor.
         adversary.apgd_targeted.n_target_classes = self.n_target_classes
         adversary.fab.n_target_classes = self.n_target_classes
+        if self.square_queries is not None:
+            adversary.square.n_queries = self.square_queries
         with _forked_rng(device):
             if self.backend == "pyautoattack":
                 x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))

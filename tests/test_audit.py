@@ -1,0 +1,108 @@
+"""The robustness audit against facts: a gradient-masked model is flagged (transfer and black-box
+attacks beat white-box PGD, the eps sweep stays above 0), an honest model passes, the audited
+accuracy is the per-point worst case, and bad settings fail in one line naming the key."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from mixacm.audit import AUDIT_DEFAULTS, AuditError, audit_settings, run_audit
+
+EPS = 0.1
+FAST = {"n": 40, "batch_size": 20, "pgd_steps": 10, "pgd_restarts": 2, "subset_n": 10, "square_queries": 100,
+        "eps_multipliers": [1, 2, 4, 8], "sweep_steps": 10}
+
+
+class Blobs(Dataset):
+    """10 classes, each a fixed +-0.1 pattern around grey plus noise (easy, not trivially robust)."""
+
+    def __init__(self, n: int = 60, seed: int = 1) -> None:
+        patterns = torch.randint(0, 2, (10, 3, 4, 4), generator=torch.Generator().manual_seed(0)) * 0.2 - 0.1
+        g = torch.Generator().manual_seed(seed)
+        self.targets = (torch.arange(n) % 10).tolist()
+        y = torch.tensor(self.targets)
+        self.images = (0.5 + patterns[y] + 0.03 * torch.randn(n, 3, 4, 4, generator=g)).clamp(0, 1)
+        self.num_classes = 10
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+    data = Blobs(300, seed=5)
+    x, y = data.images, torch.tensor(data.targets)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+class Masked(nn.Module):
+    """The same classifier behind a quantiser: zero input gradients, the textbook gradient masking."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 16) / 16)
+
+
+def test_gradient_masked_model_is_flagged_with_reasons(net):
+    result = run_audit(Masked(net), Blobs(), EPS, sources={"teacher": net}, settings=FAST, device="cpu")
+    audit = result["audit"]
+    checks = {f["check"] for f in audit["flags"]}
+    assert audit["status"] == "flagged"
+    assert {"transfer_teacher", "square"} <= checks, audit["flags"]
+    acc = audit["accuracy_pct"]
+    assert acc["transfer_teacher"] < acc["pgd20"] - FAST.get("margin_pct", AUDIT_DEFAULTS["margin_pct"])
+    assert result["metrics"]["audited"]["accuracy_pct"] <= min(acc["transfer_teacher"], acc["pgd20"])
+    assert all(f["reason"] for f in audit["flags"])
+
+
+def test_honest_model_passes_and_audited_is_the_per_point_worst_case(net):
+    result = run_audit(net, Blobs(), EPS, sources={"teacher": net}, settings=FAST, device="cpu")
+    audit, audited = result["audit"], result["metrics"]["audited"]
+    assert audit["flags"] == [] and audit["status"] == "passed"
+    acc = audit["accuracy_pct"]
+    assert audited["accuracy_pct"] <= min(v for k, v in acc.items() if not k.startswith("subset") and k != "audited")
+    assert audited["n"] == 40 and audited["correct"] == round(audited["accuracy_pct"] * 40 / 100)
+    assert [r["multiplier"] for r in audit["sweep"]] == [1, 2, 4, 8]
+    assert audit["sweep"][-1]["accuracy_pct"] <= AUDIT_DEFAULTS["sweep_max_acc_pct"]
+    sweep = [r["accuracy_pct"] for r in audit["sweep"]]
+    assert sweep == sorted(sweep, reverse=True)
+    # The result file has the evaluation's shape (the report reads "audited" like any metric).
+    assert result["precision"] == "fp32" and result["model_check"]["output"] == "tensor"
+    json.dumps(result)
+
+
+def test_autoattack_gap_and_sweep_flags(net):
+    result = run_audit(net, Blobs(), 0.02, settings={**FAST, "eps_multipliers": [1], "sweep_max_acc_pct": 0.0},
+                       autoattack_acc_pct=0.0, device="cpu")
+    checks = {f["check"] for f in result["audit"]["flags"]}
+    assert result["audit"]["accuracy_pct"]["pgd20"] > 10  # a small eps: PGD-20 leaves points correct
+    assert "autoattack" in checks
+    assert "eps_sweep" in checks  # the largest eps is 1 x eps here, where accuracy is above 0
+
+
+@pytest.mark.parametrize("given,key", [
+    ({"n": 0}, "audit.n"), ({"pgd_steps": 2.5}, "audit.pgd_steps"), ({"margin_pct": -1}, "audit.margin_pct"),
+    ({"eps_multipliers": [2, 4]}, "audit.eps_multipliers"), ({"subset_n": 50, "n": 10}, "audit.subset_n"),
+    ({"steps": 3}, "unknown key"),
+])
+def test_bad_settings_name_the_key(given, key):
+    with pytest.raises(AuditError, match=key):
+        audit_settings(given)
