@@ -106,3 +106,61 @@ def test_autoattack_gap_and_sweep_flags(net):
 def test_bad_settings_name_the_key(given, key):
     with pytest.raises(AuditError, match=key):
         audit_settings(given)
+
+
+# --------------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def folder_and_models(tmp_path, net, monkeypatch):
+    from torchvision.io import encode_png, write_file
+
+    monkeypatch.setenv("MIXACM_CACHE_DIR", str(tmp_path / "cache"))
+    data = Blobs(40, seed=2)
+    for split in ("train", "test"):
+        for i, (img, label) in enumerate(zip(data.images, data.targets)):
+            d = tmp_path / "data" / split / f"c{label}"
+            d.mkdir(parents=True, exist_ok=True)
+            write_file(str(d / f"{i:03d}.png"), encode_png((img * 255).round().to(torch.uint8)))
+    files = {}
+    for name, model in (("masked", Masked(net)), ("net", net)):
+        files[name] = tmp_path / f"{name}.pt"
+        torch.jit.trace(model, torch.rand(2, 3, 4, 4)).save(str(files[name]))
+    return tmp_path / "data", files
+
+
+def _audit_args(data, model, out, *extra):
+    return ["audit", "--model-file", str(model), "--dataset", "imagefolder", "--data-root", str(data),
+            "--eps", "0.1", "--settings", json.dumps({k: v for k, v in FAST.items() if k != "n"}),
+            "--n", "40", "--out", str(out), *extra]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_cli_audit_writes_flags_and_the_run_section(folder_and_models, tmp_path, capsys):
+    from mixacm.cli import main
+
+    data, files = folder_and_models
+    out = tmp_path / "audit.json"
+    assert main(_audit_args(data, files["masked"], out, "--source", f"teacher={files['net']}")) == 0
+    result = json.loads(out.read_text())
+    assert result["run"]["checkpoint"] == str(files["masked"]) and result["audit"]["status"] == "flagged"
+    assert result["audit"]["source_files"] == {"teacher": str(files["net"])}
+    assert "transfer_teacher" in json.loads(capsys.readouterr().out)["flags"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+@pytest.mark.parametrize("extra,match", [
+    (["--source", "teacher"], "--source 'teacher': expected NAME=MODEL.pt"),
+    (["--source", "teacher=/nonexistent/t.pt"], "/nonexistent/t.pt: no such file"),
+    (["--settings", '{"pgd_steps": 0}'], "audit.pgd_steps"),
+    (["--autoattack-result", "/nonexistent/r.json"], "--autoattack-result /nonexistent/r.json"),
+    (["--eps", "8"], "eps"),
+])
+def test_cli_audit_bad_input_exits_2_in_one_line_with_no_file(folder_and_models, tmp_path, capsys, extra, match):
+    from mixacm.cli import main
+
+    data, files = folder_and_models
+    out = tmp_path / "audit.json"
+    assert main(_audit_args(data, files["net"], out) + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert not out.exists() and len(err.splitlines()) == 1 and match in err, err
