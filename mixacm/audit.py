@@ -282,4 +282,56 @@ def write_audit(result: Mapping[str, Any], path: str | os.PathLike):
     return atomic_json_dump(dict(result), path)
 
 
-__all__ = ["AUDIT_DEFAULTS", "AuditError", "audit_settings", "run_audit", "write_audit"]
+
+
+def read_audit(path: str | os.PathLike) -> dict[str, Any]:
+    """An audit result file; ValueError naming the file and key when it is not one."""
+    import json
+    from pathlib import Path
+
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AuditError(f"audit result {path}: cannot be read ({err})") from None
+    sweep = (result.get("audit") or {}).get("sweep") if isinstance(result, dict) else None
+    if not isinstance(sweep, list) or not sweep:
+        raise AuditError(f"audit result {path}: no audit.sweep (not written by mixacm audit?)")
+    return result
+
+
+def plot_eps_sweep(paths: list[str | os.PathLike], out_path: str | os.PathLike):
+    """Robust accuracy against eps, one line per method (mean over its audit files, e.g. seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mixacm.utils import atomic_write
+
+    curves: dict[str, dict[float, list[float]]] = {}
+    for p in paths:
+        result = read_audit(p)
+        run = result.get("run") or {}
+        label = str(run.get("variant") or run.get("recipe") or run.get("method") or p)
+        for row in result["audit"]["sweep"]:
+            curves.setdefault(label, {}).setdefault(float(row["eps"]) * 255, []).append(float(row["accuracy_pct"]))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, points in sorted(curves.items()):
+        xs = sorted(points)
+        ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("eps (x/255, L-inf)")
+    ax.set_ylabel("robust accuracy under PGD (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title("Robust accuracy against eps (audit sweep)" if curves else "no audit results")
+    if curves:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+__all__ = ["AUDIT_DEFAULTS", "AuditError", "audit_settings", "plot_eps_sweep", "read_audit", "run_audit",
+           "write_audit"]

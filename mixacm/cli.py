@@ -235,6 +235,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise UsageError("--settings must be a JSON object, e.g. '{\"n\": 1000}'")
     if args.n is not None:
         given["n"] = args.n
+    if args.batch_size is not None:
+        given["batch_size"] = args.batch_size
     settings = audit_settings(given)
     sources = _parse_sources(args.source)
     aa = _autoattack_accuracy(args.autoattack_result, eps)
@@ -252,6 +254,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     write_audit(result, args.out)
     print(json.dumps({"out": str(args.out), "audited_pct": result["metrics"]["audited"]["accuracy_pct"],
                       "flags": [f["check"] for f in result["audit"]["flags"]]}))
+    return 0
+
+
+def cmd_sweep_figure(args: argparse.Namespace) -> int:
+    from mixacm.audit import plot_eps_sweep
+
+    plot_eps_sweep(args.audits, args.out)
     return 0
 
 
@@ -486,11 +495,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", metavar="JSON",
                    help="audit settings over mixacm.audit.AUDIT_DEFAULTS, e.g. '{\"subset_n\": 200}'")
     p.add_argument("--n", type=int, default=None, help="points (default: settings n, 1000)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: settings batch_size, 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--run-info", metavar="JSON", help="JSON object merged into the result's run section")
     p.add_argument("--out", required=True, metavar="AUDIT.json", help="where the audit result goes")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("sweep-figure", formatter_class=fmt, help="robust accuracy against eps (PNG)",
+                       description="One line per method from audit results (mixacm audit): PGD accuracy "
+                                   "at each multiple of eps, averaged over a method's files.")
+    p.add_argument("--audits", nargs="*", default=[], metavar="AUDIT.json", help="audit result files")
+    p.add_argument("--out", required=True, metavar="FIGURE.png", help="where the PNG goes")
+    p.set_defaults(func=cmd_sweep_figure)
 
     p = sub.add_parser("teacher", formatter_class=fmt, help="fetch or import a robust teacher",
                        description="Write a teacher as a mixacm model file (mixacm.teachers): by "

@@ -38,9 +38,11 @@ ATTACK_COLUMNS: dict[str, tuple[str, ...]] = {
     "pgd20": ("pgd20",),
     "autoattack": ("autoattack", "autoattack-rand"),
     "autoattack_apgd": ("autoattack-apgd",),
+    # mixacm audit: the per-point worst case over its attacks (mixacm.audit)
+    "audited": ("audited",),
 }
 ATTACK_TITLES = {"clean": "Clean", "pgd20": "PGD-20", "autoattack": "AutoAttack (standard)",
-                 "autoattack_apgd": "AutoAttack (APGD-CE+APGD-T)"}
+                 "autoattack_apgd": "AutoAttack (APGD-CE+APGD-T)", "audited": "Audited robust"}
 AUTOATTACK_VERSIONS = {
     "autoattack": "standard",
     "autoattack-apgd": "APGD-CE+APGD-T",

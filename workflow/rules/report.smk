@@ -57,7 +57,7 @@ rule render_figures:
 rule render_report:
     input:
         tables=TABLES,
-        figures=FIGURES,
+        figures=FIGURES + (["results/figures/eps_sweep.png"] if AUDIT_RESULTS else []),
         results=lambda w: all_of("results"),
         costs=lambda w: all_of("costs"),
         teachers=lambda w: report_teachers(),
