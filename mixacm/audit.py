@@ -226,6 +226,7 @@ def run_audit(model: nn.Module, dataset: Dataset, eps: float | str, *,
             "attack": {"name": "audit", "worst_of": ["clean", "pgd20", strong_name,
                                                      *[f"transfer_{k}" for k in sources],
                                                      "apgd-dlr (subset)", "square (subset)"],
+                       "flags": [f["reason"] for f in flags],
                        "package": "mixacm", "version": mixacm.__version__},
         }},
         "audit": {

@@ -164,3 +164,41 @@ def test_cli_audit_bad_input_exits_2_in_one_line_with_no_file(folder_and_models,
     assert main(_audit_args(data, files["net"], out) + extra) == 2
     err = capsys.readouterr().err.strip()
     assert not out.exists() and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_table_and_report_show_the_audited_column_and_flags(net, tmp_path):
+    import pandas as pd
+
+    from mixacm.evaluate import evaluate
+    from mixacm.report import build_table, collect_results, render_report
+
+    run = {"method": "mixacm", "arch": "mlp", "teacher": "net", "dataset": "cifar10", "data_source": "blobs",
+           "data_fraction": 1.0, "seed": 0, "config_hash": "abc", "recipe": "mixacm"}
+    ev = evaluate(Masked(net), Blobs(), ["clean", "pgd20"], EPS, n=40, batch_size=20, progress=False, device="cpu")
+    audit = run_audit(Masked(net), Blobs(), EPS, sources={"teacher": net}, settings=FAST, device="cpu")
+    files = []
+    for name, result in (("eval", ev), ("audit", audit)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps({"schema": 1, "run": run, **result}))
+    table = build_table("cifar10", collect_results(files))
+    row = table[table["status"] == "reproduced"].iloc[0]
+    assert row["audited_mean"] == pytest.approx(audit["metrics"]["audited"]["accuracy_pct"], abs=0.01)
+    assert row["audited_mean"] <= row["pgd20_mean"]
+    assert "gradient masking suspected" in row["audit_flags"] and row["audit_flags"].startswith("seed 0:")
+    html = render_report({"cifar10": table}, [], collect_results(files), tmp_path / "r.html").read_text()
+    assert "Audited robust" in html and "flagged:" in html
+
+
+def test_sweep_figure_from_audit_files(net, tmp_path):
+    from mixacm.cli import main
+
+    result = run_audit(net, Blobs(), EPS, settings=FAST, device="cpu")
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"run": {"recipe": "at"}, **result}))
+    out = tmp_path / "fig" / "eps_sweep.png"
+    assert main(["sweep-figure", "--audits", str(path), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["sweep-figure", "--audits", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()
