@@ -189,8 +189,12 @@ def test_ci_config_end_to_end(tmp_path, cifar10_jpeg_root):
                      "--configfile", "config/ci.yaml", env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert (wf / "report" / "paper_tables.html").stat().st_size > 0
-    for fig in ("less_data", "clean_vs_robust", "training_cost"):
+    for fig in ("less_data", "clean_vs_robust", "training_cost", "eps_sweep"):
         assert (wf / "results" / "figures" / f"{fig}.png").stat().st_size > 0
+    # The main comparison is audited: every run has an audited robust accuracy, at most its PGD-20.
+    main = pd.read_csv(wf / "results" / "table_cifar10.csv")
+    main = main[main["status"] == "reproduced"]
+    assert main["audited_mean"].notna().all() and (main["audited_mean"] <= main["pgd20_mean"]).all()
 
     ci = yaml.safe_load((wf / "config" / "ci.yaml").read_text())
     for kind in ("cifar10", "imagenet", "less_data", "ablation"):
