@@ -110,3 +110,17 @@ def test_every_method_attacks_with_autocast_off(name):
     if name in TRAINING_PASS_ATTACK:
         return
     assert not any(attack_passes), f"{name}: {sum(attack_passes)} attack pass(es) ran under fp16 autocast"
+
+
+def test_free_at_delta_survives_a_non_finite_scaled_gradient():
+    # Under fp16 the loop's GradScaler may produce inf/NaN gradients (the step is then skipped);
+    # the carried perturbation must stay finite and inside the eps ball.
+    torch.manual_seed(0)
+    method = build_method("free_at", build_model("tiny"), replays=2)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss, _ = method.loss(x, y)
+    loss.backward()
+    method._leaf.grad[0, 0, 0, 0] = float("nan")
+    method._leaf.grad[1, 0, 0, 0] = float("inf")
+    method.after_backward()
+    assert torch.isfinite(method.delta).all() and method.delta.abs().max() <= method.knobs.eps + 1e-7
