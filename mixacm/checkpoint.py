@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from mixacm.models import MODELS, FeatureClassifier
+from mixacm.models.base import unwrap_state_dict
 from mixacm.utils import atomic_torch_save, resolve_device
 
 FORMAT = "mixacm-model"
@@ -204,7 +205,17 @@ def load_foreign_state_dict(path: str | os.PathLike, arch: str, num_classes: int
         blob = blob[key]
     if not isinstance(blob, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, found a {type(blob).__name__}")
-    _load_strict(model, model.adapt_state_dict(blob), path, f"architecture {arch!r}")
+    adapted = model.adapt_state_dict(blob)
+    problem = _mismatch(model, adapted)
+    if problem:
+        _, stripped = unwrap_state_dict(blob, model.state_dict().keys())
+        removed = f" after removing the wrapper prefix {''.join(stripped)!r}" if stripped else ""
+        raise CheckpointError(
+            f"{path}: weights do not match architecture {arch!r}{removed}: {problem}. If the file "
+            "holds a wrapped network, re-save the bare one's weights: torch.save(net.state_dict(), "
+            "'weights.pt') with net = model.module (DataParallel/DDP), model._orig_mod (torch.compile) "
+            "or RobustBench's model.model; otherwise check --arch and its kwargs")
+    model.load_state_dict(adapted, strict=True)
     return model.to(dev).eval()
 
 

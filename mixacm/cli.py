@@ -2,6 +2,7 @@
 
     mixacm train     --config RUN.yaml --out-dir DIR [--set key.path=value ...]
     mixacm evaluate  (--checkpoint MODEL.pt | --model-file TORCHSCRIPT.pt) --dataset cifar10 ...
+    mixacm audit     (--checkpoint MODEL.pt | --model-file TS.pt) --dataset cifar10 --eps E [--source N=M.pt]
     mixacm teacher   (--robustbench NAME | --url URL --sha256 HEX | --path FILE | --source-json J)
     mixacm table | figures | report      (tables, figures and the HTML report from result files)
     mixacm claims    --tables TABLE.csv ...  (the paper's claims checked on the tables, Markdown)
@@ -184,6 +185,85 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- audit -----------------------------------------------------------------------------------------
+
+
+def _parse_sources(items: Sequence[str]) -> dict[str, Path]:
+    sources: dict[str, Path] = {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise UsageError(f"--source {item!r}: expected NAME=MODEL.pt, e.g. teacher=results/teachers/cifar10/file/model.pt")
+        if name in sources:
+            raise UsageError(f"--source {name!r} given twice")
+        sources[name] = Path(file)
+    return sources
+
+
+def _autoattack_accuracy(path: str | None, eps: float) -> float | None:
+    """The AutoAttack accuracy of an evaluation result file (standard, else APGD-CE + APGD-T)."""
+    if not path:
+        return None
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--autoattack-result {path}: cannot be read ({err})") from None
+    metrics = result.get("metrics") if isinstance(result, dict) else None
+    if not isinstance(metrics, dict):
+        raise UsageError(f"--autoattack-result {path}: no metrics")
+    if abs(float(result.get("eps", -1)) - eps) > 1e-9:
+        raise UsageError(f"--autoattack-result {path}: eps {result.get('eps')} is not this audit's eps {eps}")
+    for name in ("autoattack", "autoattack-apgd", "autoattack-rand"):
+        if name in metrics:
+            return float(metrics[name]["accuracy_pct"])
+    raise UsageError(f"--autoattack-result {path}: no AutoAttack metric (found {sorted(metrics)})")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from mixacm.audit import audit_settings, run_audit, write_audit
+    from mixacm.checkpoint import load_any_model
+    from mixacm.data import load_dataset
+    from mixacm.utils import parse_eps, resolve_device
+
+    # Cheap checks first: settings, eps, sources named, the AutoAttack result readable.
+    eps = parse_eps(args.eps)
+    try:
+        given = json.loads(args.settings) if args.settings else {}
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--settings is not valid JSON: {err}") from None
+    if not isinstance(given, dict):
+        raise UsageError("--settings must be a JSON object, e.g. '{\"n\": 1000}'")
+    if args.n is not None:
+        given["n"] = args.n
+    if args.batch_size is not None:
+        given["batch_size"] = args.batch_size
+    settings = audit_settings(given)
+    sources = _parse_sources(args.source)
+    aa = _autoattack_accuracy(args.autoattack_result, eps)
+    extra = _parse_run_info(args.run_info)
+    device = resolve_device(args.device)
+
+    path = Path(args.checkpoint or args.model_file)
+    model, info = load_any_model(path, device=device)
+    source_models = {name: load_any_model(file, device=device)[0] for name, file in sources.items()}
+    dataset = load_dataset(args.dataset, "test", root=args.data_root, download=args.download)
+    result = run_audit(model, dataset, args.eps, sources=source_models, settings=settings,
+                       autoattack_acc_pct=aa, seed=args.seed, device=device)
+    result["audit"]["source_files"] = {name: str(file) for name, file in sources.items()}
+    result = {"schema": result["schema"], "run": _run_section(path, info, dataset, args.dataset, extra), **result}
+    write_audit(result, args.out)
+    print(json.dumps({"out": str(args.out), "audited_pct": result["metrics"]["audited"]["accuracy_pct"],
+                      "flags": [f["check"] for f in result["audit"]["flags"]]}))
+    return 0
+
+
+def cmd_sweep_figure(args: argparse.Namespace) -> int:
+    from mixacm.audit import plot_eps_sweep
+
+    plot_eps_sweep(args.audits, args.out)
+    return 0
+
+
 # -- teacher ---------------------------------------------------------------------------------------
 
 
@@ -220,15 +300,38 @@ def _teacher_source(args: argparse.Namespace) -> dict:
         source["arch"] = args.arch
     if args.key and not args.robustbench:
         source["key"] = args.key
+    if args.normalization:
+        source["normalization"] = _parse_normalization(args.normalization)
+    if args.stated_acc is not None:
+        source["stated_clean_acc"] = args.stated_acc
+    check = {k: v for k, v in (("n", args.check_n), ("margin_pct", args.margin),
+                               ("on_mismatch", args.on_mismatch)) if v is not None}
+    if check:
+        source["check"] = check
     return source
+
+
+def _parse_normalization(text: str) -> Any:
+    """``none`` or ``MEAN/STD`` with comma-separated channels, e.g. ``0.5,0.5,0.5/0.25,0.25,0.25``."""
+    if text == "none":
+        return "none"
+    try:
+        mean, std = text.split("/")
+        return {"mean": [float(v) for v in mean.split(",")], "std": [float(v) for v in std.split(",")]}
+    except ValueError:
+        raise UsageError(f"--normalization {text!r}: expected none or MEAN/STD, e.g. "
+                         "0.4914,0.4822,0.4465/0.2471,0.2435,0.2616") from None
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     from mixacm.teachers import acquire_teacher
 
+    from mixacm.checkpoint import load_model_file
+
     source = _teacher_source(args)
-    out = acquire_teacher(source, Path(args.out))
-    print(json.dumps({"out": str(out), "source": source}))
+    out = acquire_teacher(source, Path(args.out), data_root=args.data_root)
+    check = load_model_file(out)[1]["meta"].get("accuracy_check")
+    print(json.dumps({"out": str(out), "source": source, "accuracy_check": check}))
     return 0
 
 
@@ -273,7 +376,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     tables = _read_tables(args.tables)
     results = collect_results(args.results)
     costs = collect_costs(args.costs) if args.costs else None
-    render_report(tables, args.figures, results, args.out, costs=costs)
+    teachers = None
+    if args.teachers:
+        from mixacm.report.teachers import teacher_records
+
+        teachers = teacher_records(args.teachers)
+    render_report(tables, args.figures, results, args.out, costs=costs, teachers=teachers)
     return 0
 
 
@@ -369,6 +477,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show a progress bar (default: on)")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("audit", formatter_class=fmt, help="robustness audit: checks for gradient masking",
+                       description="Audit a model on the evaluation's points (mixacm.audit): PGD with "
+                                   "more steps and restarts, APGD-DLR and Square on a subset, transfer "
+                                   "attacks from source models, an eps sweep; the per-point worst case "
+                                   "is the 'audited' metric, failed checks are flags with reasons.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="MODEL.pt", help="mixacm model file")
+    src.add_argument("--model-file", metavar="TORCHSCRIPT.pt", help="TorchScript model taking [0, 1] images")
+    p.add_argument("--dataset", required=True, choices=("cifar10", "cifar100", "imagenet", "imagefolder"),
+                   help="dataset whose test split is used")
+    p.add_argument("--data-root", metavar="DIR", help="local data folder (default $MIXACM_DATA_<DATASET>)")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if missing")
+    p.add_argument("--eps", required=True, help="L-inf radius as a fraction of [0, 1]: 8/255 or 0.031")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=MODEL.pt",
+                   help="a model whose PGD-20 examples are transferred (e.g. teacher=..., at=...); repeatable")
+    p.add_argument("--autoattack-result", metavar="RESULT.json",
+                   help="the model's AutoAttack evaluation, for the PGD-20 vs AutoAttack check")
+    p.add_argument("--settings", metavar="JSON",
+                   help="audit settings over mixacm.audit.AUDIT_DEFAULTS, e.g. '{\"subset_n\": 200}'")
+    p.add_argument("--n", type=int, default=None, help="points (default: settings n, 1000)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: settings batch_size, 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--run-info", metavar="JSON", help="JSON object merged into the result's run section")
+    p.add_argument("--out", required=True, metavar="AUDIT.json", help="where the audit result goes")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("sweep-figure", formatter_class=fmt, help="robust accuracy against eps (PNG)",
+                       description="One line per method from audit results (mixacm audit): PGD accuracy "
+                                   "at each multiple of eps, averaged over a method's files.")
+    p.add_argument("--audits", nargs="*", default=[], metavar="AUDIT.json", help="audit result files")
+    p.add_argument("--out", required=True, metavar="FIGURE.png", help="where the PNG goes")
+    p.set_defaults(func=cmd_sweep_figure)
+
     p = sub.add_parser("teacher", formatter_class=fmt, help="fetch or import a robust teacher",
                        description="Write a teacher as a mixacm model file (mixacm.teachers): by "
                                    "RobustBench name, by URL with a required sha256, or from a "
@@ -390,6 +532,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="entry of a foreign checkpoint that holds the weights (default: state_dict)")
     p.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100", "imagenet"),
                    help="RobustBench dataset of the teacher (default: %(default)s)")
+    p.add_argument("--normalization", metavar="none|MEAN/STD",
+                   help="the network's input normalisation: none (it takes raw [0, 1] pixels) or "
+                        "MEAN/STD per channel, e.g. 0.5,0.5,0.5/0.25,0.25,0.25 (default: the file's "
+                        "RobustBench normaliser, else the architecture's)")
+    p.add_argument("--stated-acc", type=float, metavar="PCT",
+                   help="the clean accuracy (percent) the teacher should have (default: the file's "
+                        "test_acc / clean_acc entry)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="test data for the accuracy check (default $MIXACM_DATA_<DATASET>; none: not run)")
+    p.add_argument("--check-n", type=int, metavar="N", help="test points of the accuracy check (default 1000)")
+    p.add_argument("--margin", type=float, metavar="PCT",
+                   help="largest accepted |measured - stated| in points (default 3)")
+    p.add_argument("--on-mismatch", choices=("refuse", "warn"),
+                   help="beyond the margin: refuse (default, nothing written) or warn and record")
     p.add_argument("--out", required=True, metavar="TEACHER.pt", help="where the model file goes")
     p.set_defaults(func=cmd_teacher)
 
@@ -419,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", nargs="*", default=[], metavar="RESULT.json",
                    help="result files, for each number's config, seed, attack, commit and cost")
     _add_costs_argument(p)
+    p.add_argument("--teachers", nargs="*", default=[], metavar="TEACHER.pt",
+                   help="teacher model files: their import accuracy checks get a section")
     p.add_argument("--out", required=True, metavar="REPORT.html", help="where the HTML goes")
     p.set_defaults(func=cmd_report)
 

@@ -350,7 +350,11 @@ def check_pipeline_recipe(pipeline: Mapping[str, Any], recipe: str, *, dataset: 
 # The pipeline's teachers.<dataset>.source -> the key that names the source in
 # ``mixacm.teachers.acquire_teacher``'s form, and the block's key holding its value.
 _TEACHER_SOURCES = {"robustbench": ("robustbench", "name"), "url": ("url", "url"), "file": ("path", "path")}
-_TEACHER_PASSED = {"robustbench": ("threat_model", "arch"), "url": ("sha256", "arch"), "file": ("sha256", "arch")}
+# What an imported teacher's block passes on besides its location: the architecture and its
+# keyword arguments, the input normalisation, and the accuracy check (mixacm.teachers).
+_TEACHER_COMMON = ("arch", "kwargs", "normalization", "check", "stated_clean_acc")
+_TEACHER_PASSED = {"robustbench": ("threat_model", *_TEACHER_COMMON), "url": ("sha256", *_TEACHER_COMMON),
+                   "file": ("sha256", *_TEACHER_COMMON)}
 
 
 def teacher_source(block: Mapping[str, Any], dataset: str) -> dict:

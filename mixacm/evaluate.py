@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -32,11 +32,98 @@ from mixacm.provenance import provenance
 from mixacm.utils import atomic_json_dump, format_eps, parse_eps, resolve_device
 
 STATE_FORMAT = "mixacm-eval-state"
+# Recorded in every result: evaluation never runs under autocast.
+PRECISION = "fp32"
 RESULT_SCHEMA = 1
 
 
 class EvaluationStateError(ValueError):
     """A state file that belongs to a different evaluation, or cannot be read."""
+
+
+class ModelCheckError(ValueError):
+    """The model handed to ``evaluate`` fails the first-batch check (one line, before any attack)."""
+
+
+# The one rule for models whose forward does not return a logits tensor (recorded in results).
+OUTPUT_RULE = "logits tensor as is; tuple or list: element 0; dict: its 'logits' entry"
+
+
+def _select_logits(out: Any) -> tuple[Any, str]:
+    """Apply OUTPUT_RULE: ``(logits or None, how)`` where how names the rule that applied."""
+    if isinstance(out, torch.Tensor):
+        return out, "tensor"
+    if isinstance(out, (tuple, list)):
+        return (out[0] if out else None), f"{type(out).__name__}[0]"
+    if isinstance(out, dict):
+        return out.get("logits"), "dict['logits']"
+    return None, type(out).__name__
+
+
+class LogitsOf(nn.Module):
+    """A model whose forward returns a tuple/list or dict, seen through OUTPUT_RULE as logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _select_logits(self.model(x))[0]
+
+
+def dataset_num_classes(dataset: Dataset) -> int:
+    """Number of classes of a dataset from ``mixacm.data`` (Subsets followed), else max label + 1."""
+    base = dataset
+    while isinstance(base, torch.utils.data.Subset):
+        base = base.dataset
+    k = getattr(base, "num_classes", None)
+    return int(k) if k is not None else int(dataset_labels(dataset).max()) + 1
+
+
+def check_model(model: nn.Module, x: Tensor, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Check ``model`` on one batch ``x`` before any attack; return ``(logits model, record)``.
+
+    Checks, each failing with one ``ModelCheckError`` line: the output is a logits tensor, or a
+    tuple/list/dict from which OUTPUT_RULE picks one; it is floating point, of shape
+    ``len(x) x num_classes`` (the dataset's classes), finite; and a sample's output does not
+    depend on the rest of the batch (the first sample alone and the batch reversed give the same
+    logits within a tolerance). The record goes into the result as ``model_check``.
+    """
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        out = model(x)
+        logits, how = _select_logits(out)
+        if not isinstance(logits, torch.Tensor):
+            raise ModelCheckError(
+                f"model output is {how} without a logits tensor; the rule is: {OUTPUT_RULE}")
+        if not logits.is_floating_point():
+            raise ModelCheckError(f"model logits have dtype {logits.dtype}; expected a floating-point tensor")
+        if logits.dim() != 2 or logits.shape[0] != len(x):
+            raise ModelCheckError(
+                f"model logits have shape {tuple(logits.shape)}; expected {len(x)} x {num_classes} "
+                f"(batch x classes)")
+        if logits.shape[1] != num_classes:
+            raise ModelCheckError(
+                f"model has {logits.shape[1]} outputs but the dataset has {num_classes} classes")
+        if not bool(torch.isfinite(logits).all()):
+            bad = int((~torch.isfinite(logits)).any(1).sum())
+            raise ModelCheckError(f"model logits are not finite (NaN or inf) for {bad} of {len(x)} images")
+        wrapped = model if how == "tensor" else LogitsOf(model)
+        deviation = 0.0
+        if len(x) > 1:
+            alone = wrapped(x[:1]).float()
+            reversed_ = wrapped(x.flip(0)).float().flip(0)
+            ref = logits.float()
+            deviation = max(float((alone - ref[:1]).abs().max()), float((reversed_ - ref).abs().max()))
+            # Float sums in another batch order or size differ by rounding only.
+            tol = 1e-3 * max(1.0, float(ref.abs().max()))
+            if deviation > tol:
+                raise ModelCheckError(
+                    f"a sample's logits depend on the rest of the batch (max difference {deviation:.3g} > "
+                    f"{tol:.3g}); is the model in training mode (BatchNorm batch statistics)?")
+    record = {"output": how, "output_rule": OUTPUT_RULE, "num_outputs": int(logits.shape[1]),
+              "num_classes": int(num_classes), "logits_dtype": str(logits.dtype).replace("torch.", ""),
+              "batch_dependence_max_abs": deviation, "checked_images": len(x)}
+    return wrapped, record
 
 
 def model_sha256(model: nn.Module) -> str:
@@ -112,6 +199,12 @@ def evaluate(
     attack_kwargs = attack_kwargs or {}
     # Build every attack first: an unknown name fails before any work or state file.
     built = {name: build_attack(name, eps_value, **attack_kwargs.get(name, {})) for name in attacks}
+    num_classes = dataset_num_classes(dataset)
+    for attack in built.values():
+        # AutoAttack's targeted attacks are fitted to the class count, or refused, up front.
+        adapt = getattr(attack, "adapt_to_classes", None)
+        if adapt is not None:
+            adapt(num_classes)
     dev = resolve_device(device)
 
     indices = balanced_first_n(dataset_labels(dataset), n)
@@ -140,27 +233,36 @@ def evaluate(
     t0 = time.perf_counter()
     was_training = model.training
     model.to(dev).eval()
+    # The one model check, on the first batch, before any attack or state file.
+    x0 = torch.stack([dataset[i][0] for i in batches[0]]).to(dev)
+    try:
+        attacked, model_check = check_model(model, x0, num_classes)
+    except ModelCheckError:
+        model.train(was_training)
+        raise
     loader = DataLoader(dataset, batch_sampler=[batches[b] for b in pending], num_workers=num_workers)
     bar = tqdm(total=total, initial=total - sum(str(b) not in done[a] for b in pending for a in attacks),
                desc="evaluate", unit="batch", disable=not progress)
-    try:
-        for b, (x, y) in zip(pending, loader):
-            x, y = x.to(dev), torch.as_tensor(y).to(dev)
-            for name in attacks:
-                if str(b) in done[name]:
-                    continue
-                x_adv = built[name](model, x, y, seed=batch_seed(seed, name, b))
-                with torch.no_grad():
-                    correct = int((model(x_adv).argmax(1) == y).sum())
-                done[name][str(b)] = [correct, len(y)]
-                state["wall_time_s"] = prior_wall + time.perf_counter() - t0
-                if state_file is not None:
-                    atomic_json_dump(state, state_file)
-                bar.set_postfix_str(f"{name} {100.0 * correct / len(y):.1f}%")
-                bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
+    # fp32 whatever autocast context the caller is in: the recorded PRECISION.
+    with torch.autocast(device_type=dev.type, enabled=False):
+        try:
+            for b, (x, y) in zip(pending, loader):
+                x, y = x.to(dev), torch.as_tensor(y).to(dev)
+                for name in attacks:
+                    if str(b) in done[name]:
+                        continue
+                    x_adv = built[name](attacked, x, y, seed=batch_seed(seed, name, b))
+                    with torch.no_grad():
+                        correct = int((attacked(x_adv).argmax(1) == y).sum())
+                    done[name][str(b)] = [correct, len(y)]
+                    state["wall_time_s"] = prior_wall + time.perf_counter() - t0
+                    if state_file is not None:
+                        atomic_json_dump(state, state_file)
+                    bar.set_postfix_str(f"{name} {100.0 * correct / len(y):.1f}%")
+                    bar.update(1)
+        finally:
+            bar.close()
+            model.train(was_training)
 
     metrics = {}
     for name in attacks:
@@ -177,6 +279,8 @@ def evaluate(
         "seed": int(seed),
         "batch_size": int(batch_size),
         "model_sha256": key["model_sha256"],
+        "model_check": model_check,
+        "precision": PRECISION,
         "metrics": metrics,
         "provenance": {**provenance(dev), "wall_time_s": prior_wall + time.perf_counter() - t0},
     }

@@ -14,6 +14,19 @@ The pipeline config's ``teachers.<dataset>`` block is translated into one of the
 boundary where that config is read (``mixacm.config.teacher_source``); this module does not know
 its shape.
 
+Two optional keys of every source say what a foreign file cannot: ``normalization``
+(``"none"`` for a network that takes raw [0, 1] pixels, its normalisation folded into the first
+layer; ``{"mean": [...], "std": [...]}``; absent: the file's RobustBench normaliser if it has one,
+else the architecture's default) and ``check`` (the accuracy check below). ``stated_clean_acc``
+(percent) states the accuracy the teacher should have.
+
+Accuracy check (``check_teacher_accuracy``): where test data is at hand, the imported teacher's
+clean accuracy is measured on the first ``check.n`` class-balanced test points and compared with
+the stated accuracy (``stated_clean_acc``, else the ``test_acc`` / ``clean_acc`` stored in the
+file, read as a fraction when <= 1). A difference above ``check.margin_pct`` points is refused
+(``on_mismatch: refuse``, the default: TeacherError with both numbers, nothing written) or
+recorded with a warning (``warn``). The result goes into the file's meta as ``accuracy_check``.
+
 A file is either already a mixacm model file (``arch`` not needed) or a foreign state dict read
 strictly into the registered architecture ``arch`` (``kwargs`` are its constructor arguments,
 ``key`` the entry that holds the weights; default ``"state_dict"``, falling back to the file
@@ -28,6 +41,7 @@ import re
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,11 +55,16 @@ from mixacm.provenance import provenance
 from mixacm.utils import sha256_file
 
 _KINDS = ("robustbench", "url", "path")
+_COMMON = {"arch", "kwargs", "dataset", "normalization", "check", "stated_clean_acc"}
 _ALLOWED = {
-    "robustbench": {"robustbench", "dataset", "threat_model", "arch", "kwargs", "model_dir"},
-    "url": {"url", "sha256", "arch", "key", "kwargs", "dataset"},
-    "path": {"path", "sha256", "arch", "key", "kwargs", "dataset"},
+    "robustbench": {"robustbench", "threat_model", "model_dir"} | _COMMON,
+    "url": {"url", "sha256", "key"} | _COMMON,
+    "path": {"path", "sha256", "key"} | _COMMON,
 }
+# The accuracy check's settings and their defaults.
+CHECK_DEFAULTS = {"n": 1000, "margin_pct": 3.0, "on_mismatch": "refuse"}
+# Keys of a foreign file that state its clean test accuracy (fractions when <= 1).
+_STATED_KEYS = ("clean_acc", "test_acc", "clean_accuracy", "accuracy")
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _DEFAULT_KEY = "state_dict"
@@ -58,14 +77,16 @@ class TeacherError(RuntimeError):
 
 
 def acquire_teacher(source: Mapping[str, Any], out_path: str | os.PathLike, *,
-                    num_classes: int | None = None) -> Path:
+                    num_classes: int | None = None, data_root: str | os.PathLike | None = None) -> Path:
     """Fetch or read the teacher ``source`` describes and write it as a mixacm model file.
 
     ``num_classes`` defaults to the class count of ``source["dataset"]`` (cifar10 10, cifar100
     100, imagenet 1000); without either, a mixacm model file keeps its own and foreign weights
     get 10. A mixacm model file with another class count is an error.
 
-    Returns ``out_path``. The file's ``meta`` records the source, the sha256 of the bytes read
+    ``data_root`` is the test data of the accuracy check (else ``$MIXACM_DATA_<NAME>``; without
+    data the check is recorded as not run). Returns ``out_path``. The file's ``meta`` records the
+    source, the accuracy check, the sha256 of the bytes read
     (``source_sha256``), any scalars published beside the weights (``published``, e.g. the
     shared checkpoints' ``test_acc``) and the provenance of this conversion.
     """
@@ -82,13 +103,13 @@ def acquire_teacher(source: Mapping[str, Any], out_path: str | os.PathLike, *,
             if not file.is_file():
                 raise TeacherError(f"teacher file {file} does not exist (teacher source 'path')")
             digest = _verify_sha256(file, source.get("sha256"), what=str(file))
-            return _convert(file, source, digest, out_path, num_classes)
+            return _convert(file, source, digest, out_path, num_classes, data_root)
         if kind == "url":
             with _temp_beside(out_path, ".download") as tmp:
                 digest = _download(source["url"], tmp)
                 _compare_sha256(digest, source["sha256"], what=source["url"])
-                return _convert(tmp, source, digest, out_path, num_classes)
-        return _from_robustbench(source, out_path, num_classes)
+                return _convert(tmp, source, digest, out_path, num_classes, data_root)
+        return _from_robustbench(source, out_path, num_classes, data_root)
     except BaseException:
         for folder in new_dirs:  # deepest first; stops at the first one that is not empty
             try:
@@ -130,7 +151,54 @@ def _check_source(source: Any) -> str:
         )
     if "kwargs" in source and not isinstance(source["kwargs"], Mapping):
         raise TeacherError(f"teacher source ({kind}): kwargs must be a dict, got {source['kwargs']!r}")
+    normalization_kwargs(source.get("normalization"), source.get("kwargs") or {}, kind)
+    check_settings(source.get("check"), kind)
+    stated = source.get("stated_clean_acc")
+    if stated is not None and (isinstance(stated, bool) or not isinstance(stated, (int, float))
+                               or not 0 <= stated <= 100):
+        raise TeacherError(f"teacher source ({kind}): stated_clean_acc must be a percentage in [0, 100], "
+                           f"got {stated!r}")
     return kind
+
+
+def normalization_kwargs(value: Any, kwargs: Mapping[str, Any], kind: str = "source") -> dict[str, Any]:
+    """Model keyword arguments for a ``normalization`` setting (``{}`` when it is absent)."""
+    if value is None:
+        return {}
+    if "mean" in kwargs or "std" in kwargs:
+        raise TeacherError(f"teacher source ({kind}): give the normalisation once, as `normalization` "
+                           "or as kwargs mean/std, not both")
+    if value == "none":
+        return {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    if isinstance(value, Mapping) and set(value) == {"mean", "std"}:
+        try:
+            mean, std = [float(v) for v in value["mean"]], [float(v) for v in value["std"]]
+        except (TypeError, ValueError):
+            mean = std = []
+        if mean and len(mean) == len(std) and all(v > 0 for v in std):
+            return {"mean": mean, "std": std}
+    raise TeacherError(f"teacher source ({kind}): normalization must be 'none' or "
+                       f"{{mean: [...], std: [...]}} with positive std, got {value!r}")
+
+
+def check_settings(value: Any, kind: str = "source") -> dict[str, Any]:
+    """The accuracy check's settings with defaults filled in (``CHECK_DEFAULTS``)."""
+    if value is None:
+        return dict(CHECK_DEFAULTS)
+    if not isinstance(value, Mapping) or set(value) - set(CHECK_DEFAULTS):
+        raise TeacherError(f"teacher source ({kind}): check must be a dict with keys "
+                           f"{sorted(CHECK_DEFAULTS)}, got {value!r}")
+    out = {**CHECK_DEFAULTS, **value}
+    if isinstance(out["n"], bool) or not isinstance(out["n"], int) or out["n"] < 1:
+        raise TeacherError(f"teacher source ({kind}): check.n must be a positive integer, got {out['n']!r}")
+    if isinstance(out["margin_pct"], bool) or not isinstance(out["margin_pct"], (int, float)) \
+            or not 0 <= out["margin_pct"] <= 100:
+        raise TeacherError(f"teacher source ({kind}): check.margin_pct must be in [0, 100], "
+                           f"got {out['margin_pct']!r}")
+    if out["on_mismatch"] not in ("refuse", "warn"):
+        raise TeacherError(f"teacher source ({kind}): check.on_mismatch must be refuse or warn, "
+                           f"got {out['on_mismatch']!r}")
+    return out
 
 
 def _compare_sha256(actual: str, expected: str, what: str) -> None:
@@ -222,7 +290,8 @@ def _robustbench_names(dataset: str, threat_model: str) -> list[str]:
     return list(model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)])
 
 
-def _from_robustbench(source: Mapping[str, Any], out_path: Path, num_classes: int | None) -> Path:
+def _from_robustbench(source: Mapping[str, Any], out_path: Path, num_classes: int | None,
+                      data_root: str | os.PathLike | None = None) -> Path:
     import difflib
 
     name = source["robustbench"]
@@ -286,7 +355,7 @@ def _from_robustbench(source: Mapping[str, Any], out_path: Path, num_classes: in
         conv_source = {k: v for k, v in source.items() if k != "model_dir"}
         conv_source["checkpoint"] = str(ckpt)
         digest = sha256_file(ckpt if ckpt.is_file() else weights)
-        return _convert(weights, conv_source, digest, out_path, num_classes)
+        return _convert(weights, conv_source, digest, out_path, num_classes, data_root)
 
 
 # ----------------------------------------------------------------------------- converting
@@ -311,7 +380,7 @@ def _published_scalars(blob: Any) -> dict[str, float | int | str]:
 
 
 def _convert(file: Path, source: Mapping[str, Any], digest: str, out_path: Path,
-             num_classes: int | None) -> Path:
+             num_classes: int | None, data_root: str | os.PathLike | None = None) -> Path:
     """Read ``file`` (a mixacm model file or a foreign state dict) and write ``out_path``."""
     blob = _peek(file)
     meta = {
@@ -322,6 +391,9 @@ def _convert(file: Path, source: Mapping[str, Any], digest: str, out_path: Path,
     }
     try:
         if isinstance(blob, Mapping) and blob.get("format") == FORMAT:
+            if source.get("normalization") is not None:
+                raise TeacherError(f"teacher {file} is a {FORMAT} file, which carries its own "
+                                   "normalisation; remove `normalization` from the teacher source")
             model, info = load_model_file(file)
             spec = info["model"]
             meta["original_meta"] = info.get("meta", {})
@@ -336,7 +408,8 @@ def _convert(file: Path, source: Mapping[str, Any], digest: str, out_path: Path,
                     f"teacher file {file} is not a {FORMAT} file, so `arch` is needed: the registered "
                     f"architecture its weights are read into (e.g. resnet4b, wrn-34-10)"
                 )
-            kwargs = dict(source.get("kwargs") or {})
+            norm = normalization_kwargs(source.get("normalization"), source.get("kwargs") or {})
+            kwargs = {**dict(source.get("kwargs") or {}), **norm}
             num_classes = num_classes or 10
             key = source.get("key", _DEFAULT_KEY)
             if key == _DEFAULT_KEY and isinstance(blob, Mapping) and key not in blob:
@@ -344,7 +417,16 @@ def _convert(file: Path, source: Mapping[str, Any], digest: str, out_path: Path,
             meta["published"] = _published_scalars(blob)
             del blob  # the loader reads the file again; do not hold two copies of large weights
             model = load_foreign_state_dict(file, arch, num_classes=num_classes, key=key, **kwargs)
+            if norm and not _same_normalization(model, norm):
+                raise TeacherError(
+                    f"teacher {file} carries its own normaliser (mean {_as_list(model.mean)}, std "
+                    f"{_as_list(model.std)}) but the source says normalization {source['normalization']!r}; "
+                    "remove one of them")
             spec = model_spec(arch, num_classes, **kwargs)
+        stated, stated_from = stated_accuracy(source, meta.get("published") or {})
+        meta["accuracy_check"] = check_teacher_accuracy(
+            model, source.get("dataset", "cifar10"), data_root, check_settings(source.get("check")),
+            stated, stated_from, what=str(source.get("path") or source.get("url") or source.get("robustbench")))
         return save_model_file(model, spec, out_path, meta)
     except CheckpointError as exc:
         raise TeacherError(f"teacher {source}: {exc}") from exc
@@ -352,3 +434,66 @@ def _convert(file: Path, source: Mapping[str, Any], digest: str, out_path: Path,
         msg = exc.args[0] if exc.args else exc
         raise TeacherError(f"teacher {source}: {msg}") from exc
 
+
+
+# ----------------------------------------------------------------------------- accuracy check
+
+
+def _as_list(t: torch.Tensor) -> list[float]:
+    return [round(float(v), 6) for v in t.flatten()]
+
+
+def _same_normalization(model: torch.nn.Module, norm: Mapping[str, Any]) -> bool:
+    return all(torch.allclose(getattr(model, k).flatten().cpu(), torch.tensor(norm[k], dtype=torch.float32))
+               for k in ("mean", "std"))
+
+
+def stated_accuracy(source: Mapping[str, Any], published: Mapping[str, Any]) -> tuple[float | None, str | None]:
+    """The clean accuracy (percent) the teacher should have, and where that number comes from."""
+    if source.get("stated_clean_acc") is not None:
+        return float(source["stated_clean_acc"]), "teacher source stated_clean_acc"
+    for key in _STATED_KEYS:
+        value = published.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # Files store fractions (0.772) or percentages (77.2); nothing is above 1 % of 100.
+            return (100.0 * value if value <= 1 else float(value)), f"file entry {key!r}"
+    return None, None
+
+
+def check_teacher_accuracy(model: torch.nn.Module, dataset: str, data_root: str | os.PathLike | None,
+                           settings: Mapping[str, Any], stated: float | None, stated_from: str | None,
+                           *, what: str = "teacher") -> dict[str, Any]:
+    """Measure ``model``'s clean accuracy where the test data is at hand and compare it with
+    ``stated``; refuse (TeacherError) or warn beyond ``settings["margin_pct"]``. Returns the record."""
+    from mixacm.data import DataError, dataset_source, load_dataset
+    from mixacm.evaluate import evaluate
+
+    record: dict[str, Any] = {"stated_clean_acc_pct": stated, "stated_from": stated_from,
+                              "margin_pct": float(settings["margin_pct"]), "on_mismatch": settings["on_mismatch"],
+                              "n": None, "measured_clean_acc_pct": None}
+    try:
+        data = load_dataset(dataset, "test", root=data_root)
+    except (DataError, RuntimeError) as exc:
+        record.update(status="not run", reason=f"no {dataset} test data at hand ({str(exc).splitlines()[0][:160]})")
+        return record
+    n = min(int(settings["n"]), len(data))
+    result = evaluate(model, data, ["clean"], eps=1 / 255, n=n, progress=False, device="cpu")
+    measured = result["metrics"]["clean"]["accuracy_pct"]
+    record.update(n=result["n"], measured_clean_acc_pct=measured, data_source=dataset_source(data))
+    if stated is None:
+        record.update(status="measured", reason="no stated accuracy to compare with")
+        return record
+    gap = measured - stated
+    record["difference_pct"] = gap
+    if abs(gap) <= settings["margin_pct"]:
+        record["status"] = "agrees"
+        return record
+    message = (f"teacher {what}: measured clean accuracy {measured:.2f} % on {result['n']} test points, "
+               f"stated {stated:.2f} % ({stated_from}): {abs(gap):.2f} points apart, more than the margin "
+               f"of {settings['margin_pct']:g}; check the normalisation (normalization: none for a "
+               "network that takes raw [0, 1] pixels), the architecture and its kwargs")
+    if settings["on_mismatch"] == "refuse":
+        raise TeacherError(message + "; nothing was written (check.on_mismatch: warn records it instead)")
+    warnings.warn(message, stacklevel=2)
+    record["status"] = "disagrees"
+    return record

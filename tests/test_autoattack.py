@@ -72,6 +72,8 @@ class FakeUpstream:
             raise ValueError("attacks_to_run will be overridden unless you use version='custom'")
         self._aa = pyautoattack.AutoAttack(model, attacks=attacks_to_run or None, device=device, eps=eps,
                                            norm=norm, seed=seed, version=version)
+        # Upstream's attack objects, as attributes of the same names.
+        self.apgd_targeted, self.fab = self._aa.apgd_targeted, self._aa.fab
 
     def run_standard_evaluation(self, x_orig, y_orig, bs=250, return_labels=False, state_path=None):
         FakeUpstream.calls.append(("run", dict(bs=bs, n=len(x_orig), return_labels=return_labels,

@@ -36,7 +36,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_subcommand_documents_every_option(capsys):
     subs = _subcommands()
-    assert set(subs) == {"train", "evaluate", "teacher", "table", "figures", "report", "claims"}
+    assert set(subs) == {"train", "evaluate", "audit", "sweep-figure", "teacher", "table", "figures", "report", "claims"}
     for name, sub in subs.items():
         with pytest.raises(SystemExit) as exc:
             main([name, "--help"])

@@ -15,6 +15,7 @@ from mixacm.utils import format_eps as eps_text
 
 ATTACKS = ["clean", "pgd3"]
 EPS = 8 / 255
+CHECK = 3  # forwards of the model check on the first batch (batch, first image, batch reversed)
 
 
 class ToyImages(Dataset):
@@ -101,7 +102,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, forwards):
     reference = evaluate(make_model(), data, ATTACKS, **kw)
 
     model, state = make_model(), tmp_path / "eval.state.json"
-    handle = interrupt_after(model, forwards)
+    handle = interrupt_after(model, CHECK + forwards)
     with pytest.raises(Interrupt):
         evaluate(model, data, ATTACKS, state_path=state, **kw)
     handle.remove()
@@ -117,7 +118,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, forwards):
 def test_resume_does_not_recompute_finished_batches(tmp_path):
     data, model, state = ToyImages(), make_model(), tmp_path / "s.json"
     kw = dict(eps=EPS, n=40, batch_size=8, progress=False, device="cpu", state_path=state)
-    handle = interrupt_after(model, 2)  # one forward a batch: batches 0 and 1 finish
+    handle = interrupt_after(model, CHECK + 2)  # one forward a batch: batches 0 and 1 finish
     with pytest.raises(Interrupt):
         evaluate(model, data, ["clean"], **kw)
     handle.remove()
@@ -127,7 +128,7 @@ def test_resume_does_not_recompute_finished_batches(tmp_path):
     handle = model.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     evaluate(model, data, ["clean"], **kw)
     handle.remove()
-    assert calls["n"] == 3  # only batches 2, 3, 4
+    assert calls["n"] == CHECK + 3  # the check, then only batches 2, 3, 4
 
 
 @pytest.mark.parametrize("change", [
@@ -137,7 +138,7 @@ def test_state_from_a_different_evaluation_is_an_error(tmp_path, change):
     kw = dict(attacks=ATTACKS, eps=EPS, n=40, batch_size=8, seed=0, progress=False, device="cpu",
               state_path=state)
     model = make_model()
-    handle = interrupt_after(model, 3)
+    handle = interrupt_after(model, CHECK + 3)
     with pytest.raises(Interrupt):
         evaluate(model, data, **kw)
     handle.remove()

@@ -100,6 +100,10 @@ def test_cpu_claims_config_plans_each_evaluation_once(tmp_path, shared_models):
     # only; the standard AutoAttack for the recipes it names, every seed
     assert int(counts["train_student"]) == len(runs)
     planned = set(re.findall(r"^\s+output: (results/\S+/eval_\w+\.json)$", proc.stdout, re.M))
+    # the robustness audit of every main-comparison run (experiments.cifar10.audit is on by default)
+    audits = {p for p in planned if p.endswith("/eval_audit.json")}
+    assert len(audits) == int(counts["audit_model"]) == len(main)
+    planned -= audits
     student = [p for p in planned if not p.startswith("results/teachers/")]
     assert len([p for p in student if p.endswith("/eval_clean_pgd.json")]) == len(runs)
     standard = exps["cifar10"]["autoattack_standard"]
@@ -163,7 +167,7 @@ def _bad(cfg: dict, path: list, value) -> dict:
         (["experiments", "imagenet"], {"dataset": "imagenet", "arch": "tiny", "recipes": ["at"]},
          "experiments.imagenet.recipes[0]: method 'at' (recipe 'at') has no recipe for dataset 'imagenet'"),
         (["recipes", "mixacm", "knobs"], {"terms": [{"term": "crd"}]},
-         "recipes.mixacm.knobs: knob 'terms' of method 'mixacm'[0].term: unknown distillation term 'crd'; "
+         "knob 'terms' of method 'mixacm'[0].term: unknown distillation term 'crd'; "
          "valid: acm, at, fitnet, kd, sp"),
         (["recipes", "mixacm", "knobs"], {"terms": [{"term": "at", "blocks": [["layer3", "layer4"]]}]},
          "the teacher has no feature(s) ['layer4']; valid: ['stem', 'layer1', 'layer2', 'layer3']"),
@@ -203,8 +207,12 @@ def test_ci_config_end_to_end(tmp_path, cifar10_jpeg_root):
                      "--configfile", "config/ci.yaml", env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert (wf / "report" / "paper_tables.html").stat().st_size > 0
-    for fig in ("less_data", "clean_vs_robust", "training_cost", "transfer"):
+    for fig in ("less_data", "clean_vs_robust", "training_cost", "transfer", "eps_sweep"):
         assert (wf / "results" / "figures" / f"{fig}.png").stat().st_size > 0
+    # The main comparison is audited: every run has an audited robust accuracy, at most its PGD-20.
+    main = pd.read_csv(wf / "results" / "table_cifar10.csv")
+    main = main[main["status"] == "reproduced"]
+    assert main["audited_mean"].notna().all() and (main["audited_mean"] <= main["pgd20_mean"]).all()
 
     ci = yaml.safe_load((wf / "config" / "ci.yaml").read_text())
     for kind in ("cifar10", "imagenet", "less_data", "ablation", "transfer"):
@@ -300,7 +308,7 @@ def test_killed_training_resumes_and_matches_uninterrupted_run(tmp_path, cifar10
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["file", "url"])
-def test_teacher_rules_write_model_files(tmp_path, shared_models, source):
+def test_teacher_rules_write_model_files(tmp_path, shared_models, cifar10_jpeg_root, source):
     from mixacm.checkpoint import load_model_file
 
     wf = copy_workflow(tmp_path / "wf")
@@ -308,9 +316,11 @@ def test_teacher_rules_write_model_files(tmp_path, shared_models, source):
     checkpoint = shared_models / "resnet4b.pth"
     sha = "6158f9668935890e832d4e0fdc3b6cece2386ec826319eac36f329490b7729e7"  # models/README.md
     cfg["teachers"]["cifar10"] = (
-        {"source": "file", "path": str(checkpoint), "arch": "resnet4b"} if source == "file"
+        {"source": "file", "path": str(checkpoint), "arch": "resnet4b", "check": {"n": 200}} if source == "file"
         else {"source": "url", "url": checkpoint.as_uri(), "sha256": sha, "arch": "resnet4b"}
     )
+    if source == "file":  # the import's accuracy check reads the test data from data.cifar10.root
+        cfg["data"]["cifar10"]["root"] = str(cifar10_jpeg_root)
     (wf / "teacher.yaml").write_text(yaml.safe_dump(cfg))
     target = f"results/teachers/cifar10/{source}/model.pt"
     proc = snakemake(wf, target, "--cores", "1", "--configfile", "teacher.yaml")
@@ -318,6 +328,11 @@ def test_teacher_rules_write_model_files(tmp_path, shared_models, source):
     model, info = load_model_file(wf / target)
     assert info["model"]["name"] == "resnet4b"
     assert info["meta"]["source_sha256"] == sha
+    # The import measured the teacher where ci.yaml's test data is, against the file's test_acc.
+    check = info["meta"]["accuracy_check"]
+    assert check["stated_clean_acc_pct"] == pytest.approx(77.2)
+    if source == "file":
+        assert check["status"] == "agrees" and check["n"] == 200
     # A distilling student's run config points at that file; a baseline's has no teacher.
     runs = ["results/cifar10/mixacm/tiny/frac1.0/seed0/run.yaml", "results/cifar10/at/tiny/frac1.0/seed0/run.yaml"]
     proc = snakemake(wf, *runs, "--cores", "1", "--configfile", "teacher.yaml")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import mixacm
 from mixacm.attacks.autoattack import AutoAttackAdapter
-from mixacm.attacks.pgd import pgd_linf, project_linf
+from mixacm.attacks.pgd import ATTACK_PRECISION, fp32_attack, pgd_linf, project_linf
 from mixacm.registry import Registry
 
 
@@ -112,6 +112,6 @@ def build_attack(name: str, eps: float, **kw: Any) -> Attack:
 
 
 __all__ = [
-    "ATTACKS", "Attack", "AutoAttackAdapter", "CleanAttack", "PGDAttack",
+    "ATTACK_PRECISION", "ATTACKS", "Attack", "fp32_attack", "AutoAttackAdapter", "CleanAttack", "PGDAttack",
     "attack_names", "build_attack", "pgd_linf", "project_linf",
 ]

@@ -15,6 +15,12 @@ preferred when both are installed. Versions (read from pyautoattack 0.2.0's sour
 * ``custom``: the given attack list with the package's constructor defaults, i.e. APGD-CE with
   5 restarts and APGD-T with 9 target classes, 1 restart.
 
+Class counts (``adapt_to_classes``, called by ``mixacm.evaluate`` with the dataset's classes
+before anything runs): APGD-T and FAB-T attack ``min(9, K - 1)`` target classes for K classes
+(the packages' 9 needs K >= 10 and fails inside with an IndexError below that); APGD-T's
+targeted DLR loss needs K >= 4 and APGD-DLR's K >= 3, so those attacks are refused below that,
+naming the attack and the count. The rule and the target counts used go into ``spec``.
+
 The seed is always explicit (both packages fall back to the wall clock otherwise), and the
 packages' ``torch.manual_seed`` calls are confined to a forked RNG so the caller's random stream
 is unchanged. The packages' own resume (``state_path``) is broken, so it is not used here:
@@ -41,6 +47,10 @@ VERSION_ATTACKS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "rand": ("apgd-ce", "apgd-dlr"),
 }
+# Smallest class count each attack works with (DLR losses index the 3rd / 4th largest logit).
+MIN_CLASSES = {"apgd-ce": 2, "apgd-dlr": 3, "apgd-t": 4, "fab": 2, "fab-t": 2, "square": 2}
+DEFAULT_TARGETS = 9
+TARGET_RULE = "APGD-T and FAB-T target min(9, classes - 1) classes"
 
 
 def find_backend(prefer: str | None = None) -> tuple[str, ModuleType]:
@@ -89,6 +99,7 @@ class AutoAttackAdapter:
         norm: str = "Linf",
         backend: str | None = None,
         verbose: bool = False,
+        square_queries: int | None = None,
     ) -> None:
         parse_eps(eps)
         if version not in VERSIONS:
@@ -110,11 +121,30 @@ class AutoAttackAdapter:
         self.verbose = verbose
         self.backend, self._module = find_backend(backend)
         self.package_version = _package_version(self.backend, self._module)
+        if square_queries is not None and (isinstance(square_queries, bool) or int(square_queries) < 1):
+            raise ValueError(f"square_queries={square_queries!r} must be a positive integer")
+        # Square's query budget; None keeps the package's (5,000 in the standard version).
+        self.square_queries = None if square_queries is None else int(square_queries)
+        self.num_classes: int | None = None
+        self.n_target_classes = DEFAULT_TARGETS
+
+    def adapt_to_classes(self, num_classes: int) -> None:
+        """Fit the targeted attacks to ``num_classes`` classes, or refuse (ValueError) an attack
+        that cannot run with so few (see the module docstring for the rule)."""
+        k = int(num_classes)
+        for name in self.attacks:
+            if k < MIN_CLASSES[name]:
+                raise ValueError(
+                    f"AutoAttack {self.version!r} runs {name}, which needs at least {MIN_CLASSES[name]} "
+                    f"classes; the dataset has {k}. Use attacks without it (e.g. autoattack-apgd "
+                    "needs 4, pgd20 works with any count)")
+        self.num_classes = k
+        self.n_target_classes = min(DEFAULT_TARGETS, k - 1)
 
     @property
     def spec(self) -> dict[str, Any]:
         """What a result file records about this attack."""
-        return {
+        spec = {
             "name": "autoattack",
             "aa_version": self.version,
             "attacks": list(self.attacks),
@@ -123,6 +153,12 @@ class AutoAttackAdapter:
             "package": self.backend,
             "version": self.package_version,
         }
+        if self.square_queries is not None:
+            spec["square_queries"] = self.square_queries
+        if self.num_classes is not None and any(a in ("apgd-t", "fab-t") for a in self.attacks):
+            spec.update(num_classes=self.num_classes, n_target_classes=self.n_target_classes,
+                        target_rule=TARGET_RULE)
+        return spec
 
     def _build(self, model: nn.Module, device: torch.device, seed: int) -> Any:
         custom = list(self.attacks) if self.version == "custom" else None
@@ -139,6 +175,11 @@ class AutoAttackAdapter:
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, seed: int) -> Tensor:
         device = x.device
         adversary = self._build(model, device, int(seed))
+        # Set after construction: the packages' version presets write 9 in the constructor.
+        adversary.apgd_targeted.n_target_classes = self.n_target_classes
+        adversary.fab.n_target_classes = self.n_target_classes
+        if self.square_queries is not None:
+            adversary.square.n_queries = self.square_queries
         with _forked_rng(device):
             if self.backend == "pyautoattack":
                 x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))

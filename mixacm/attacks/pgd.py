@@ -11,10 +11,17 @@ keeps the perturbation that misclassifies it, or failing that the one with the h
 The model's train/eval mode is never changed here (the caller decides, visibly), and the
 gradient is taken with ``torch.autograd.grad`` w.r.t. the input only, so parameter ``.grad``
 buffers are left as they were.
+
+Mixed precision changes speed, never attack strength: the attack's forward and backward passes
+run with autocast switched off (``fp32_attack``), whatever context the caller (a training step
+under ``train.amp: fp16``) set. Under fp16 autocast the input gradient of a confident model's
+small cross-entropy underflows to zero without loss scaling, and ``sign(0) = 0`` leaves the
+example unperturbed. Methods that write their own attack loop use ``fp32_attack`` the same way.
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +42,18 @@ def _uniform_like(x: Tensor, eps: float, generator: torch.Generator | None) -> T
     gen_device = generator.device if generator is not None else x.device
     u = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
     return (2 * u - 1).mul_(eps).to(x.device)
+
+
+@contextmanager
+def fp32_attack(device: torch.device | str) -> Iterator[None]:
+    """Switch autocast off on ``device`` for the block: attack gradients in the model's own
+    precision (fp32 weights under AMP), so ``train.amp`` cannot weaken an attack."""
+    device_type = torch.device(device).type
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+ATTACK_PRECISION = "fp32 (autocast off inside attacks)"
 
 
 def project_linf(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -101,6 +120,13 @@ def pgd_linf(
     replaces the random start of the first restart.
     """
     _check_args(x, eps, steps, step_size, restarts)
+    with fp32_attack(x.device):
+        return _pgd_linf(model, x, y, eps, steps, step_size, random_start, restarts, loss_fn, generator, x_init)
+
+
+def _pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, step_size: float,
+              random_start: bool, restarts: int, loss_fn: LossFn | None,
+              generator: torch.Generator | None, x_init: Tensor | None) -> Tensor:
     loss_fn = loss_fn or _per_example_ce
     x = x.detach()
     labels = y if (not y.is_floating_point() and y.dim() == 1 and y.shape[0] == x.shape[0]) else None

@@ -116,7 +116,10 @@ class FreeAT(Method):
             raise RuntimeError("free_at: after_backward() needs loss() and loss.backward() first")
         eps = self.knobs.eps
         n = leaf.shape[0]
-        updated = (leaf.detach() + eps * leaf.grad.sign()).clamp_(-eps, eps)
+        # Under train.amp: fp16 this gradient comes from the loop's scaled loss (GradScaler), so
+        # it does not underflow; a step the scaler skips for inf/NaN must not poison delta.
+        grad = torch.nan_to_num(leaf.grad, nan=0.0)
+        updated = (leaf.detach() + eps * grad.sign()).clamp_(-eps, eps)
         # Only the rows this batch used change; the carried perturbation keeps its full size.
         delta = self.delta.clone()
         delta[:n] = updated.to(delta.dtype)

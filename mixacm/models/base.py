@@ -6,7 +6,7 @@ the activated channel maps from these features, so no string hooks reach into mo
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -75,21 +75,15 @@ class FeatureClassifier(nn.Module):
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Map a state dict saved outside this project onto this model's key names.
 
-        - RobustBench wraps nets as ``Sequential(normalize=ImageNormalizer, model=net)``: the
-          ``normalize.mean``/``normalize.std`` buffers become this model's ``mean``/``std``.
-        - A ``module.`` (DataParallel) or ``model.`` (wrapper) prefix on every remaining key is
-          dropped when this model's own keys do not carry it.
-        - Files without normalisation buffers (most of them: they normalise elsewhere) get this
-          model's own ``mean``/``std``.
-        Models whose upstream key names differ extend this.
+        One rule covers the wrapper layouts (``unwrap_state_dict``): RobustBench's normaliser
+        buffers (``normalize.mean`` / ``normalize.std``, under any prefix) become this model's
+        ``mean`` / ``std``, then leading key segments shared by every key (DataParallel's and
+        DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``, RobustBench's ``model.``, in any
+        combination) are dropped while that does not lose matches with this model's own keys.
+        Files without normalisation buffers get this model's own ``mean`` / ``std``. Models
+        whose upstream key names differ extend this.
         """
-        sd = dict(state_dict)
-        norm = {name: sd.pop(f"normalize.{name}") for name in ("mean", "std") if f"normalize.{name}" in sd}
-        own = list(self.state_dict())
-        for prefix in ("module.", "model."):
-            if sd and all(k.startswith(prefix) for k in sd) and not any(k.startswith(prefix) for k in own):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-        sd.update(norm)
+        sd, _ = unwrap_state_dict(state_dict, self.state_dict().keys())
         for name in ("mean", "std"):
             sd.setdefault(name, getattr(self, name))
         return sd
@@ -104,3 +98,34 @@ class FeatureClassifier(nn.Module):
         _, feats = self(x, features=self.feature_names)
         self.train(was_training)
         return {name: int(t.shape[1]) for name, t in feats.items()}
+
+
+def unwrap_state_dict(state_dict: Mapping[str, Tensor], own_keys: Iterable[str]
+                      ) -> tuple[dict[str, Tensor], list[str]]:
+    """``(state dict with wrapper prefixes removed, removed prefixes)`` against ``own_keys``.
+
+    1. Keys ending in ``normalize.mean`` / ``normalize.std`` (RobustBench's ``ImageNormalizer``,
+       under any wrapper) become ``mean`` / ``std`` unless the model has such keys itself.
+    2. While every key shares its first dot-separated segment, that segment is dropped, as long
+       as the number of keys matching ``own_keys`` does not fall (so a model whose own keys live
+       under ``model.`` keeps that prefix).
+    """
+    own = set(own_keys)
+    sd = dict(state_dict)
+    for k in list(sd):
+        parts = k.split(".")
+        if len(parts) >= 2 and parts[-2] == "normalize" and parts[-1] in ("mean", "std") and k not in own:
+            sd[parts[-1]] = sd.pop(k)
+    norm = {k: sd.pop(k) for k in ("mean", "std") if k in sd}
+    stripped: list[str] = []
+    while sd and all("." in k for k in sd):
+        heads = {k.split(".", 1)[0] for k in sd}
+        if len(heads) != 1:
+            break
+        inner = {k.split(".", 1)[1]: v for k, v in sd.items()}
+        if len(own & set(inner)) < len(own & set(sd)):
+            break
+        stripped.append(heads.pop() + ".")
+        sd = inner
+    sd.update(norm)
+    return sd, stripped

@@ -94,12 +94,14 @@ def _figure(path: Path) -> dict[str, str]:
 def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Path],
                   results: pd.DataFrame, out_path: str | Path,
                   paper: Mapping[str, Any] | None = None,
-                  costs: pd.DataFrame | None = None) -> Path:
+                  costs: pd.DataFrame | None = None,
+                  teachers: list[dict[str, Any]] | None = None) -> Path:
     """Render ``report/paper_tables.html`` (atomically) and return its path.
 
     ``tables`` maps table kinds to ``build_table`` output, ``figures`` are PNG paths (embedded),
     ``results`` is ``collect_results`` output and ``costs`` ``collect_costs`` output; the last two
-    give each reproduced row its per-run details (seed, config hash, commit, attacks, cost).
+    give each reproduced row its per-run details (seed, config hash, commit, attacks, cost);
+    ``teachers`` (``mixacm.report.teachers.teacher_records``) adds the teachers' import checks.
     """
     paper = load_paper_numbers() if paper is None else paper
     unknown = set(tables) - set(TABLE_KINDS)
@@ -128,6 +130,7 @@ def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Pa
         sections=sections,
         figures=[_figure(p) for p in figures],
         robustbench=paper.get("robustbench", {}),
+        teachers=[{k: _value(v) for k, v in t.items()} for t in (teachers or [])],
         paper_citation=paper.get("paper", ""),
         n_files=int(results["file"].nunique()) if len(results) else 0,
         version=mixacm.__version__,

@@ -42,9 +42,11 @@ ATTACK_COLUMNS: dict[str, tuple[str, ...]] = {
     "pgd20": ("pgd20",),
     "autoattack": ("autoattack", "autoattack-rand"),
     "autoattack_apgd": ("autoattack-apgd",),
+    # mixacm audit: the per-point worst case over its attacks (mixacm.audit)
+    "audited": ("audited",),
 }
 ATTACK_TITLES = {"clean": "Clean", "pgd20": "PGD-20", "autoattack": "AutoAttack (standard)",
-                 "autoattack_apgd": "AutoAttack (APGD-CE+APGD-T)"}
+                 "autoattack_apgd": "AutoAttack (APGD-CE+APGD-T)", "audited": "Audited robust"}
 AUTOATTACK_VERSIONS = {
     "autoattack": "standard",
     "autoattack-apgd": "APGD-CE+APGD-T",
@@ -356,6 +358,11 @@ def _aggregate(group: pd.DataFrame, costs: pd.DataFrame | None) -> dict[str, Any
             f"{p} {v}" if v else p for p, v in zip(m["attack_package"], m["attack_version"])))
         if col == "autoattack":
             row["autoattack_version"] = AUTOATTACK_VERSIONS.get(key, "") if len(m) else ""
+        if col == "audited":
+            # mixacm audit's failed checks, each with its reason (mixacm.audit), per seed.
+            flags = [f"seed {sd}: {reason}" for sd, p in zip(m["seed"], m["attack_params"])
+                     for reason in json.loads(p).get("flags", [])]
+            row["audit_flags"] = " | ".join(flags) if len(m) else ""
     hashes = _unique(group["config_hash"])
     dh, src = [], []
     if costs is not None and len(costs):
@@ -380,7 +387,7 @@ TABLE_COLUMNS = [
     "status", "method", "method_key", "variant", "student", "teacher", "dataset", "data_source",
     "data_fraction", "eps", "n_seeds", "seeds",
     *[f"{c}_{s}" for c in ATTACK_COLUMNS for s in ("mean", "std", "n", "seeds", "package")],
-    "autoattack_version",
+    "autoattack_version", "audit_flags",
     "paper_student", "paper_eps", "same_setting", "paper_clean", "paper_robust", "paper_note",
     "paper_source", "diff_clean", "diff_robust", "diff_robust_vs",
     "ref_clean", "ref_autoattack", "ref_source",
@@ -509,7 +516,7 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
 # a seed list "0", a commit "1234567").
 _TEXT_COLUMNS = [c for c in TABLE_COLUMNS if c.endswith("_package") or c in (
     "status", "method", "method_key", "variant", "student", "teacher", "dataset", "data_source",
-    "eps", "seeds", "autoattack_version", "paper_student", "paper_eps", "paper_note",
+    "eps", "seeds", "autoattack_version", "audit_flags", "paper_student", "paper_eps", "paper_note",
     "paper_source", "diff_robust_vs", "ref_source", "cost_source", "config_hashes",
     "git_commits", "files")]
 

@@ -344,6 +344,8 @@ def experiment_results(name):
         # The transfer table's Teacher row: the teacher's own evaluations.
         kinds = ["clean_pgd"] + (["autoattack"] if exp.get("autoattack", True) else [])
         files += [f"results/teachers/{exp['dataset']}/eval_{kind}.json" for kind in kinds]
+    if audit_on(name):
+        files += experiment_files(name, "eval_audit.json")
     return files
 
 
@@ -369,3 +371,77 @@ def table_inputs(table):
 def all_of(key):
     """Every table's files of one kind ("results" or "costs"), each once."""
     return sorted({f for t in TABLE_NAMES for f in table_inputs(t)[key]})
+
+
+# -- teacher import (mixacm teacher) ---------------------------------------------------------------
+
+
+def teacher_data_arg(w):
+    """Test data for the import's accuracy check (else $MIXACM_DATA_<NAME>; none: not run)."""
+    root = config["data"].get(w.dataset, {}).get("root")
+    return f"--data-root {shell_quote(root)}" if root else ""
+
+
+def report_teachers():
+    """The teacher files of the datasets the experiments train on (their import checks)."""
+    datasets = {run[0] for name in config["experiments"] for run in experiment_runs(name)}
+    return [teacher_file(ds) for ds in sorted(datasets) if ds in config["teachers"]]
+
+
+# -- robustness audit (mixacm audit, rules/audit.smk) ----------------------------------------------
+
+
+def audit_on(name):
+    """experiments.<name>.audit; on by default for the main comparison (experiments.cifar10)."""
+    exp = config["experiments"].get(name) or {}
+    return bool(exp.get("audit", name == "cifar10"))
+
+
+def _check_audit_settings(cfg):
+    from mixacm.audit import AuditError, audit_settings
+
+    for ds, ev in cfg["evaluation"].items():
+        try:
+            audit_settings(ev.get("audit"))
+        except AuditError as err:
+            raise WorkflowError(f"invalid config: key evaluation.{ds}.{str(err).removeprefix('audit: ')}") from None
+
+
+_check_audit_settings(config)
+
+
+def _at_model(w):
+    """The PGD-AT run of the same dataset, arch, fraction and seed in an audited experiment."""
+    for name in config["experiments"]:
+        if not audit_on(name):
+            continue
+        for ds, recipe, arch, fraction, seed in experiment_runs(name):
+            if ((ds, arch, frac_str(fraction), str(seed)) == (w.dataset, w.arch, w.fraction, w.seed)
+                    and config["recipes"][recipe]["method"] == "at" and recipe != w.method):
+                return f"{run_dir(ds, recipe, arch, fraction, seed)}/model.pt"
+    return None
+
+
+def audit_inputs(w):
+    """The model, its transfer sources (teacher if distilled, the AT run) and its AutoAttack result."""
+    inputs = {"model": f"{run_dir(w.dataset, w.method, w.arch, w.fraction, w.seed)}/model.pt"}
+    if config["recipes"][w.method]["method"] in TEACHER_METHODS:
+        inputs["teacher"] = teacher_file(w.dataset)
+    at = _at_model(w)
+    if at:
+        inputs["at"] = at
+    names = [n for n in config["experiments"] if audit_on(n) and any(
+        (r[0], r[1], r[2], frac_str(r[3]), str(r[4])) == (w.dataset, w.method, w.arch, w.fraction, w.seed)
+        for r in experiment_runs(n))]
+    if any(config["experiments"][n].get("autoattack", True) for n in names):
+        inputs["aa"] = f"{run_dir(w.dataset, w.method, w.arch, w.fraction, w.seed)}/eval_autoattack.json"
+    return inputs
+
+
+def audit_source_args(w):
+    sources = {k: v for k, v in audit_inputs(w).items() if k in ("teacher", "at")}
+    return " ".join(f"--source {shell_quote(f'{k}={v}')}" for k, v in sorted(sources.items()))
+
+
+AUDIT_RESULTS = sorted({f for name in config["experiments"] if audit_on(name)
+                        for f in experiment_files(name, "eval_audit.json")})

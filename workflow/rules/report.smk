@@ -57,9 +57,10 @@ rule render_figures:
 rule render_report:
     input:
         tables=TABLES,
-        figures=FIGURES,
+        figures=FIGURES + (["results/figures/eps_sweep.png"] if AUDIT_RESULTS else []),
         results=lambda w: all_of("results"),
         costs=lambda w: all_of("costs"),
+        teachers=lambda w: report_teachers(),
     output:
         "report/paper_tables.html",
     threads: 1
@@ -75,4 +76,5 @@ rule render_report:
         "../../environment.yml"
     shell:
         "mixacm report --tables {input.tables:q} --figures {input.figures:q}"
-        " --results {input.results:q} --costs {input.costs:q} --out {output} > {log} 2>&1"
+        " --results {input.results:q} --costs {input.costs:q} --teachers {input.teachers:q}"
+        " --out {output} > {log} 2>&1"

@@ -15,6 +15,7 @@ rule fetch_teacher_robustbench:
         "results/teachers/{dataset}/robustbench/model.pt",
     params:
         source=lambda w: teacher_source_json(w.dataset),
+        data=teacher_data_arg,
     threads: res("teacher", "threads")
     resources:
         mem_mb=res("teacher", "mem_mb"),
@@ -27,7 +28,7 @@ rule fetch_teacher_robustbench:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm teacher --source-json {params.source:q} --out {output} > {log} 2>&1"
+        "mixacm teacher --source-json {params.source:q} {params.data} --out {output} > {log} 2>&1"
 
 
 rule fetch_teacher_url:
@@ -35,6 +36,7 @@ rule fetch_teacher_url:
         "results/teachers/{dataset}/url/model.pt",
     params:
         source=lambda w: teacher_source_json(w.dataset),
+        data=teacher_data_arg,
     threads: res("teacher", "threads")
     resources:
         mem_mb=res("teacher", "mem_mb"),
@@ -47,7 +49,7 @@ rule fetch_teacher_url:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm teacher --source-json {params.source:q} --out {output} > {log} 2>&1"
+        "mixacm teacher --source-json {params.source:q} {params.data} --out {output} > {log} 2>&1"
 
 
 rule import_teacher_file:
@@ -57,6 +59,7 @@ rule import_teacher_file:
         "results/teachers/{dataset}/file/model.pt",
     params:
         source=lambda w: teacher_source_json(w.dataset),
+        data=teacher_data_arg,
     threads: res("teacher", "threads")
     resources:
         mem_mb=res("teacher", "mem_mb"),
@@ -69,7 +72,7 @@ rule import_teacher_file:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm teacher --source-json {params.source:q} --out {output} > {log} 2>&1"
+        "mixacm teacher --source-json {params.source:q} {params.data} --out {output} > {log} 2>&1"
 
 
 rule write_teacher_config:

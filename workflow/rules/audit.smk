@@ -1,0 +1,50 @@
+# The robustness audit (mixacm audit) of every trained model of an experiment whose `audit`
+# switch is on (default: the main comparison, experiments.cifar10): stronger PGD, APGD-DLR and
+# Square on a subset, transfer attacks from the teacher (distilled students) and the PGD-AT run,
+# an eps sweep. Its `audited` metric is a table column; the sweep is a figure.
+
+
+rule audit_model:
+    input:
+        unpack(audit_inputs),
+    output:
+        f"{RUN_PATTERN}/eval_audit.json",
+    params:
+        args=lambda w: eval_args(eval_subject(RUN_ID.format(**dict(w.items())))),
+        sources=audit_source_args,
+        aa=lambda w, input: f"--autoattack-result {input.aa}" if "aa" in input.keys() else "",
+        settings=lambda w: json.dumps(config["evaluation"][w.dataset].get("audit", {}), sort_keys=True),
+    threads: res("autoattack", "threads")
+    resources:
+        mem_mb=res("autoattack", "mem_mb"),
+        runtime=res("autoattack", "runtime"),
+        gpu=res("autoattack", "gpu"),
+    log:
+        f"{LOG_PATTERN}/audit.log",
+    benchmark:
+        f"{RUN_PATTERN}/benchmark_audit.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "OMP_NUM_THREADS={threads} mixacm audit --checkpoint {input.model} {params.args}"
+        " {params.sources} {params.aa} --settings {params.settings:q} --out {output} > {log} 2>&1"
+
+
+rule render_eps_sweep:
+    input:
+        audits=lambda w: AUDIT_RESULTS,
+    output:
+        "results/figures/eps_sweep.png",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        gpu=0,
+    log:
+        "logs/report/eps_sweep.log",
+    benchmark:
+        "results/benchmarks/render_eps_sweep.tsv"
+    conda:
+        "../../environment.yml"
+    shell:
+        "mixacm sweep-figure --audits {input.audits:q} --out {output} > {log} 2>&1"
