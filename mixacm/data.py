@@ -179,7 +179,7 @@ def env_var(name: str) -> str:
 
 def default_data_dir(name: str) -> Path:
     home = os.environ.get("MIXACM_DATA_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "mixacm" / "data") / name
+    return (Path(home).expanduser() if home else user_cache_dir() / "mixacm" / "data") / name
 
 
 def resolve_root(name: str, root: str | os.PathLike | None = None) -> tuple[Path, str]:
@@ -193,10 +193,19 @@ def resolve_root(name: str, root: str | os.PathLike | None = None) -> tuple[Path
     return default_data_dir(name), "the default download folder"
 
 
+def user_cache_dir() -> Path:
+    """The user's cache folder: ``$XDG_CACHE_HOME``, else ``~/.cache`` (the XDG default)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+
+
 def default_cache_dir() -> Path:
-    """``$MIXACM_CACHE_DIR``, else ``.cache/mixacm`` under the working directory (the repository)."""
+    """Where decoded images are cached: ``$MIXACM_CACHE_DIR``, else ``<user cache>/mixacm/decoded``.
+
+    Not the working directory: a cache there lands in checkouts and wherever ``mixacm evaluate``
+    runs, and is decoded again for each of them."""
     env = os.environ.get("MIXACM_CACHE_DIR")
-    return Path(env) if env else Path.cwd() / ".cache" / "mixacm"
+    return Path(env).expanduser() if env else user_cache_dir() / "mixacm" / "decoded"
 
 
 def _check_name(name: str) -> None:

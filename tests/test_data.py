@@ -314,3 +314,15 @@ def test_shared_jpeg_copy_train_split_and_an_augmented_epoch(cifar10_jpeg_root):
     assert len(ds) == 50_000 and np.bincount(data.dataset_labels(ds)).tolist() == [5000] * 10
     n = sum(len(y) for _, y in data.make_train_loader(ds, 500, seed=0, epoch=0))
     assert n == 50_000
+
+
+def test_decoded_image_cache_defaults_to_the_user_cache_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MIXACM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.default_cache_dir() == tmp_path / "xdg" / "mixacm" / "decoded"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data.default_cache_dir() == Path.home() / ".cache" / "mixacm" / "decoded"
+    assert not data.default_cache_dir().is_relative_to(tmp_path)
+    monkeypatch.setenv("MIXACM_CACHE_DIR", str(tmp_path / "mine"))
+    assert data.default_cache_dir() == tmp_path / "mine"
