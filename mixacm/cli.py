@@ -11,8 +11,9 @@ Each subcommand is a thin wrapper around a library function (``mixacm.train.trai
 everything the workflow runs can also be called from Python. Bad input (unknown method or
 model, eps outside (0, 1], a missing data root, a corrupt checkpoint, a wrong sha256) prints one
 line to stderr and exits with status 2 before anything is written; ``--traceback`` shows the
-full Python traceback instead. Heavy modules are imported inside the commands so ``--help``
-stays fast.
+full Python traceback instead. Heavy modules (torch above all) are imported inside the commands,
+so ``mixacm --help`` and the help of every command but ``train`` (whose epilog lists the
+registries) import no torch.
 """
 from __future__ import annotations
 
@@ -148,7 +149,17 @@ def _parse_run_info(text: str | None) -> dict:
     return extra
 
 
+def default_threads() -> int:
+    """CPU threads of ``mixacm evaluate``: ``$OMP_NUM_THREADS`` when set, else 1."""
+    import os
+
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
     from mixacm.attacks import build_attack
     from mixacm.checkpoint import load_any_model
     from mixacm.data import load_dataset
@@ -167,15 +178,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     extra = _parse_run_info(args.run_info)
+    threads = args.threads if args.threads is not None else default_threads()
+    if threads < 1:
+        raise UsageError(f"--threads {threads}: must be at least 1")
     device = resolve_device(args.device)
 
     path = Path(args.checkpoint or args.model_file)
     model, info = load_any_model(path, device=device)
     dataset = load_dataset(args.dataset, "test", root=args.data_root, download=args.download)
-    result = evaluate(
-        model, dataset, attacks, eps=args.eps, n=args.n, batch_size=args.batch_size, seed=args.seed,
-        device=device, state_path=args.state_file, progress=args.progress,
-    )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = evaluate(
+            model, dataset, attacks, eps=args.eps, n=args.n, batch_size=args.batch_size,
+            seed=args.seed, device=device, state_path=args.state_file, progress=args.progress,
+        )
+    finally:
+        torch.set_num_threads(previous)  # main() is also called in-process (tests, notebooks)
     result = {"schema": result.get("schema", 1),
               "run": _run_section(path, info, dataset, args.dataset, extra), **result}
     write_result(result, args.out)
@@ -289,8 +308,20 @@ def cmd_claims(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when help is printed: the
+    registries it lists import torch (seconds, ~800 MB), which ``mixacm --help`` must not."""
+
+    epilog_fn: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.epilog_fn is not None and self.epilog is None:
+            self.epilog = self.epilog_fn()
+        return super().format_help()
+
+
 def _registry_epilog() -> str:
-    """Registered names, so --help shows what the config accepts (cheap registry imports only)."""
+    """Registered names, so ``mixacm train --help`` shows what the config accepts."""
     try:
         from mixacm.methods import METHODS
         from mixacm.models import MODELS
@@ -319,13 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--traceback", action="store_true",
                         help="on bad input, show the full Python traceback instead of one line")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("train", formatter_class=fmt, help="train one run from a run config",
                        description="Train one run (mixacm.train.train). OUT_DIR receives state.pt "
                                    "(resume point, every epoch), model.pt, metrics.jsonl and "
-                                   "train_summary.json; re-running with the same config resumes.",
-                       epilog=_registry_epilog())
+                                   "train_summary.json; re-running with the same config resumes.")
+    p.epilog_fn = _registry_epilog
     p.add_argument("--config", required=True, metavar="RUN.yaml",
                    help="run config (docs/architecture.md, 'The run config'); '-' reads standard input")
     p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder of the run")
@@ -357,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else 1, as in the pipeline's "
+                        "jobs: torch's own default of one thread per core made APGD on small "
+                        "models several times slower on a shared machine; raise it for large models "
+                        "on an idle machine)")
     p.add_argument("--out", required=True, metavar="RESULT.json", help="where the result JSON goes")
     p.add_argument("--run-info", metavar="JSON",
                    help="JSON object merged into the result's run section (method, arch, teacher, "
