@@ -229,12 +229,18 @@ def _split_dir(root: Path, split: str) -> Path:
     )
 
 
+def _sentence(text: str) -> str:
+    """``text`` ending with a full stop (torchvision's messages often lack one)."""
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 def _not_found(name: str, root: Path, origin: str, download: bool, cause: str = "") -> DataError:
     pretty = _PRETTY.get(name, name)
     files = f" or torchvision's files ({_TORCHVISION[name].base_folder}/)" if name in _TORCHVISION else ""
     how = (
-        f"Point the pipeline at local data with the config key `dataset.root` (CLI --data-root) or "
-        f"the environment variable {env_var(name)}"
+        f"Point the pipeline at local data with the config key `dataset.root` (pipeline config: "
+        f"`data.{name}.root`; CLI --data-root) or the environment variable {env_var(name)}"
     )
     if name in _TORCHVISION:
         how += (
@@ -243,7 +249,7 @@ def _not_found(name: str, root: Path, origin: str, download: bool, cause: str = 
         )
     return DataError(
         f"{pretty} data not found: looked in {root} (from {origin}) for an image folder "
-        f"(train/<class>/<image>, test/ or val/){files}.{(' ' + cause) if cause else ''} {how}."
+        f"(train/<class>/<image>, test/ or val/){files}.{(' ' + _sentence(cause)) if cause else ''} {how}."
     )
 
 

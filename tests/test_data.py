@@ -183,8 +183,11 @@ def test_missing_root_names_the_config_key_the_env_var_and_download(tmp_path):
         data.load_dataset("cifar10", "train", root=missing, download=False)
     msg = str(err.value)
     assert isinstance(err.value, FileNotFoundError)
-    for needle in (str(missing), "dataset.root", "MIXACM_DATA_CIFAR10", "dataset.download: true"):
+    for needle in (str(missing), "dataset.root", "data.cifar10.root", "MIXACM_DATA_CIFAR10",
+                   "dataset.download: true"):
         assert needle in msg
+    # torchvision's sentence ends with a full stop before ours begins
+    assert "download it. Point the pipeline" in msg
     assert not missing.exists()  # looking wrote nothing
 
 

@@ -9,6 +9,7 @@ from shlex import quote as shell_quote
 
 import yaml
 
+from mixacm.inputs import PipelineInputError, check_pipeline_inputs
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
 from mixacm.utils import parse_eps
@@ -80,6 +81,15 @@ def _check_config(cfg):
 TEACHER_METHODS = {name for name in METHODS.names() if METHODS.get(name).needs_teacher}
 
 _check_config(config)
+
+
+# Before the first job of a real run (a dry run needs no data): data roots and teacher files,
+# every problem at once, each named by its pipeline key (mixacm.inputs).
+onstart:
+    try:
+        check_pipeline_inputs(config)
+    except PipelineInputError as err:
+        raise WorkflowError(str(err)) from None
 
 
 def frac_str(fraction):
