@@ -453,3 +453,41 @@ def test_report_opens_in_headless_chromium(built, tmp_path):
     # "reproduced" badges, each drawn in its own background colour from the template
     assert count("f6f8fa") > 5000 and count("f3f7fc") > 5000 and count("fdf8ef") > 5000
     assert count("dafbe1") > 500
+
+
+def test_less_data_figure_draws_autoattack_ticks_the_fractions_and_counts_seeds(built):
+    from mixacm.report.figures import draw_less_data
+
+    less = built["tables"]["less_data"].copy()
+    rows = less["status"] == "reproduced"
+    less.loc[rows, "autoattack_mean"] = less.loc[rows, "pgd20_mean"] - 3
+    fig = draw_less_data(less)
+    ax_rob = fig.axes[0]
+    labels = ax_rob.get_legend_handles_labels()[1]
+    assert any("AutoAttack" in label for label in labels), labels
+    fractions = sorted(less.loc[rows, "data_fraction"].unique())
+    assert list(ax_rob.get_xticks()) == pytest.approx(fractions)
+    assert [t.get_text() for t in ax_rob.get_xticklabels()] == ["10 %", "50 %", "100 %"]
+    # the full-data point has 3 seeds: mean ± std; a one-seed curve says so instead
+    assert "mean ± std over seeds" in fig._suptitle.get_text()
+    one_seed = less.assign(n_seeds=1)
+    assert "one seed" in draw_less_data(one_seed)._suptitle.get_text()
+    assert "mean ± std" not in draw_less_data(one_seed)._suptitle.get_text()
+
+
+def test_clean_vs_robust_labels_do_not_overlap_and_titles_name_both_settings(built):
+    from mixacm.report.figures import draw_clean_vs_robust
+
+    # crowd the reproduced points onto each other
+    main = built["tables"]["cifar10"].copy()
+    rows = main["status"] == "reproduced"
+    main.loc[rows, "clean_mean"] = 60.0
+    fig, boxes = draw_clean_vs_robust({**built["tables"], "cifar10": main}, load_paper_numbers())
+    assert len(boxes) > 5
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    title = fig.axes[0].get_title()
+    assert title.startswith("paper: CIFAR-10, WRN-34-10 student, L-inf 8/255")
+    student, eps = main.loc[rows, "student"].iloc[0], main.loc[rows, "eps"].iloc[0]
+    assert f"reproduced: {student} at {eps}" in title
