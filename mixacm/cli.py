@@ -1,7 +1,7 @@
 """The ``mixacm`` command line: one subcommand per pipeline stage.
 
     mixacm train     --config RUN.yaml --out-dir DIR [--set key.path=value ...]
-    mixacm evaluate  (--checkpoint MODEL.pt | --model-file TORCHSCRIPT.pt) --dataset cifar10 ...
+    mixacm evaluate  (--checkpoint MODEL.pt | --model-file MODEL.pt2) --dataset cifar10 ...
     mixacm teacher   (--robustbench NAME | --url URL --sha256 HEX | --path FILE | --source-json J)
     mixacm table | figures | report      (tables, figures and the HTML report from result files)
     mixacm claims    --tables TABLE.csv ...  (the paper's claims checked on the tables, Markdown)
@@ -368,11 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", formatter_class=fmt, help="clean / PGD / AutoAttack accuracy, one JSON",
                        description="Evaluate a model on the test split and write one result JSON "
                                    "with provenance (mixacm.evaluate). A mixacm model file or a "
-                                   "TorchScript file of a foreign model that takes [0, 1] images.")
+                                   "foreign model that takes [0, 1] images: a torch.export program "
+                                   "(.pt2) or a TorchScript file.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="MODEL.pt", help="mixacm model file (mixacm train / teacher)")
-    src.add_argument("--model-file", metavar="TORCHSCRIPT.pt",
-                     help="TorchScript model taking [0, 1] images, returning logits")
+    src.add_argument("--model-file", metavar="MODEL.pt2",
+                     help="foreign model taking [0, 1] images, returning logits: a torch.export "
+                          "program (torch.export.save, .pt2) or TorchScript (deprecated in torch)")
     p.add_argument("--dataset", required=True, choices=("cifar10", "cifar100", "imagenet", "imagefolder"),
                    help="dataset whose test split is used")
     p.add_argument("--data-root", metavar="DIR",
@@ -390,9 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else 1, as in the pipeline's "
-                        "jobs: torch's own default of one thread per core made APGD on small "
-                        "models several times slower on a shared machine; raise it for large models "
-                        "on an idle machine)")
+                        "jobs: torch's own default of one thread per core made PGD on a small "
+                        "model about twice as slow on a busy 2-core machine; raise it for large "
+                        "models on an idle machine)")
     p.add_argument("--out", required=True, metavar="RESULT.json", help="where the result JSON goes")
     p.add_argument("--run-info", metavar="JSON",
                    help="JSON object merged into the result's run section (method, arch, teacher, "

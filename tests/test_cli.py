@@ -253,3 +253,39 @@ def test_evaluate_threads_default_to_omp_num_threads_else_one(monkeypatch, torch
     assert seen == [1, 3]
     assert torch.get_num_threads() == before  # restored for the rest of the process
     assert main(argv + ["--threads", "0"]) == 2 and seen == [1, 3]
+
+
+@pytest.fixture(scope="module")
+def exported_model(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    with torch.no_grad():
+        model.fc.bias.copy_(torch.linspace(-1, 1, 10))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: batch},))
+    path = tmp_path_factory.mktemp("export") / "foreign.pt2"
+    torch.export.save(program, str(path))
+    return path, model
+
+
+def test_evaluate_torch_export_model_file(tmp_path, exported_model, cifar10_jpeg_root):
+    from mixacm.checkpoint import ExportedModel, load_any_model
+    from mixacm.evaluate import evaluate
+
+    path, original = exported_model
+    loaded, info = load_any_model(path)
+    assert isinstance(loaded, ExportedModel) and info["format"] == "torch.export"
+    out = tmp_path / "result.json"
+    assert main(["evaluate", "--model-file", str(path), "--dataset", "cifar10", "--data-root",
+                 str(cifar10_jpeg_root), "--eps", "2/255", "--attacks", "clean,pgd3", "--n", "40",
+                 "--batch-size", "20", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["run"]["arch"] == "torch.export"
+    assert result["run"]["checkpoint_sha256"] == sha256_file(path)
+    # the same counts as the module it was exported from, attacks included
+    data = load_dataset("cifar10", "test", root=cifar10_jpeg_root)
+    ref = evaluate(original, data, ["clean", "pgd3"], "2/255", n=40, batch_size=20, seed=0,
+                   device="cpu", progress=False)
+    for name in ("clean", "pgd3"):
+        assert result["metrics"][name]["correct"] == ref["metrics"][name]["correct"], name
+    assert 0 < ref["metrics"]["clean"]["correct"] < 40

@@ -192,7 +192,7 @@ def test_extraction_finds_the_documented_commands():
 
 @pytest.fixture(scope="module")
 def tiny_run_files(tmp_path_factory):
-    """Files the README's `mixacm` block assumes the reader has: run.yaml and a foreign model M.pt."""
+    """Files the README's `mixacm` block assumes the reader has: run.yaml and a foreign model M.pt2."""
     import torch
 
     from mixacm.models import build_model
@@ -204,7 +204,9 @@ def tiny_run_files(tmp_path_factory):
         "train: {max_steps_per_epoch: 2, progress: false}\n")
     torch.manual_seed(0)
     model = build_model("tiny").eval()
-    torch.jit.trace(model, torch.rand(2, 3, 32, 32)).save(str(d / "M.pt"))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(d / "M.pt2"))
     return d
 
 
