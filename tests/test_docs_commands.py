@@ -47,7 +47,7 @@ SUBSTITUTIONS = [
      "download.pytorch.org is not reachable from the test machines (PyPI only)"),
     ("README.md", "python3.11 -m venv .venv\n", ": venv skipped\n",
      "the venv of the CPU-only install; the lines after it install into it"),
-    ("README.md", ".venv/bin/pip install -e .\n", ": install skipped\n",
+    ("README.md", ".venv/bin/pip install -e .", ": install skipped",
      "installs several GB of packages: .ci/run runs exactly this command on every CI run"),
     ("README.md", "--data-root DIR", '--data-root "$MIXACM_DATA_CIFAR10"',
      "the placeholder for the reader's copy of CIFAR-10: the shared JPEG copy here"),

@@ -149,6 +149,7 @@ def test_cifar10_table_mean_std_and_differences(scenario):
     assert at["diff_robust"] == pytest.approx(48.5 - 47.04) and at["diff_robust_vs"] == "PGD-20"
     # the benchmark (2700 s) replaces the summary, on the summary's 2 devices: 1.5 device-hours
     assert at["train_device_hours"] == pytest.approx(1.5) and at["cost_source"] == "benchmark"
+    assert at["train_cost_unit"] == "GPU-hours"  # a cuda job: wall time x its 2 GPUs
     assert at["ref_autoattack"] == pytest.approx(44.04)
 
     trades = _row(table, "trades")
@@ -491,3 +492,26 @@ def test_clean_vs_robust_labels_do_not_overlap_and_titles_name_both_settings(bui
     assert title.startswith("paper: CIFAR-10, WRN-34-10 student, L-inf 8/255")
     student, eps = main.loc[rows, "student"].iloc[0], main.loc[rows, "eps"].iloc[0]
     assert f"reproduced: {student} at {eps}" in title
+
+
+def test_cpu_jobs_cost_their_cpu_time_not_their_wall_time(tmp_path):
+    # On a loaded machine a job waits: its wall time grows, its CPU time does not.
+    runs = {"cifar10/mixacm/frac0.05/seed0": (900.0, 120.0), "cifar10/mixacm/frac1.0/seed0": (600.0, 480.0)}
+    paths = []
+    for i, (name, (wall, cpu)) in enumerate(runs.items()):
+        d = tmp_path / "results" / name
+        d.mkdir(parents=True)
+        (d / "train_summary.json").write_text(json.dumps(
+            {"config_hash": f"h{i}", "name": name, "wall_time_s": wall, "device_hours": wall / 3600,
+             "device": "cpu", "world_size": 1}))
+        bench = tmp_path / "benchmarks" / "train" / f"{name}.tsv"
+        bench.parent.mkdir(parents=True)
+        bench.write_text(f"s\th:m:s\tmax_rss\tcpu_time\n{wall}\t0:10:00\t100.0\t{cpu}\n")
+        paths += [d / "train_summary.json", bench]
+    costs = collect_costs(paths).set_index("name")
+    assert list(costs["cost_unit"]) == ["CPU-hours", "CPU-hours"]
+    assert costs.at["cifar10/mixacm/frac0.05/seed0", "device_hours"] == pytest.approx(120 / 3600)
+    assert costs.at["cifar10/mixacm/frac1.0/seed0", "device_hours"] == pytest.approx(480 / 3600)
+    # without a benchmark: the summary's wall-clock figure, labelled as such
+    only = collect_costs([paths[0]])
+    assert only.at[0, "cost_unit"] == "wall device-hours"

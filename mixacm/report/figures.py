@@ -8,7 +8,8 @@
   (labels moved apart by :func:`place_labels`); titles name the paper's and the reproduced setting.
   Robust is the strongest attack every reproduced row of the table has, all its seeds included
   (standard AutoAttack, then APGD-CE + APGD-T, then PGD-20), so the points compare like with like.
-- ``training_cost.png``: training device-hours per reproduced row (mean over seeds).
+- ``training_cost.png``: training cost per reproduced row (mean over seeds), in the unit the
+  table gives (CPU-hours of CPU jobs, GPU-hours of GPU jobs).
 
 Figures use ``matplotlib.figure.Figure`` directly (no pyplot), so no global backend or state is
 touched and the functions are safe to call from tests and notebooks.
@@ -227,6 +228,7 @@ def draw_clean_vs_robust(tables: Mapping[str, pd.DataFrame], paper: Mapping[str,
 
 def training_cost_figure(tables: Mapping[str, pd.DataFrame], path: Path) -> Path:
     bars: dict[str, float] = {}
+    units: list[str] = []
     seen: set[str] = set()
     for kind in ("cifar10", "imagenet", "less_data", "ablation"):
         for _, row in _reproduced(tables.get(kind)).iterrows():
@@ -237,6 +239,9 @@ def training_cost_figure(tables: Mapping[str, pd.DataFrame], path: Path) -> Path
                 if row["data_fraction"] < 1:
                     label += f" · {row['data_fraction']:g} of data"
                 bars[label] = float(row["train_device_hours"])
+                unit = row.get("train_cost_unit")
+                if isinstance(unit, str) and unit and unit not in units:
+                    units.append(unit)
     fig = Figure(figsize=(8, 1.2 + 0.35 * max(len(bars), 2)), layout="constrained")
     ax = fig.subplots()
     if not bars:
@@ -245,7 +250,7 @@ def training_cost_figure(tables: Mapping[str, pd.DataFrame], path: Path) -> Path
         labels = list(bars)
         ax.barh(labels, [bars[k] for k in labels], color="tab:gray")
         ax.invert_yaxis()
-        ax.set_xlabel("training cost (device-hours, mean over seeds)")
+        ax.set_xlabel(f"training cost ({', '.join(units) or 'device-hours'}, mean over seeds)")
         ax.grid(axis="x", alpha=0.3)
     ax.set_title("Training cost per method")
     return _save(fig, path)

@@ -68,6 +68,7 @@ def _run_details(row: Mapping[str, Any], results: pd.DataFrame,
             "extra": {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in extra.items()},
             "device_hours": None if c is None else _value(c["device_hours"]),
             "cost_source": None if c is None else c["cost_source"],
+            "cost_unit": None if c is None or "cost_unit" not in c else _value(c["cost_unit"]),
             "cost_file": None if c is None else c["cost_file"],
             "settings": {} if c is None else {k: c[k] for k in ("knobs", "recipe", "selection")
                                                if _value(c[k]) is not None},
