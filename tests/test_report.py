@@ -515,3 +515,43 @@ def test_cpu_jobs_cost_their_cpu_time_not_their_wall_time(tmp_path):
     # without a benchmark: the summary's wall-clock figure, labelled as such
     only = collect_costs([paths[0]])
     assert only.at[0, "cost_unit"] == "wall device-hours"
+
+
+def test_no_difference_across_settings(make_result):
+    # a small student at 2/255 beside the paper's WRN-34-10 at 8/255: numbers side by side, no difference
+    files = [make_result("mixacm", 0, {"clean": 20.0, "pgd20": 15.0}, arch="resnet2b",
+                         eps=2 / 255, eps_text="2/255")]
+    table = build_table("cifar10", collect_results(files))
+    mix = table[(table.status == "reproduced") & (table.method_key == "mixacm")].iloc[0]
+    assert bool(mix["same_setting"]) is False
+    assert pd.isna(mix["diff_clean"]) and pd.isna(mix["diff_robust"])
+    assert mix["paper_clean"] > 80  # the paper's number is still shown
+
+
+WIDTH_PROBE = ("<script>const t = document.querySelector('table[data-kind]');"
+               "document.title = [document.documentElement.scrollWidth, t.getBoundingClientRect().right,"
+               " document.documentElement.clientWidth].join(' ');</script>")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+                    "(apt-get install chromium) so the page cannot be measured")
+def test_main_table_fits_a_1366_px_window(repo_root, tmp_path):
+    # the widest real report: the documented CPU run's 34 result files, its costs and a RobustBench column
+    example = repo_root / "docs" / "results" / "cifar10_cpu" / "runs" / "results"
+    results = collect_results(sorted((example / "cifar10").rglob("eval_*.json")))
+    costs = collect_costs(sorted((example / "cifar10").rglob("train_summary.json"))
+                          + sorted((example / "benchmarks" / "train").rglob("*.tsv")))
+    tables = {k: build_table(k, results, costs=costs) for k in TABLE_KINDS}
+    html = render_report(tables, [], results, tmp_path / "report.html", costs=costs)
+    # the report has no scripts; a copy gets one that writes the widths into the title
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.read_text().replace("</body>", WIDTH_PROBE + "</body>"))
+    proc = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1366,900", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page_width, table_right, client_width = map(float, re.search(r"<title>([^<]*)</title>", proc.stdout).group(1).split())
+    assert page_width <= client_width, "the page scrolls sideways at 1366 px"
+    assert table_right <= client_width, f"the main table ends at {table_right} px of {client_width}"

@@ -5,7 +5,9 @@ student, teacher, dataset, data fraction, eps) over seeds: for each of clean, PG
 AutoAttack the mean and the sample standard deviation (ddof = 1, empty for a single seed) of the
 accuracy in %, the number of test points and the attack's package and version. Beside it stand
 the paper's reported clean and robust accuracy (``paper_numbers.yaml``) and the difference
-reproduced - paper; the robust difference uses the strongest attack the row has (standard
+reproduced - paper, only where the row is in the paper's setting (student and eps; else the
+differences are empty: a tiny model at 2/255 against WRN-34-10 at 8/255 is no comparison); the
+robust difference uses the strongest attack the row has (standard
 AutoAttack, then APGD-CE + APGD-T, then PGD-20), and ``diff_robust_vs`` says which. Methods the paper cites but the pipeline does not train appear as
 rows with status ``cited``.
 
@@ -482,9 +484,13 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
             row["same_setting"] = (row["student"] == spec.get("student")
                                    and row["eps"] == spec.get("eps"))
             robust_col = next((c for c in ROBUST_PREFERENCE if pd.notna(row[f"{c}_mean"])), "pgd20")
-            if prow.get("clean") is not None:
+            # A difference across settings (another student or eps) is no comparison: the paper's
+            # numbers stay beside the row, the differences stay empty.
+            if not row["same_setting"]:
+                pass
+            elif prow.get("clean") is not None:
                 row["diff_clean"] = _round(row["clean_mean"] - prow["clean"])
-            if prow.get("robust") is not None and pd.notna(row[f"{robust_col}_mean"]):
+            if row["same_setting"] and prow.get("robust") is not None and pd.notna(row[f"{robust_col}_mean"]):
                 row["diff_robust"] = _round(row[f"{robust_col}_mean"] - prow["robust"])
                 row["diff_robust_vs"] = robust_label(robust_col, row["autoattack_version"])
             reproduced.setdefault(id(prow), []).append(row)
