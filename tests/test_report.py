@@ -101,7 +101,7 @@ def scenario(make_result: ResultFactory, tmp_path: Path) -> dict:
         d.mkdir(parents=True)
         (d / "train_summary.json").write_text(json.dumps(
             {"config_hash": h, "name": name, "wall_time_s": wall, "device_hours": dh,
-             "device": "cuda", "knobs": {"gamma": 50, "p": 2}, "recipe": {"lr": 0.1}}))
+             "device": "cuda", "knobs": {"gamma": 50, "p": 2}, "recipe": {"lr": 0.1, "gamma": 0.2}}))
         costs.append(d / "train_summary.json")
     # the AT job ran on 2 devices (1800 s, 1 device-hour); its benchmark says 2700 s in all
     bench = tmp_path / "benchmarks" / "train" / "cifar10" / "at" / "seed0.tsv"
@@ -555,3 +555,10 @@ def test_main_table_fits_a_1366_px_window(repo_root, tmp_path):
     page_width, table_right, client_width = map(float, re.search(r"<title>([^<]*)</title>", proc.stdout).group(1).split())
     assert page_width <= client_width, "the page scrolls sideways at 1366 px"
     assert table_right <= client_width, f"the main table ends at {table_right} px of {client_width}"
+
+
+def test_run_details_tell_the_two_gammas_apart(built):
+    html = built["html"].read_text()
+    # MixACM's ACM weight under the method knobs, the lr decay under the optimiser recipe
+    assert "method knobs: <code>{&#34;gamma&#34;: 50, &#34;p&#34;: 2}</code>" in html
+    assert "optimiser recipe: <code>{&#34;lr&#34;: 0.1, &#34;lr_decay_gamma&#34;: 0.2}</code>" in html

@@ -27,6 +27,31 @@ TEMPLATE = "paper_tables.html.j2"
 REPORT_ORDER = ("cifar10", "imagenet", "ablation", "less_data")
 
 
+# How a run's settings are labelled in the report. The optimiser recipe's lr-decay factor and
+# MixACM's ACM weight are both called gamma; the report tells them apart.
+SETTING_LABELS = {"knobs": "method knobs", "recipe": "optimiser recipe", "selection": "model selection"}
+RECIPE_RENAMES = {"gamma": "lr_decay_gamma"}
+
+
+def run_settings(cost_row) -> dict[str, str]:
+    """The run's method knobs, optimiser recipe and model selection, labelled so that equal knob
+    names of different parts (``gamma``) cannot be mistaken for each other."""
+    out = {}
+    for key, label in SETTING_LABELS.items():
+        value = _value(cost_row[key]) if key in cost_row else None
+        if value is None:
+            continue
+        if key == "recipe":
+            try:
+                recipe = json.loads(value)
+            except (TypeError, json.JSONDecodeError):
+                recipe = None
+            if isinstance(recipe, dict):
+                value = json.dumps({RECIPE_RENAMES.get(k, k): v for k, v in recipe.items()}, sort_keys=True)
+        out[label] = value
+    return out
+
+
 def _value(v: Any) -> Any:
     """Plain Python values for the template: NaN and None become None, numpy scalars unwrap."""
     if v is None:
@@ -70,8 +95,7 @@ def _run_details(row: Mapping[str, Any], results: pd.DataFrame,
             "cost_source": None if c is None else c["cost_source"],
             "cost_unit": None if c is None or "cost_unit" not in c else _value(c["cost_unit"]),
             "cost_file": None if c is None else c["cost_file"],
-            "settings": {} if c is None else {k: c[k] for k in ("knobs", "recipe", "selection")
-                                               if _value(c[k]) is not None},
+            "settings": {} if c is None else run_settings(c),
         })
     return runs
 
