@@ -290,7 +290,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     tables = _read_tables(args.tables)
     results = collect_results(args.results)
     costs = collect_costs(args.costs) if args.costs else None
-    render_report(tables, args.figures, results, args.out, costs=costs)
+    render_report(tables, args.figures, results, args.out, costs=costs, config_path=args.config)
     return 0
 
 
@@ -452,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", nargs="*", default=[], metavar="RESULT.json",
                    help="result files, for each number's config, seed, attack, commit and cost")
     _add_costs_argument(p)
+    p.add_argument("--config", metavar="CONFIG.yaml",
+                   help="the pipeline config the results came from: the report names it and shows "
+                        "its header comment (its scale; whether it is a smoke run)")
     p.add_argument("--out", required=True, metavar="REPORT.html", help="where the HTML goes")
     p.set_defaults(func=cmd_report)
 

@@ -562,3 +562,16 @@ def test_run_details_tell_the_two_gammas_apart(built):
     # MixACM's ACM weight under the method knobs, the lr decay under the optimiser recipe
     assert "method knobs: <code>{&#34;gamma&#34;: 50, &#34;p&#34;: 2}</code>" in html
     assert "optimiser recipe: <code>{&#34;lr&#34;: 0.1, &#34;lr_decay_gamma&#34;: 0.2}</code>" in html
+
+
+def test_report_names_its_config_and_how_much_each_run_trained(built, repo_root, tmp_path):
+    from mixacm.report.html import training_summary
+
+    costs = built["costs"].copy()
+    costs.loc[costs["config_hash"] == "m0", ["epochs", "steps", "images"]] = [2, 60, 7680]
+    html = render_report(built["tables"], built["figures"], built["results"], tmp_path / "r.html",
+                         costs=costs, config_path=repo_root / "config" / "quick.yaml").read_text()
+    assert "Config: <code>" in html and "quick.yaml</code>" in html
+    assert "A smoke run: its accuracies" in html  # the config's own header, shown as written
+    assert "training: 2 epochs, 60 steps (30 an epoch), 7,680 images seen" in html
+    assert training_summary(pd.Series({"epochs": None, "steps": None, "images": None})) is None

@@ -224,7 +224,7 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
 # Training cost
 
 COST_COLUMNS = ["config_hash", "name", "device_hours", "cost_unit", "wall_time_s", "devices", "device",
-                "cost_source", "cost_file", "knobs", "recipe", "selection"]
+                "cost_source", "cost_file", "epochs", "steps", "images", "knobs", "recipe", "selection"]
 CPU_HOURS, GPU_HOURS, WALL_HOURS = "CPU-hours", "GPU-hours", "wall device-hours"
 
 
@@ -288,6 +288,8 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
             "config_hash": s["config_hash"], "name": s.get("name"), "device_hours": dh,
             "cost_unit": WALL_HOURS if dh is not None else None, "wall_time_s": wall, "devices": _devices(s), "device": s.get("device"),
             "cost_source": "train_summary", "cost_file": str(p),
+            # how much training the cost bought: "epochs: 2" alone hides 30 steps an epoch
+            **{k: s.get(k) for k in ("epochs", "steps", "images")},
             # The values a run used (MixACM's CHOICE knobs, the optimiser recipe, checkpoint
             # selection) travel to the report's per-run details.
             **{k: json.dumps(s[k], sort_keys=True) if k in s else None

@@ -62,6 +62,10 @@ rule render_report:
         costs=lambda w: all_of("costs"),
     output:
         "report/paper_tables.html",
+    params:
+        # the config file in use (the last --configfile, else config/quick.yaml): the report
+        # names it and shows its header, which states the run's scale
+        config=workflow.configfiles[-1],
     threads: 1
     resources:
         mem_mb=2000,
@@ -75,4 +79,5 @@ rule render_report:
         "../../environment.yml"
     shell:
         "mixacm report --tables {input.tables:q} --figures {input.figures:q}"
-        " --results {input.results:q} --costs {input.costs:q} --out {output} > {log} 2>&1"
+        " --results {input.results:q} --costs {input.costs:q} --config {params.config:q}"
+        " --out {output} > {log} 2>&1"
