@@ -230,15 +230,59 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def _is_exported_program(path: Path) -> bool:
+    # torch.export.save writes a zip archive whose "<archive>/archive_format" entry reads "pt2".
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            entry = next((n for n in zf.namelist() if n.split("/", 1)[-1] == "archive_format"), None)
+            return entry is not None and zf.read(entry).strip() == b"pt2"
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+class ExportedModel(nn.Module):
+    """A ``torch.export`` program (``.pt2``) as a module. Its train/eval behaviour was fixed when
+    it was exported (export a model in eval mode), and the graph module refuses ``.eval()``, so
+    ``train()`` / ``eval()`` here only set the flag that the evaluation code saves and restores."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
 def load_any_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a mixacm model file or a TorchScript file (a foreign model taking [0, 1] images).
+    """Load a mixacm model file, a ``torch.export`` program (``.pt2``) or a TorchScript file (a
+    foreign model taking [0, 1] images and returning logits; torch 2.14 deprecates TorchScript
+    in favour of torch.export).
 
     Returns the model in eval mode and the file's information: for a mixacm file the dict minus
-    weights, for TorchScript ``{"format": "torchscript", "model": {"name": "torchscript"}, "meta": {}}``.
+    weights, else ``{"format": "torch.export" | "torchscript", "model": {"name": <format>}, "meta": {}}``.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if _is_exported_program(path):
+        dev = resolve_device(device)
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable torch.export file: {type(exc).__name__}: {exc}") from exc
+        # An exported program is moved between devices as a program, then unwrapped.
+        if dev.type != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, dev)
+        model = ExportedModel(program.module())
+        return model.eval(), {"format": "torch.export", "model": {"name": "torch.export"}, "meta": {}}
     if _is_torchscript(path):
         dev = resolve_device(device)
         try:

@@ -1,8 +1,8 @@
 """The ``mixacm`` command line: one subcommand per pipeline stage.
 
     mixacm train     --config RUN.yaml --out-dir DIR [--set key.path=value ...]
-    mixacm evaluate  (--checkpoint MODEL.pt | --model-file TORCHSCRIPT.pt) --dataset cifar10 ...
-    mixacm audit     (--checkpoint MODEL.pt | --model-file TS.pt) --dataset cifar10 --eps E [--source N=M.pt]
+    mixacm evaluate  (--checkpoint MODEL.pt | --model-file MODEL.pt2) --dataset cifar10 ...
+    mixacm audit     (--checkpoint MODEL.pt | --model-file MODEL.pt2) --dataset cifar10 --eps E [--source N=M.pt]
     mixacm teacher   (--robustbench NAME | --url URL --sha256 HEX | --path FILE | --source-json J)
     mixacm table | figures | report      (tables, figures and the HTML report from result files)
     mixacm claims    --tables TABLE.csv ...  (the paper's claims checked on the tables, Markdown)
@@ -12,8 +12,9 @@ Each subcommand is a thin wrapper around a library function (``mixacm.train.trai
 everything the workflow runs can also be called from Python. Bad input (unknown method or
 model, eps outside (0, 1], a missing data root, a corrupt checkpoint, a wrong sha256) prints one
 line to stderr and exits with status 2 before anything is written; ``--traceback`` shows the
-full Python traceback instead. Heavy modules are imported inside the commands so ``--help``
-stays fast.
+full Python traceback instead. Heavy modules (torch above all) are imported inside the commands,
+so ``mixacm --help`` and the help of every command but ``train`` (whose epilog lists the
+registries) import no torch.
 """
 from __future__ import annotations
 
@@ -149,7 +150,17 @@ def _parse_run_info(text: str | None) -> dict:
     return extra
 
 
+def default_threads() -> int:
+    """CPU threads of ``mixacm evaluate``: ``$OMP_NUM_THREADS`` when set, else 1."""
+    import os
+
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
     from mixacm.attacks import build_attack
     from mixacm.checkpoint import load_any_model
     from mixacm.data import load_dataset
@@ -168,15 +179,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     extra = _parse_run_info(args.run_info)
+    threads = args.threads if args.threads is not None else default_threads()
+    if threads < 1:
+        raise UsageError(f"--threads {threads}: must be at least 1")
     device = resolve_device(args.device)
 
     path = Path(args.checkpoint or args.model_file)
     model, info = load_any_model(path, device=device)
     dataset = load_dataset(args.dataset, "test", root=args.data_root, download=args.download)
-    result = evaluate(
-        model, dataset, attacks, eps=args.eps, n=args.n, batch_size=args.batch_size, seed=args.seed,
-        device=device, state_path=args.state_file, progress=args.progress,
-    )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = evaluate(
+            model, dataset, attacks, eps=args.eps, n=args.n, batch_size=args.batch_size,
+            seed=args.seed, device=device, state_path=args.state_file, progress=args.progress,
+        )
+    finally:
+        torch.set_num_threads(previous)  # main() is also called in-process (tests, notebooks)
     result = {"schema": result.get("schema", 1),
               "run": _run_section(path, info, dataset, args.dataset, extra), **result}
     write_result(result, args.out)
@@ -381,7 +400,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         from mixacm.report.teachers import teacher_records
 
         teachers = teacher_records(args.teachers)
-    render_report(tables, args.figures, results, args.out, costs=costs, teachers=teachers)
+    render_report(tables, args.figures, results, args.out, costs=costs, teachers=teachers, config_path=args.config)
     return 0
 
 
@@ -399,8 +418,20 @@ def cmd_claims(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when help is printed: the
+    registries it lists import torch (seconds, ~800 MB), which ``mixacm --help`` must not."""
+
+    epilog_fn: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.epilog_fn is not None and self.epilog is None:
+            self.epilog = self.epilog_fn()
+        return super().format_help()
+
+
 def _registry_epilog() -> str:
-    """Registered names, so --help shows what the config accepts (cheap registry imports only)."""
+    """Registered names, so ``mixacm train --help`` shows what the config accepts."""
     try:
         from mixacm.methods import METHODS
         from mixacm.models import MODELS
@@ -429,13 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--traceback", action="store_true",
                         help="on bad input, show the full Python traceback instead of one line")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("train", formatter_class=fmt, help="train one run from a run config",
                        description="Train one run (mixacm.train.train). OUT_DIR receives state.pt "
                                    "(resume point, every epoch), model.pt, metrics.jsonl and "
-                                   "train_summary.json; re-running with the same config resumes.",
-                       epilog=_registry_epilog())
+                                   "train_summary.json; re-running with the same config resumes.")
+    p.epilog_fn = _registry_epilog
     p.add_argument("--config", required=True, metavar="RUN.yaml",
                    help="run config (docs/architecture.md, 'The run config'); '-' reads standard input")
     p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder of the run")
@@ -447,11 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", formatter_class=fmt, help="clean / PGD / AutoAttack accuracy, one JSON",
                        description="Evaluate a model on the test split and write one result JSON "
                                    "with provenance (mixacm.evaluate). A mixacm model file or a "
-                                   "TorchScript file of a foreign model that takes [0, 1] images.")
+                                   "foreign model that takes [0, 1] images: a torch.export program "
+                                   "(.pt2) or a TorchScript file.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="MODEL.pt", help="mixacm model file (mixacm train / teacher)")
-    src.add_argument("--model-file", metavar="TORCHSCRIPT.pt",
-                     help="TorchScript model taking [0, 1] images, returning logits")
+    src.add_argument("--model-file", metavar="MODEL.pt2",
+                     help="foreign model taking [0, 1] images, returning logits: a torch.export "
+                          "program (torch.export.save, .pt2) or TorchScript (deprecated in torch)")
     p.add_argument("--dataset", required=True, choices=("cifar10", "cifar100", "imagenet", "imagefolder"),
                    help="dataset whose test split is used")
     p.add_argument("--data-root", metavar="DIR",
@@ -467,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else 1, as in the pipeline's "
+                        "jobs: torch's own default of one thread per core made PGD on a small "
+                        "model about twice as slow on a busy 2-core machine; raise it for large "
+                        "models on an idle machine)")
     p.add_argument("--out", required=True, metavar="RESULT.json", help="where the result JSON goes")
     p.add_argument("--run-info", metavar="JSON",
                    help="JSON object merged into the result's run section (method, arch, teacher, "
@@ -577,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_costs_argument(p)
     p.add_argument("--teachers", nargs="*", default=[], metavar="TEACHER.pt",
                    help="teacher model files: their import accuracy checks get a section")
+    p.add_argument("--config", metavar="CONFIG.yaml",
+                   help="the pipeline config the results came from: the report names it and shows "
+                        "its header comment (its scale; whether it is a smoke run)")
     p.add_argument("--out", required=True, metavar="REPORT.html", help="where the HTML goes")
     p.set_defaults(func=cmd_report)
 

@@ -179,7 +179,7 @@ def env_var(name: str) -> str:
 
 def default_data_dir(name: str) -> Path:
     home = os.environ.get("MIXACM_DATA_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "mixacm" / "data") / name
+    return (Path(home).expanduser() if home else user_cache_dir() / "mixacm" / "data") / name
 
 
 def resolve_root(name: str, root: str | os.PathLike | None = None) -> tuple[Path, str]:
@@ -193,10 +193,19 @@ def resolve_root(name: str, root: str | os.PathLike | None = None) -> tuple[Path
     return default_data_dir(name), "the default download folder"
 
 
+def user_cache_dir() -> Path:
+    """The user's cache folder: ``$XDG_CACHE_HOME``, else ``~/.cache`` (the XDG default)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+
+
 def default_cache_dir() -> Path:
-    """``$MIXACM_CACHE_DIR``, else ``.cache/mixacm`` under the working directory (the repository)."""
+    """Where decoded images are cached: ``$MIXACM_CACHE_DIR``, else ``<user cache>/mixacm/decoded``.
+
+    Not the working directory: a cache there lands in checkouts and wherever ``mixacm evaluate``
+    runs, and is decoded again for each of them."""
     env = os.environ.get("MIXACM_CACHE_DIR")
-    return Path(env) if env else Path.cwd() / ".cache" / "mixacm"
+    return Path(env).expanduser() if env else user_cache_dir() / "mixacm" / "decoded"
 
 
 def _check_name(name: str) -> None:
@@ -220,12 +229,18 @@ def _split_dir(root: Path, split: str) -> Path:
     )
 
 
+def _sentence(text: str) -> str:
+    """``text`` ending with a full stop (torchvision's messages often lack one)."""
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 def _not_found(name: str, root: Path, origin: str, download: bool, cause: str = "") -> DataError:
     pretty = _PRETTY.get(name, name)
     files = f" or torchvision's files ({_TORCHVISION[name].base_folder}/)" if name in _TORCHVISION else ""
     how = (
-        f"Point the pipeline at local data with the config key `dataset.root` (CLI --data-root) or "
-        f"the environment variable {env_var(name)}"
+        f"Point the pipeline at local data with the config key `dataset.root` (pipeline config: "
+        f"`data.{name}.root`; CLI --data-root) or the environment variable {env_var(name)}"
     )
     if name in _TORCHVISION:
         how += (
@@ -234,7 +249,7 @@ def _not_found(name: str, root: Path, origin: str, download: bool, cause: str = 
         )
     return DataError(
         f"{pretty} data not found: looked in {root} (from {origin}) for an image folder "
-        f"(train/<class>/<image>, test/ or val/){files}.{(' ' + cause) if cause else ''} {how}."
+        f"(train/<class>/<image>, test/ or val/){files}.{(' ' + _sentence(cause)) if cause else ''} {how}."
     )
 
 

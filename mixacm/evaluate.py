@@ -241,8 +241,10 @@ def evaluate(
         model.train(was_training)
         raise
     loader = DataLoader(dataset, batch_sampler=[batches[b] for b in pending], num_workers=num_workers)
+    # One step = one attack on one batch; the postfix names the step running now (one AutoAttack
+    # step can take minutes on a CPU), then the accuracy of the step just finished.
     bar = tqdm(total=total, initial=total - sum(str(b) not in done[a] for b in pending for a in attacks),
-               desc="evaluate", unit="batch", disable=not progress)
+               desc="evaluate (attack x batch)", unit="step", disable=not progress)
     # fp32 whatever autocast context the caller is in: the recorded PRECISION.
     with torch.autocast(device_type=dev.type, enabled=False):
         try:
@@ -251,6 +253,7 @@ def evaluate(
                 for name in attacks:
                     if str(b) in done[name]:
                         continue
+                    bar.set_postfix_str(f"running {name} on batch {b + 1}/{len(batches)}")
                     x_adv = built[name](attacked, x, y, seed=batch_seed(seed, name, b))
                     with torch.no_grad():
                         correct = int((attacked(x_adv).argmax(1) == y).sum())
@@ -258,7 +261,7 @@ def evaluate(
                     state["wall_time_s"] = prior_wall + time.perf_counter() - t0
                     if state_file is not None:
                         atomic_json_dump(state, state_file)
-                    bar.set_postfix_str(f"{name} {100.0 * correct / len(y):.1f}%")
+                    bar.set_postfix_str(f"{name} batch {b + 1}: {100.0 * correct / len(y):.1f}%")
                     bar.update(1)
         finally:
             bar.close()

@@ -183,8 +183,11 @@ def test_missing_root_names_the_config_key_the_env_var_and_download(tmp_path):
         data.load_dataset("cifar10", "train", root=missing, download=False)
     msg = str(err.value)
     assert isinstance(err.value, FileNotFoundError)
-    for needle in (str(missing), "dataset.root", "MIXACM_DATA_CIFAR10", "dataset.download: true"):
+    for needle in (str(missing), "dataset.root", "data.cifar10.root", "MIXACM_DATA_CIFAR10",
+                   "dataset.download: true"):
         assert needle in msg
+    # torchvision's sentence ends with a full stop before ours begins
+    assert "download it. Point the pipeline" in msg
     assert not missing.exists()  # looking wrote nothing
 
 
@@ -329,3 +332,15 @@ def test_shared_jpeg_copy_train_split_and_an_augmented_epoch(cifar10_jpeg_root):
     assert len(ds) == 50_000 and np.bincount(data.dataset_labels(ds)).tolist() == [5000] * 10
     n = sum(len(y) for _, y in data.make_train_loader(ds, 500, seed=0, epoch=0))
     assert n == 50_000
+
+
+def test_decoded_image_cache_defaults_to_the_user_cache_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MIXACM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.default_cache_dir() == tmp_path / "xdg" / "mixacm" / "decoded"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data.default_cache_dir() == Path.home() / ".cache" / "mixacm" / "decoded"
+    assert not data.default_cache_dir().is_relative_to(tmp_path)
+    monkeypatch.setenv("MIXACM_CACHE_DIR", str(tmp_path / "mine"))
+    assert data.default_cache_dir() == tmp_path / "mine"

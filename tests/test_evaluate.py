@@ -203,3 +203,13 @@ def test_real_teacher_autoattack_no_weaker_than_pgd(teacher_and_test_set):
                       progress=False, device="cpu")
     m = {k: v["accuracy_pct"] for k, v in result["metrics"].items()}
     assert m["autoattack-apgd"] <= m["pgd20"] + 1.0 < m["clean"]
+
+
+def test_progress_bar_counts_attack_x_batch_steps_and_names_the_running_one(capsys):
+    evaluate(make_model(), ToyImages(), ["clean", "pgd2"], EPS, n=20, batch_size=10, progress=True,
+             device="cpu")
+    err = capsys.readouterr().err
+    assert "evaluate (attack x batch)" in err
+    assert "/4 " in err  # 2 attacks x 2 batches
+    assert "running pgd2 on batch 2/2" in err
+    assert "pgd2 batch 2:" in err

@@ -18,3 +18,17 @@ def test_environment_yml_and_pyproject_list_the_same_dependencies(repo_root):
 def test_console_script_points_at_the_cli(repo_root):
     project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
     assert project["scripts"] == {"mixacm": "mixacm.cli:main"}
+
+
+def test_torch_pins_admit_the_cpu_only_builds(repo_root):
+    # README "Installing without a GPU": PyTorch's CPU index serves 2.14.1+cpu / 0.29.1+cpu; a pin
+    # without a local label matches them, so `pip install -e .` keeps a CPU-only torch.
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+    pins = {r.name: r.specifier for r in map(Requirement, project["dependencies"])}
+    readme = (repo_root / "README.md").read_text()
+    for name in ("torch", "torchvision"):
+        (version,) = [s.version for s in pins[name]]
+        assert pins[name].contains(f"{version}+cpu")
+        assert f"{name}=={version}" in readme.split("## Installing without a GPU")[1].split("\n## ")[0]

@@ -101,7 +101,7 @@ def scenario(make_result: ResultFactory, tmp_path: Path) -> dict:
         d.mkdir(parents=True)
         (d / "train_summary.json").write_text(json.dumps(
             {"config_hash": h, "name": name, "wall_time_s": wall, "device_hours": dh,
-             "device": "cuda", "knobs": {"gamma": 50, "p": 2}, "recipe": {"lr": 0.1}}))
+             "device": "cuda", "knobs": {"gamma": 50, "p": 2}, "recipe": {"lr": 0.1, "gamma": 0.2}}))
         costs.append(d / "train_summary.json")
     # the AT job ran on 2 devices (1800 s, 1 device-hour); its benchmark says 2700 s in all
     bench = tmp_path / "benchmarks" / "train" / "cifar10" / "at" / "seed0.tsv"
@@ -149,6 +149,7 @@ def test_cifar10_table_mean_std_and_differences(scenario):
     assert at["diff_robust"] == pytest.approx(48.5 - 47.04) and at["diff_robust_vs"] == "PGD-20"
     # the benchmark (2700 s) replaces the summary, on the summary's 2 devices: 1.5 device-hours
     assert at["train_device_hours"] == pytest.approx(1.5) and at["cost_source"] == "benchmark"
+    assert at["train_cost_unit"] == "GPU-hours"  # a cuda job: wall time x its 2 GPUs
     assert at["ref_autoattack"] == pytest.approx(44.04)
 
     trades = _row(table, "trades")
@@ -474,3 +475,124 @@ def test_report_opens_in_headless_chromium(built, tmp_path):
     # "reproduced" badges, each drawn in its own background colour from the template
     assert count("f6f8fa") > 5000 and count("f3f7fc") > 5000 and count("fdf8ef") > 5000
     assert count("dafbe1") > 500
+
+
+def test_less_data_figure_draws_autoattack_ticks_the_fractions_and_counts_seeds(built):
+    from mixacm.report.figures import draw_less_data
+
+    less = built["tables"]["less_data"].copy()
+    rows = less["status"] == "reproduced"
+    less.loc[rows, "autoattack_mean"] = less.loc[rows, "pgd20_mean"] - 3
+    fig = draw_less_data(less)
+    ax_rob = fig.axes[0]
+    labels = ax_rob.get_legend_handles_labels()[1]
+    assert any("AutoAttack" in label for label in labels), labels
+    fractions = sorted(less.loc[rows, "data_fraction"].unique())
+    assert list(ax_rob.get_xticks()) == pytest.approx(fractions)
+    assert [t.get_text() for t in ax_rob.get_xticklabels()] == ["10 %", "50 %", "100 %"]
+    # the full-data point has 3 seeds: mean ± std; a one-seed curve says so instead
+    assert "mean ± std over seeds" in fig._suptitle.get_text()
+    one_seed = less.assign(n_seeds=1)
+    assert "one seed" in draw_less_data(one_seed)._suptitle.get_text()
+    assert "mean ± std" not in draw_less_data(one_seed)._suptitle.get_text()
+
+
+def test_clean_vs_robust_labels_do_not_overlap_and_titles_name_both_settings(built):
+    from mixacm.report.figures import draw_clean_vs_robust
+
+    # crowd the reproduced points onto each other
+    main = built["tables"]["cifar10"].copy()
+    rows = main["status"] == "reproduced"
+    main.loc[rows, "clean_mean"] = 60.0
+    fig, boxes = draw_clean_vs_robust({**built["tables"], "cifar10": main}, load_paper_numbers())
+    assert len(boxes) > 5
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    title = fig.axes[0].get_title()
+    assert title.startswith("paper: CIFAR-10, WRN-34-10 student, L-inf 8/255")
+    student, eps = main.loc[rows, "student"].iloc[0], main.loc[rows, "eps"].iloc[0]
+    assert f"reproduced: {student} at {eps}" in title
+
+
+def test_cpu_jobs_cost_their_cpu_time_not_their_wall_time(tmp_path):
+    # On a loaded machine a job waits: its wall time grows, its CPU time does not.
+    runs = {"cifar10/mixacm/frac0.05/seed0": (900.0, 120.0), "cifar10/mixacm/frac1.0/seed0": (600.0, 480.0)}
+    paths = []
+    for i, (name, (wall, cpu)) in enumerate(runs.items()):
+        d = tmp_path / "results" / name
+        d.mkdir(parents=True)
+        (d / "train_summary.json").write_text(json.dumps(
+            {"config_hash": f"h{i}", "name": name, "wall_time_s": wall, "device_hours": wall / 3600,
+             "device": "cpu", "world_size": 1}))
+        bench = tmp_path / "benchmarks" / "train" / f"{name}.tsv"
+        bench.parent.mkdir(parents=True)
+        bench.write_text(f"s\th:m:s\tmax_rss\tcpu_time\n{wall}\t0:10:00\t100.0\t{cpu}\n")
+        paths += [d / "train_summary.json", bench]
+    costs = collect_costs(paths).set_index("name")
+    assert list(costs["cost_unit"]) == ["CPU-hours", "CPU-hours"]
+    assert costs.at["cifar10/mixacm/frac0.05/seed0", "device_hours"] == pytest.approx(120 / 3600)
+    assert costs.at["cifar10/mixacm/frac1.0/seed0", "device_hours"] == pytest.approx(480 / 3600)
+    # without a benchmark: the summary's wall-clock figure, labelled as such
+    only = collect_costs([paths[0]])
+    assert only.at[0, "cost_unit"] == "wall device-hours"
+
+
+def test_no_difference_across_settings(make_result):
+    # a small student at 2/255 beside the paper's WRN-34-10 at 8/255: numbers side by side, no difference
+    files = [make_result("mixacm", 0, {"clean": 20.0, "pgd20": 15.0}, arch="resnet2b",
+                         eps=2 / 255, eps_text="2/255")]
+    table = build_table("cifar10", collect_results(files))
+    mix = table[(table.status == "reproduced") & (table.method_key == "mixacm")].iloc[0]
+    assert bool(mix["same_setting"]) is False
+    assert pd.isna(mix["diff_clean"]) and pd.isna(mix["diff_robust"])
+    assert mix["paper_clean"] > 80  # the paper's number is still shown
+
+
+WIDTH_PROBE = ("<script>const t = document.querySelector('table[data-kind]');"
+               "document.title = [document.documentElement.scrollWidth, t.getBoundingClientRect().right,"
+               " document.documentElement.clientWidth].join(' ');</script>")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+                    "(apt-get install chromium) so the page cannot be measured")
+def test_main_table_fits_a_1366_px_window(repo_root, tmp_path):
+    # the widest real report: the documented CPU run's 34 result files, its costs and a RobustBench column
+    example = repo_root / "docs" / "results" / "cifar10_cpu" / "runs" / "results"
+    results = collect_results(sorted((example / "cifar10").rglob("eval_*.json")))
+    costs = collect_costs(sorted((example / "cifar10").rglob("train_summary.json"))
+                          + sorted((example / "benchmarks" / "train").rglob("*.tsv")))
+    tables = {k: build_table(k, results, costs=costs) for k in TABLE_KINDS}
+    html = render_report(tables, [], results, tmp_path / "report.html", costs=costs)
+    # the report has no scripts; a copy gets one that writes the widths into the title
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.read_text().replace("</body>", WIDTH_PROBE + "</body>"))
+    proc = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1366,900", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page_width, table_right, client_width = map(float, re.search(r"<title>([^<]*)</title>", proc.stdout).group(1).split())
+    assert page_width <= client_width, "the page scrolls sideways at 1366 px"
+    assert table_right <= client_width, f"the main table ends at {table_right} px of {client_width}"
+
+
+def test_run_details_tell_the_two_gammas_apart(built):
+    html = built["html"].read_text()
+    # MixACM's ACM weight under the method knobs, the lr decay under the optimiser recipe
+    assert "method knobs: <code>{&#34;gamma&#34;: 50, &#34;p&#34;: 2}</code>" in html
+    assert "optimiser recipe: <code>{&#34;lr&#34;: 0.1, &#34;lr_decay_gamma&#34;: 0.2}</code>" in html
+
+
+def test_report_names_its_config_and_how_much_each_run_trained(built, repo_root, tmp_path):
+    from mixacm.report.html import training_summary
+
+    costs = built["costs"].copy()
+    costs.loc[costs["config_hash"] == "m0", ["epochs", "steps", "images"]] = [2, 60, 7680]
+    html = render_report(built["tables"], built["figures"], built["results"], tmp_path / "r.html",
+                         costs=costs, config_path=repo_root / "config" / "quick.yaml").read_text()
+    assert "Config: <code>" in html and "quick.yaml</code>" in html
+    assert "A smoke run: its accuracies" in html  # the config's own header, shown as written
+    assert "training: 2 epochs, 60 steps (30 an epoch), 7,680 images seen" in html
+    assert training_summary(pd.Series({"epochs": None, "steps": None, "images": None})) is None

@@ -8,12 +8,15 @@ criteria:
 
 (a) MixACM's clean accuracy is above AT's, and its robust accuracy is "close": at most
     ``close`` points (default 2) below AT's, for every robust attack both rows have.
-(b) MixACM's training cost is a fraction of AT's: the ratio of their training device-hours
-    (mean over seeds) is below 1.
+(b) MixACM's training cost is a fraction of AT's: the ratio of their training cost (mean over
+    seeds; CPU-hours of CPU jobs, GPU-hours of GPU jobs) is below 1.
 (c) With less data MixACM keeps more of its robustness than AT: at every fraction below 1, the
     share of its full-data PGD-20 accuracy it keeps is larger than AT's.
 (d) Each loss component adds robustness in the paper's order: PGD-20 accuracy rises from ACM
     only to ACM + KD to ACM + mixup to the full loss, and KD only is below the full loss.
+
+A claim that cannot be evaluated (a table not given, rows missing) is reported as such with the
+table and the rows it lacks; the others are still checked.
 """
 from __future__ import annotations
 
@@ -33,17 +36,44 @@ def _fmt(mean: float, std: float | None = None) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None and pd.notna(std) else "")
 
 
-def _one(table: pd.DataFrame, **match) -> pd.Series:
-    rows = table[(table["status"] == "reproduced")]
-    for k, v in match.items():
-        rows = rows[rows[k] == v]
-    if len(rows) != 1:
-        raise ResultFileError(f"claims: expected one reproduced row with {match}, found {len(rows)}")
-    return rows.iloc[0]
+class MissingRows(ResultFileError):
+    """A claim needs rows (or a table) that the tables do not have; the message names them all."""
+
+    def __init__(self, table: str, missing: list[str]):
+        self.table, self.missing = table, missing
+        super().__init__(f"table {table}: " + "; ".join(missing))
+
+
+def _describe(match: Mapping) -> str:
+    def show(v):
+        return f"{float(v):g}" if isinstance(v, float) else repr(v)  # numpy floats as plain numbers
+    return "a reproduced row with " + ", ".join(f"{k} = {show(v)}" for k, v in match.items())
+
+
+class _Rows:
+    """Looks rows up in one table and remembers every one that is not there exactly once."""
+
+    def __init__(self, name: str, table: pd.DataFrame):
+        self.name, self.table, self.missing = name, table, []
+
+    def one(self, **match) -> pd.Series | None:
+        rows = self.table[self.table["status"] == "reproduced"]
+        for k, v in match.items():
+            rows = rows[rows[k] == v]
+        if len(rows) != 1:
+            self.missing.append(f"{_describe(match)} (found {len(rows)})")
+            return None
+        return rows.iloc[0]
+
+    def check(self) -> None:
+        if self.missing:
+            raise MissingRows(self.name, self.missing)
 
 
 def claim_a(main: pd.DataFrame, close: float) -> list[str]:
-    mix, at = _one(main, method_key="mixacm"), _one(main, method_key="at")
+    need = _Rows("cifar10", main)
+    mix, at = need.one(method_key="mixacm"), need.one(method_key="at")
+    need.check()
     d_clean = mix["clean_mean"] - at["clean_mean"]
     lines = ["| | MixACM | AT | MixACM − AT | seeds | points |", "|---|---|---|---|---|---|",
              f"| Clean | {_fmt(mix['clean_mean'], mix['clean_std'])} | {_fmt(at['clean_mean'], at['clean_std'])} "
@@ -64,8 +94,15 @@ def claim_a(main: pd.DataFrame, close: float) -> list[str]:
 
 
 def claim_b(main: pd.DataFrame) -> list[str]:
-    mix, at = _one(main, method_key="mixacm"), _one(main, method_key="at")
-    lines = ["| method | training device-hours (mean over seeds) | relative to AT |", "|---|---|---|"]
+    need = _Rows("cifar10", main)
+    mix, at = need.one(method_key="mixacm"), need.one(method_key="at")
+    need.check()
+    costless = [r["method"] for r in (mix, at) if pd.isna(r["train_device_hours"])]
+    if costless:
+        raise MissingRows("cifar10", [f"the training cost (train_device_hours) of {', '.join(costless)}"])
+    unit = ", ".join(sorted({str(u) for u in main.get("train_cost_unit", pd.Series(dtype=str)).dropna() if u})) \
+        or "device-hours"
+    lines = [f"| method | training cost, {unit} (mean over seeds) | relative to AT |", "|---|---|---|"]
     for _, row in main[main["status"] == "reproduced"].iterrows():
         lines.append(f"| {row['method']} | {row['train_device_hours']:.4f} | "
                      f"{row['train_device_hours'] / at['train_device_hours']:.2f} |")
@@ -75,15 +112,23 @@ def claim_b(main: pd.DataFrame) -> list[str]:
 
 
 def claim_c(less: pd.DataFrame) -> list[str]:
+    need = _Rows("less_data", less)
     rows = less[less["status"] == "reproduced"]
     lines = ["| fraction | MixACM clean | MixACM PGD-20 | kept | AT clean | AT PGD-20 | kept |",
              "|---|---|---|---|---|---|---|"]
-    full = {m: _one(rows, method_key=m, data_fraction=1.0) for m in ("mixacm", "at")}
+    fractions = sorted(rows["data_fraction"].unique())
+    if not any(f < 1 for f in fractions):
+        need.missing.append("reproduced rows at a data_fraction below 1")
+    for frac in [1.0, *(f for f in fractions if f != 1.0)]:
+        for m in ("mixacm", "at"):
+            need.one(method_key=m, data_fraction=frac)
+    need.check()
+    full = {m: need.one(method_key=m, data_fraction=1.0) for m in ("mixacm", "at")}
     holds = True
-    for frac in sorted(rows["data_fraction"].unique()):
+    for frac in fractions:
         cells, kept = [f"{frac:g}"], {}
         for m in ("mixacm", "at"):
-            r = _one(rows, method_key=m, data_fraction=frac)
+            r = need.one(method_key=m, data_fraction=frac)
             kept[m] = r["pgd20_mean"] / full[m]["pgd20_mean"]
             cells += [_fmt(r["clean_mean"]), _fmt(r["pgd20_mean"]), f"{100 * kept[m]:.0f} %"]
         if frac < 1:
@@ -95,11 +140,14 @@ def claim_c(less: pd.DataFrame) -> list[str]:
 
 
 def claim_d(abl: pd.DataFrame) -> list[str]:
-    rows = abl[abl["status"] == "reproduced"]
+    need = _Rows("ablation", abl)
+    for label in ABLATION_ORDER + ["KD only"]:
+        need.one(method=label)
+    need.check()
     lines = ["| loss | clean | PGD-20 | paper (robust, WRN-34-10, 8/255) |", "|---|---|---|---|"]
     acc = {}
     for label in ABLATION_ORDER + ["KD only"]:
-        r = _one(rows, method=label)
+        r = need.one(method=label)
         acc[label] = r["pgd20_mean"]
         lines.append(f"| {label} | {_fmt(r['clean_mean'])} | {_fmt(r['pgd20_mean'])} | "
                      f"{_fmt(r['paper_robust'])} |")
@@ -116,17 +164,26 @@ CLAIM_TABLES = ("cifar10", "less_data", "ablation")
 
 def claims_markdown(tables: Mapping[str, pd.DataFrame], close: float = 2.0) -> str:
     """The evidence for claims (a)-(d) from the ``cifar10``, ``less_data`` and ``ablation``
-    tables (``build_table`` or ``read_table`` output), one Markdown section per claim."""
-    missing = [k for k in CLAIM_TABLES if k not in tables]
-    if missing:
-        raise ResultFileError(f"claims: tables {missing} are missing")
-    sections = [
-        ("(a) Clean accuracy above AT's, robust accuracy close to it",
-         claim_a(tables["cifar10"], close)),
-        ("(b) Training cost a fraction of AT's", claim_b(tables["cifar10"])),
-        ("(c) With less data, MixACM keeps more of its robustness than AT",
-         claim_c(tables["less_data"])),
-        ("(d) Each loss component adds robustness, in the paper's order",
-         claim_d(tables["ablation"])),
+    tables (``build_table`` or ``read_table`` output), one Markdown section per claim.
+
+    A claim whose table is not given, or whose table lacks rows it needs, gets a section that
+    says so and names the table and every missing row; the other claims are still evaluated."""
+    claims = [
+        ("(a) Clean accuracy above AT's, robust accuracy close to it", "cifar10",
+         lambda t: claim_a(t, close)),
+        ("(b) Training cost a fraction of AT's", "cifar10", claim_b),
+        ("(c) With less data, MixACM keeps more of its robustness than AT", "less_data", claim_c),
+        ("(d) Each loss component adds robustness, in the paper's order", "ablation", claim_d),
     ]
-    return "\n\n".join(f"### {title}\n\n" + "\n".join(lines) for title, lines in sections) + "\n"
+    sections = []
+    for title, kind, claim in claims:
+        if kind not in tables:
+            lines = [f"**Not evaluated**: needs table {kind} (table_{kind}.csv), which was not given."]
+        else:
+            try:
+                lines = claim(tables[kind])
+            except MissingRows as err:
+                lines = [f"**Not evaluated**: table {err.table} lacks:", "",
+                         *(f"- {m}" for m in err.missing)]
+        sections.append(f"### {title}\n\n" + "\n".join(lines))
+    return "\n\n".join(sections) + "\n"

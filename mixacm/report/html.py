@@ -28,6 +28,51 @@ TEMPLATE = "paper_tables.html.j2"
 REPORT_ORDER = ("cifar10", "imagenet", "ablation", "less_data", "transfer")
 
 
+# How a run's settings are labelled in the report. The optimiser recipe's lr-decay factor and
+# MixACM's ACM weight are both called gamma; the report tells them apart.
+SETTING_LABELS = {"knobs": "method knobs", "recipe": "optimiser recipe", "selection": "model selection"}
+RECIPE_RENAMES = {"gamma": "lr_decay_gamma"}
+
+
+def config_header(path: str | Path) -> str:
+    """The comment block that opens a config file, without the ``#`` marks."""
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].removeprefix(" "))
+    return "\n".join(lines).strip()
+
+
+def training_summary(cost_row) -> str | None:
+    """"16 epochs, 480 steps (30 an epoch), 61,440 images seen" from a run's training summary."""
+    get = lambda k: _value(cost_row[k]) if k in cost_row else None  # noqa: E731
+    epochs, steps, images = get("epochs"), get("steps"), get("images")
+    if not epochs or steps is None:
+        return None
+    text = f"{int(epochs)} epochs, {int(steps)} steps ({int(steps) / int(epochs):g} an epoch)"
+    return text + (f", {int(images):,} images seen" if images is not None else "")
+
+
+def run_settings(cost_row) -> dict[str, str]:
+    """The run's method knobs, optimiser recipe and model selection, labelled so that equal knob
+    names of different parts (``gamma``) cannot be mistaken for each other."""
+    out = {}
+    for key, label in SETTING_LABELS.items():
+        value = _value(cost_row[key]) if key in cost_row else None
+        if value is None:
+            continue
+        if key == "recipe":
+            try:
+                recipe = json.loads(value)
+            except (TypeError, json.JSONDecodeError):
+                recipe = None
+            if isinstance(recipe, dict):
+                value = json.dumps({RECIPE_RENAMES.get(k, k): v for k, v in recipe.items()}, sort_keys=True)
+        out[label] = value
+    return out
+
+
 def _value(v: Any) -> Any:
     """Plain Python values for the template: NaN and None become None, numpy scalars unwrap."""
     if v is None:
@@ -69,9 +114,10 @@ def _run_details(row: Mapping[str, Any], results: pd.DataFrame,
             "extra": {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in extra.items()},
             "device_hours": None if c is None else _value(c["device_hours"]),
             "cost_source": None if c is None else c["cost_source"],
+            "cost_unit": None if c is None or "cost_unit" not in c else _value(c["cost_unit"]),
             "cost_file": None if c is None else c["cost_file"],
-            "settings": {} if c is None else {k: c[k] for k in ("knobs", "recipe", "selection")
-                                               if _value(c[k]) is not None},
+            "settings": {} if c is None else run_settings(c),
+            "training": None if c is None else training_summary(c),
         })
     return runs
 
@@ -95,8 +141,12 @@ def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Pa
                   results: pd.DataFrame, out_path: str | Path,
                   paper: Mapping[str, Any] | None = None,
                   costs: pd.DataFrame | None = None,
-                  teachers: list[dict[str, Any]] | None = None) -> Path:
+                  teachers: list[dict[str, Any]] | None = None,
+                  config_path: str | Path | None = None) -> Path:
     """Render ``report/paper_tables.html`` (atomically) and return its path.
+
+    ``config_path`` names the pipeline config the results came from; the report shows its name
+    and its header comment, where each config states its scale (and whether it is a smoke run).
 
     ``tables`` maps table kinds to ``build_table`` output, ``figures`` are PNG paths (embedded),
     ``results`` is ``collect_results`` output and ``costs`` ``collect_costs`` output; the last two
@@ -134,5 +184,7 @@ def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Pa
         paper_citation=paper.get("paper", ""),
         n_files=int(results["file"].nunique()) if len(results) else 0,
         version=mixacm.__version__,
+        config=None if config_path is None else {"path": str(config_path),
+                                                 "header": config_header(config_path)},
     )
     return atomic_write(out_path, lambda p: p.write_text(html, encoding="utf-8"))

@@ -5,12 +5,17 @@ student, teacher, dataset, data fraction, eps) over seeds: for each of clean, PG
 AutoAttack the mean and the sample standard deviation (ddof = 1, empty for a single seed) of the
 accuracy in %, the number of test points and the attack's package and version. Beside it stand
 the paper's reported clean and robust accuracy (``paper_numbers.yaml``) and the difference
-reproduced - paper; the robust difference uses the strongest attack the row has (standard
+reproduced - paper, only where the row is in the paper's setting (student and eps; else the
+differences are empty: a tiny model at 2/255 against WRN-34-10 at 8/255 is no comparison); the
+robust difference uses the strongest attack the row has (standard
 AutoAttack, then APGD-CE + APGD-T, then PGD-20), and ``diff_robust_vs`` says which. Methods the paper cites but the pipeline does not train appear as
 rows with status ``cited``.
 
-Training cost is in device-hours: a Snakemake benchmark's wall seconds / 3600 x the number of
-devices the job used (one for a CPU job), or the training summary's own ``device_hours``.
+Training cost (``train_device_hours``, its unit in ``train_cost_unit``): for a CPU job the CPU
+time its Snakemake benchmark recorded (``cpu_time`` / 3600, "CPU-hours"), which a loaded machine
+does not inflate the way it inflates wall time; for a GPU job the benchmark's wall seconds / 3600
+x the GPUs it used ("GPU-hours"). Without a benchmark, the training summary's own wall-clock
+``device_hours`` ("wall device-hours", CPU or GPU), which a busy machine inflates.
 """
 from __future__ import annotations
 
@@ -219,8 +224,9 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 # Training cost
 
-COST_COLUMNS = ["config_hash", "name", "device_hours", "wall_time_s", "devices", "device",
-                "cost_source", "cost_file", "knobs", "recipe", "selection"]
+COST_COLUMNS = ["config_hash", "name", "device_hours", "cost_unit", "wall_time_s", "devices", "device",
+                "cost_source", "cost_file", "epochs", "steps", "images", "knobs", "recipe", "selection"]
+CPU_HOURS, GPU_HOURS, WALL_HOURS = "CPU-hours", "GPU-hours", "wall device-hours"
 
 
 def _devices(summary: Mapping[str, Any]) -> int:
@@ -235,6 +241,12 @@ def _devices(summary: Mapping[str, Any]) -> int:
 
 def read_benchmark(path: str | Path) -> float:
     """Wall seconds of a Snakemake ``benchmark:`` file (the mean over repeats)."""
+    return read_benchmark_times(path)[0]
+
+
+def read_benchmark_times(path: str | Path) -> tuple[float, float | None]:
+    """Wall seconds and CPU seconds (``cpu_time``; None where absent) of a Snakemake benchmark
+    file, each the mean over repeats."""
     path = Path(path)
     try:
         frame = pd.read_csv(path, sep="\t")
@@ -242,7 +254,8 @@ def read_benchmark(path: str | Path) -> float:
         raise ResultFileError(f"benchmark file {path}: cannot be read ({err})") from None
     if "s" not in frame.columns or frame.empty:
         raise ResultFileError(f"benchmark file {path}: no 's' column or no rows")
-    return float(frame["s"].mean())
+    cpu = frame["cpu_time"].mean() if "cpu_time" in frame.columns else None
+    return float(frame["s"].mean()), (float(cpu) if cpu is not None and pd.notna(cpu) else None)
 
 
 def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -274,8 +287,10 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
             dh = wall * _devices(s) / 3600 if _is_number(wall) else None
         rows[s["config_hash"]] = {
             "config_hash": s["config_hash"], "name": s.get("name"), "device_hours": dh,
-            "wall_time_s": wall, "devices": _devices(s), "device": s.get("device"),
+            "cost_unit": WALL_HOURS if dh is not None else None, "wall_time_s": wall, "devices": _devices(s), "device": s.get("device"),
             "cost_source": "train_summary", "cost_file": str(p),
+            # how much training the cost bought: "epochs: 2" alone hides 30 steps an epoch
+            **{k: s.get(k) for k in ("epochs", "steps", "images")},
             # The values a run used (MixACM's CHOICE knobs, the optimiser recipe, checkpoint
             # selection) travel to the report's per-run details.
             **{k: json.dumps(s[k], sort_keys=True) if k in s else None
@@ -289,9 +304,18 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
             raise ResultFileError(
                 f"benchmark file {b} matches {len(match)} training summaries; its path without "
                 f"the suffix must end with exactly one run name (run names given: {names})")
-        seconds = read_benchmark(b)
-        match[0].update(wall_time_s=seconds, device_hours=seconds / 3600 * match[0]["devices"],
-                        cost_source="benchmark", cost_file=str(b))
+        seconds, cpu_seconds = read_benchmark_times(b)
+        run = match[0]
+        if str(run["device"] or "cpu").startswith("cpu") and cpu_seconds is not None:
+            # CPU time, not wall time: on a loaded machine wall time measures the load
+            run.update(wall_time_s=seconds, device_hours=cpu_seconds / 3600, cost_unit=CPU_HOURS,
+                       cost_source="benchmark", cost_file=str(b))
+        elif not str(run["device"] or "cpu").startswith("cpu"):
+            run.update(wall_time_s=seconds, device_hours=seconds / 3600 * run["devices"],
+                       cost_unit=GPU_HOURS, cost_source="benchmark", cost_file=str(b))
+        else:
+            run.update(wall_time_s=seconds, device_hours=seconds / 3600 * run["devices"],
+                       cost_unit=WALL_HOURS, cost_source="benchmark", cost_file=str(b))
     return pd.DataFrame(list(rows.values()), columns=COST_COLUMNS)
 
 
@@ -364,14 +388,16 @@ def _aggregate(group: pd.DataFrame, costs: pd.DataFrame | None) -> dict[str, Any
                      for reason in json.loads(p).get("flags", [])]
             row["audit_flags"] = " | ".join(flags) if len(m) else ""
     hashes = _unique(group["config_hash"])
-    dh, src = [], []
+    dh, src, units = [], [], []
     if costs is not None and len(costs):
         c = costs.set_index("config_hash")
         for h in hashes:
             if h in c.index and pd.notna(c.at[h, "device_hours"]):
                 dh.append(float(c.at[h, "device_hours"]))
                 src.append(c.at[h, "cost_source"])
+                units.append(c.at[h, "cost_unit"] if "cost_unit" in c.columns else None)
     row["train_device_hours"] = _round(sum(dh) / len(dh), 6) if dh else float("nan")
+    row["train_cost_unit"] = ";".join(_unique(u for u in units if isinstance(u, str)))
     row["cost_runs"] = len(dh)
     row["cost_source"] = ";".join(_unique(src))
     row["config_hashes"] = ";".join(hashes)
@@ -391,7 +417,7 @@ TABLE_COLUMNS = [
     "paper_student", "paper_eps", "same_setting", "paper_clean", "paper_robust", "paper_note",
     "paper_source", "diff_clean", "diff_robust", "diff_robust_vs",
     "ref_clean", "ref_autoattack", "ref_source",
-    "train_device_hours", "cost_runs", "cost_source", "config_hashes", "git_commits", "files",
+    "train_device_hours", "train_cost_unit", "cost_runs", "cost_source", "config_hashes", "git_commits", "files",
 ]
 # Whole numbers: a nullable integer type, so that the empty cells of cited rows do not turn them
 # into floats ("50.0 test points") in the CSV.
@@ -471,9 +497,13 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
             row["same_setting"] = (row["student"] == spec.get("student")
                                    and row["eps"] == spec.get("eps"))
             robust_col = next((c for c in ROBUST_PREFERENCE if pd.notna(row[f"{c}_mean"])), "pgd20")
-            if prow.get("clean") is not None:
+            # A difference across settings (another student or eps) is no comparison: the paper's
+            # numbers stay beside the row, the differences stay empty.
+            if not row["same_setting"]:
+                pass
+            elif prow.get("clean") is not None:
                 row["diff_clean"] = _round(row["clean_mean"] - prow["clean"])
-            if prow.get("robust") is not None and pd.notna(row[f"{robust_col}_mean"]):
+            if row["same_setting"] and prow.get("robust") is not None and pd.notna(row[f"{robust_col}_mean"]):
                 row["diff_robust"] = _round(row[f"{robust_col}_mean"] - prow["robust"])
                 row["diff_robust_vs"] = robust_label(robust_col, row["autoattack_version"])
             reproduced.setdefault(id(prow), []).append(row)
@@ -517,7 +547,7 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
 _TEXT_COLUMNS = [c for c in TABLE_COLUMNS if c.endswith("_package") or c in (
     "status", "method", "method_key", "variant", "student", "teacher", "dataset", "data_source",
     "eps", "seeds", "autoattack_version", "audit_flags", "paper_student", "paper_eps", "paper_note",
-    "paper_source", "diff_robust_vs", "ref_source", "cost_source", "config_hashes",
+    "paper_source", "diff_robust_vs", "ref_source", "cost_source", "train_cost_unit", "config_hashes",
     "git_commits", "files")]
 
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import yaml
 
 from mixacm.config import ConfigError, check_pipeline_recipe, pipeline_run_config, teacher_source
+from mixacm.inputs import PipelineInputError, check_pipeline_inputs
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
 from mixacm.utils import parse_eps
@@ -119,6 +120,15 @@ def _check_feature_names(cfg, exp_name, exp):
 
 # Methods that distil from a teacher (Method.needs_teacher in the registry).
 TEACHER_METHODS = {name for name in METHODS.names() if METHODS.get(name).needs_teacher}
+
+
+# Before the first job of a real run (a dry run needs no data): data roots and teacher files,
+# every problem at once, each named by its pipeline key (mixacm.inputs).
+onstart:
+    try:
+        check_pipeline_inputs(config)
+    except PipelineInputError as err:
+        raise WorkflowError(str(err)) from None
 
 
 def frac_str(fraction):

@@ -63,6 +63,10 @@ rule render_report:
         teachers=lambda w: report_teachers(),
     output:
         "report/paper_tables.html",
+    params:
+        # the config file in use (the last --configfile, else config/quick.yaml): the report
+        # names it and shows its header, which states the run's scale
+        config=workflow.configfiles[-1],
     threads: 1
     resources:
         mem_mb=2000,
@@ -77,4 +81,5 @@ rule render_report:
     shell:
         "mixacm report --tables {input.tables:q} --figures {input.figures:q}"
         " --results {input.results:q} --costs {input.costs:q} --teachers {input.teachers:q}"
+        " --config {params.config:q}"
         " --out {output} > {log} 2>&1"

@@ -1,0 +1,114 @@
+"""Inputs of a pipeline config checked before any job: data roots and teacher files.
+
+A wrong data root used to fail inside a training job, minutes into a run, in a job log, naming
+the run-config key ``dataset.root``. :func:`pipeline_input_errors` finds every such problem at
+once, without loading any data, and names the pipeline's own keys (``data.cifar10.root``,
+``teachers.cifar10.path``). The workflow calls :func:`check_pipeline_inputs` before its first job
+(``onstart``: real runs only, a dry run needs no data); it is plain Python, callable from a test
+or a notebook with the config dict.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+PRETTY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
+# torchvision's folder inside a root that holds its files (datasets it can download).
+TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+class PipelineInputError(ValueError):
+    """One or more inputs of the pipeline config are missing; one line per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("inputs of the config are missing or wrong:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def env_var(dataset: str) -> str:
+    return f"MIXACM_DATA_{dataset.upper()}"
+
+
+def datasets_used(cfg: Mapping) -> list[str]:
+    """Datasets whose data some job reads: every experiment's, and those of teachers trained in the DAG."""
+    used = [exp["dataset"] for exp in cfg.get("experiments", {}).values() if exp.get("recipes")]
+    used += [ds for ds, t in cfg.get("teachers", {}).items() if t.get("source") == "train"]
+    return sorted(set(used))
+
+
+def _has_data(dataset: str, root: Path) -> bool:
+    """An image folder (``train/<class>/`` and ``test/`` or ``val/``) or torchvision's files."""
+    train = root / "train"
+    if train.is_dir() and any(p.is_dir() for p in train.iterdir()) and (
+            (root / "test").is_dir() or (root / "val").is_dir()):
+        return True
+    folder = TORCHVISION_FOLDERS.get(dataset)
+    return folder is not None and (root / folder).is_dir()
+
+
+def _layout(dataset: str) -> str:
+    text = "an image folder (train/<class>/<image> and test/ or val/)"
+    if dataset in TORCHVISION_FOLDERS:
+        text += f" or torchvision's files ({TORCHVISION_FOLDERS[dataset]}/)"
+    return text
+
+
+def data_error(dataset: str, section: Mapping | None, env: Mapping[str, str] | None = None) -> str | None:
+    """Why the data of ``dataset`` cannot be found under the pipeline config's ``data.<dataset>``
+    section, or None when it can (or torchvision may download it)."""
+    from mixacm.data import default_data_dir
+
+    env = os.environ if env is None else env
+    section = section or {}
+    key = f"data.{dataset}.root"
+    pretty = PRETTY.get(dataset, dataset)
+    download = bool(section.get("download", False)) and dataset in TORCHVISION_FOLDERS
+    if section.get("root"):
+        root, origin = Path(str(section["root"])).expanduser(), f"{key}"
+    elif env.get(env_var(dataset)):
+        root, origin = Path(env[env_var(dataset)]).expanduser(), f"${env_var(dataset)} ({key} is not set)"
+    else:
+        if download:
+            return None
+        root = default_data_dir(dataset)
+        if _has_data(dataset, root):
+            return None
+        how = f"set {key} (or ${env_var(dataset)}) to a local copy of {pretty}"
+        if dataset in TORCHVISION_FOLDERS:
+            how += f", or set data.{dataset}.download: true to let torchvision download it (needs internet)"
+        return (f"{key}: no {pretty} data: {key} and ${env_var(dataset)} are not set and the default "
+                f"folder {root} holds none. {how[0].upper()}{how[1:]}.")
+    if not root.exists():
+        return f"{origin}: {root} does not exist. Point it at {_layout(dataset)} of {pretty}."
+    if not root.is_dir():
+        return f"{origin}: {root} is not a folder. Point it at {_layout(dataset)} of {pretty}."
+    if _has_data(dataset, root) or download:
+        return None
+    return f"{origin}: {root} holds no {pretty} data: expected {_layout(dataset)}."
+
+
+def teacher_errors(cfg: Mapping) -> list[str]:
+    errors = []
+    for ds, teacher in cfg.get("teachers", {}).items():
+        if teacher.get("source") == "file":
+            path = Path(str(teacher.get("path", ""))).expanduser()
+            if not path.is_file():
+                errors.append(f"teachers.{ds}.path: teacher file {path} does not exist.")
+    return errors
+
+
+def pipeline_input_errors(cfg: Mapping, env: Mapping[str, str] | None = None) -> list[str]:
+    """Every missing input of a (schema-validated) pipeline config, one sentence each naming its
+    pipeline key; empty when all are there. Relative paths are taken from the working directory
+    (Snakemake's: the checkout)."""
+    errors = [e for ds in datasets_used(cfg)
+              if (e := data_error(ds, cfg.get("data", {}).get(ds), env)) is not None]
+    return errors + teacher_errors(cfg)
+
+
+def check_pipeline_inputs(cfg: Mapping, env: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`PipelineInputError` listing every missing input, before any job runs."""
+    errors = pipeline_input_errors(cfg, env)
+    if errors:
+        raise PipelineInputError(errors)
