@@ -29,6 +29,7 @@ networks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -321,10 +322,15 @@ class BoundTerm:
 def arch_feature_names(arch: str, num_classes: int = 10, **kwargs: Any) -> tuple[str, ...]:
     """The feature names of a registered architecture, read from a network built on the meta
     device (no memory, no initialisation cost): what a config check needs before any job."""
+    return _feature_names(arch, num_classes, tuple(sorted(kwargs.items())))
+
+
+@lru_cache(maxsize=64)
+def _feature_names(arch: str, num_classes: int, kwargs: tuple) -> tuple[str, ...]:
     from mixacm.models import build_model
 
     with torch.device("meta"):
-        return tuple(build_model(arch, num_classes, **kwargs).feature_names)
+        return tuple(build_model(arch, num_classes, **dict(kwargs)).feature_names)
 
 
 def blocks_where(where: str, i: int, given: bool) -> str:

@@ -205,13 +205,16 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
     """Read result JSON files into one row per (result file, metric) (``RESULT_COLUMNS``).
 
     Raises ``ResultFileError`` naming the file and key for a missing file or a malformed one,
-    and naming both files when two report the same metric of the same run (config hash, seed, eps).
+    and naming both files when two report the same metric of the same run (method, config hash,
+    seed, eps).
     """
     rows: list[dict[str, Any]] = []
     seen: dict[tuple, str] = {}
     for p in paths:
         for row in _read_result(Path(p)):
-            key = (row["config_hash"], row["seed"], row["eps"], row["metric"])
+            # The method is part of the key: a teacher trained in the DAG with the same recipe
+            # as a student (config/ci.yaml) shares its config hash but is its own result.
+            key = (row["method"], row["config_hash"], row["seed"], row["eps"], row["metric"])
             if key in seen:
                 raise ResultFileError(
                     f"result files {seen[key]} and {row['file']} both report metric "
@@ -281,6 +284,10 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
             benchmarks.append(p)
     rows = {}
     for p, s in summaries:
+        if s["config_hash"] in rows:
+            # The same training config twice (a teacher trained in the DAG with a student's
+            # recipe, config/ci.yaml): one cost row; the first summary given keeps its name.
+            continue
         wall = s.get("wall_time_s")
         dh = s.get("device_hours")
         if not _is_number(dh):
