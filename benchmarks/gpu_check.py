@@ -323,10 +323,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tiny model, 2 steps, 8 AutoAttack points (APGD only): checks the code on a CPU in seconds")
     p.add_argument("--model", default="wrn-34-10")
     p.add_argument("--teacher", default=None, help="teacher architecture (default: the student's)")
-    p.add_argument("--methods", nargs="+", default=["mixacm", "at", "trades", "free_at", "standard"])
-    p.add_argument("--steps", type=int, default=50, help="timed steps per method and precision")
+    # Every method config/config.yaml trains, MixACM and AT first (the order survives the time limit).
+    p.add_argument("--methods", nargs="+", default=["mixacm", "at", "trades", "free_at", "standard", "awp_trades",
+                                                    "awp_at", "fat", "igam", "ard", "rslad"])
+    p.add_argument("--steps", type=int, default=30, help="timed steps per method and precision")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--max-seconds-per-config", type=float, default=25.0)
+    p.add_argument("--max-seconds-per-config", type=float, default=12.0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eps", default="8/255")
     p.add_argument("--aa-n", type=int, default=200, help="AutoAttack points")

@@ -16,18 +16,19 @@ spec.loader.exec_module(gpu_check)
 
 def test_estimate_of_the_paper_config_from_measured_speeds():
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    speeds = {"mixacm": 2000.0, "at": 500.0, "trades": 450.0, "free_at": 2400.0}
+    speeds = {"mixacm": 2000.0, "at": 500.0, "trades": 450.0, "free_at": 2400.0, "awp_trades": 400.0,
+              "awp_at": 450.0, "fat": 600.0, "igam": 900.0, "ard": 480.0, "rslad": 470.0}
     est = gpu_check.estimate_config_hours(config, speeds, {"pgd20": 0.001, "autoattack": 0.01})
     jobs = {j["run"]: j for j in est["jobs"]}
-    # Runs shared by tables are trained once: cifar10 (4 recipes), less_data (2 x 4 fractions,
-    # frac 1.0 shared), ablation (5, the full one shared).
-    assert len(jobs) == 4 + 6 + 4
+    # Runs shared by tables are trained once: cifar10 (10 recipes), less_data (2 x 4 fractions,
+    # frac 1.0 shared), ablation (5, the full one shared); the transfer table's runs are all cifar10's.
+    assert len(jobs) == 10 + 6 + 4
     at = jobs["cifar10/at/frac1.0/seed0"]
     assert at["epochs"] == 200 and at["train_images"] == (50_000 - 1000) * 200
     assert at["train_gpu_hours"] == pytest.approx(49_000 * 200 / 500 / 3600)
     free = jobs["cifar10/free_at/frac1.0/seed0"]
     assert (free["epochs"], free["replays"]) == (25, 8)  # 200 / 8; the replays are inside its speed
-    assert sorted(jobs["cifar10/mixacm/frac1.0/seed0"]["tables"]) == ["ablation", "cifar10", "less_data"]
+    assert sorted(jobs["cifar10/mixacm/frac1.0/seed0"]["tables"]) == ["ablation", "cifar10", "less_data", "transfer"]
     assert at["eval_autoattack_gpu_hours"] == pytest.approx(10_000 * 0.01 / 3600)
     assert est["totals"]["all_gpu_hours"] == pytest.approx(sum(
         j["train_gpu_hours"] + j["eval_clean_pgd_gpu_hours"] + j["eval_autoattack_gpu_hours"] for j in est["jobs"]))

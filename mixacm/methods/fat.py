@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixacm.attacks.pgd import _uniform_like, project_linf
+from mixacm.attacks.pgd import _uniform_like, fp32_attack, project_linf
 from mixacm.methods.base import Method, attack_mode, detach_metrics, knob, register_method, sgd_recipe
 
 # Official dynamic tau: tau = number of these fractions of the epochs already reached (0, 1, 2).
@@ -51,7 +51,9 @@ def early_stopped_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, ste
         if len(moving) == 0:
             break
         xa = x_adv[moving].requires_grad_(True)
-        with torch.enable_grad():
+        # fp32 under AMP, as every attack (mixacm.attacks.fp32_attack): fp16 input gradients
+        # underflow without loss scaling and leave examples unperturbed.
+        with torch.enable_grad(), fp32_attack(x.device):
             logits = model(xa)
             (grad,) = torch.autograd.grad(F.cross_entropy(logits, y[moving], reduction="sum"), xa)
         wrong = logits.detach().argmax(1) != y[moving]

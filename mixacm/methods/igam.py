@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixacm.attacks import fp32_attack
 from mixacm.methods.ard import _FrozenTeacher
 from mixacm.methods.base import detach_metrics, knob, register_method, sgd_recipe
 
@@ -125,12 +126,15 @@ class IGAM(_FrozenTeacher):
     def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         k = self.knobs
         self.teacher.eval()
-        j_t = input_gradient(self.teacher, x, y, create_graph=False).detach()
-        x_in = x.detach().requires_grad_(True)
-        logits = self.model(x_in)
-        ce = F.cross_entropy(logits, y)
-        p = F.softmax(logits, dim=1).gather(1, y[:, None]).sum()
-        (g,) = torch.autograd.grad(p, x_in, create_graph=True)
+        # Both input gradients in fp32 under AMP, as the attacks' (mixacm.attacks.fp32_attack):
+        # they are what the loss matches, and fp16 input gradients underflow without loss scaling.
+        with fp32_attack(x.device):
+            j_t = input_gradient(self.teacher, x, y, create_graph=False).detach()
+            x_in = x.detach().requires_grad_(True)
+            logits = self.model(x_in)
+            ce = F.cross_entropy(logits, y)
+            p = F.softmax(logits, dim=1).gather(1, y[:, None]).sum()
+            (g,) = torch.autograd.grad(p, x_in, create_graph=True)
         j_s = g / PIXEL_SCALE
         d_s, d_t = self.disc(j_s), self.disc(j_t)
         disc_ce = discriminator_ce(d_s, d_t)
