@@ -305,6 +305,7 @@ def plot_eps_sweep(paths: list[str | os.PathLike], out_path: str | os.PathLike):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from mixacm.utils import atomic_write
 
@@ -312,7 +313,7 @@ def plot_eps_sweep(paths: list[str | os.PathLike], out_path: str | os.PathLike):
     for p in paths:
         result = read_audit(p)
         run = result.get("run") or {}
-        label = str(run.get("variant") or run.get("recipe") or run.get("method") or p)
+        label = str(run.get("recipe") or run.get("variant") or run.get("method") or p)
         for row in result["audit"]["sweep"]:
             curves.setdefault(label, {}).setdefault(float(row["eps"]) * 255, []).append(float(row["accuracy_pct"]))
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -320,6 +321,7 @@ def plot_eps_sweep(paths: list[str | os.PathLike], out_path: str | os.PathLike):
         xs = sorted(points)
         ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=label)
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("eps (x/255, L-inf)")
     ax.set_ylabel("robust accuracy under PGD (%)")
     ax.set_ylim(-2, 102)
