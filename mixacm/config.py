@@ -346,6 +346,38 @@ def check_pipeline_recipe(pipeline: Mapping[str, Any], recipe: str, *, dataset: 
     return cfg
 
 
+def check_recipe_block(pipeline: Mapping[str, Any], recipe: str) -> None:
+    """Validate recipe ``recipe`` of a pipeline config without a dataset or architecture (for
+    recipes no experiment trains): the method is registered, its knobs resolve, and ``optim`` /
+    ``train`` hold what the run config's schema allows there (their one declaration). Errors
+    name the pipeline key (``recipes.<name>.optim.lr``)."""
+    from mixacm.methods import METHODS
+
+    block = pipeline["recipes"][recipe]
+    try:
+        cls = METHODS.get(block["method"])
+    except KeyError as err:
+        raise ConfigError(f"recipes.{recipe}.method: {err.args[0]}") from None
+    try:
+        cls.resolve(dict(block.get("knobs", {})))
+    except (ValueError, KeyError) as err:
+        raise ConfigError(f"recipes.{recipe}.knobs: {err}") from None
+    schema = run_config_schema()
+    parts = {"optim": {"$defs": schema["$defs"], "$ref": "#/$defs/recipe_keys"},
+             "train": {**schema["properties"]["train"], "$defs": schema["$defs"]}}
+    for section, sub in parts.items():
+        try:
+            validate(copy.deepcopy(dict(block.get(section, {}))), sub, what=f"recipes.{recipe}.{section}",
+                     prefix=("recipes", recipe, section))
+        except ConfigError as err:
+            raise ConfigError(str(err)) from None
+    eps = block.get("train", {}).get("selection_eps")
+    if eps is not None:
+        try:
+            parse_eps(eps)
+        except ValueError as err:
+            raise ConfigError(f"recipes.{recipe}.train.selection_eps: {err}") from None
+
 
 # The pipeline's teachers.<dataset>.source -> the key that names the source in
 # ``mixacm.teachers.acquire_teacher``'s form, and the block's key holding its value.

@@ -160,6 +160,9 @@ def _bad(cfg: dict, path: list, value) -> dict:
         (["teachers", "cifar10"], {"source": "file", "path": "missing/teacher.pt", "arch": "tiny"},
          "teachers.cifar10.path"),
         pytest.param(["recipes", "at", "knobs", "eps"], 8, "recipes.at.knobs", marks=pytest.mark.slow),
+        (["recipes", "unused"], {"method": "at", "knobs": {"eps": 8}}, "recipes.unused.knobs"),
+        (["recipes", "unused"], {"method": "at", "optim": {"schedule": "linear"}}, "recipes.unused.optim.schedule"),
+        (["recipes", "unused"], {"method": "adv_at"}, "recipes.unused.method: unknown method 'adv_at'"),
         (["experiments", "cifar10", "autoattack_standard"], ["standard"],
          "experiments.cifar10.autoattack_standard[0]"),
         (["experiments", "cifar10", "autoattack_standard"], ["mixacm"],
@@ -173,8 +176,8 @@ def _bad(cfg: dict, path: list, value) -> dict:
          "the teacher has no feature(s) ['layer4']; valid: ['stem', 'layer1', 'layer2', 'layer3']"),
     ],
     ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
-         "knob-eps-8", "standard-aa-unknown-recipe", "standard-aa-without-n", "no-recipe-for-dataset",
-         "unknown-term", "missing-block"],
+         "knob-eps-8", "unused-recipe-knob", "unused-recipe-optim", "unknown-method", "standard-aa-unknown-recipe",
+         "standard-aa-without-n", "no-recipe-for-dataset", "unknown-term", "missing-block"],
 )
 def test_bad_config_stops_before_any_job(wf, path, value, expected):
     cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import yaml
 
-from mixacm.config import ConfigError, check_pipeline_recipe, pipeline_run_config, teacher_source
+from mixacm.config import ConfigError, check_pipeline_recipe, check_recipe_block, pipeline_run_config, teacher_source
 from mixacm.inputs import PipelineInputError, check_pipeline_inputs
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
@@ -33,6 +33,12 @@ def _parse_eps(value, key):
 def _check_config(cfg):
     for ds, ev in cfg["evaluation"].items():
         _parse_eps(ev["eps"], f"evaluation.{ds}.eps")
+    for name, recipe in cfg["recipes"].items():
+        if recipe["method"] not in METHODS:
+            raise WorkflowError(
+                f"config key recipes.{name}.method: unknown method {recipe['method']!r}; "
+                f"valid: {', '.join(METHODS.names())}"
+            )
     for exp_name, exp in cfg["experiments"].items():
         for i, recipe in enumerate(exp["recipes"]):
             if recipe not in cfg["recipes"]:
@@ -90,6 +96,13 @@ def _check_config(cfg):
         try:
             check_pipeline_recipe(cfg, recipe, dataset=dataset, arch=arch,
                                   teacher=teacher_file(dataset) if needs else None)
+        except ConfigError as err:
+            raise WorkflowError(f"config key {err}")
+    # Recipes no run uses have no dataset to resolve against: method, knobs, optim and train are
+    # still checked, against the same registry and run-config schema.
+    for name in sorted(set(cfg["recipes"]) - {r for r, _, _ in trained}):
+        try:
+            check_recipe_block(cfg, name)
         except ConfigError as err:
             raise WorkflowError(f"config key {err}")
 
