@@ -156,13 +156,14 @@ def _bad(cfg: dict, path: list, value) -> dict:
         (["teachers", "cifar10"], {"source": "file", "path": "missing/teacher.pt", "arch": "tiny"},
          "teachers.cifar10.path"),
         pytest.param(["recipes", "at", "knobs", "eps"], 8, "recipes.at.knobs", marks=pytest.mark.slow),
+        (["recipes", "unused"], {"method": "at", "knobs": {"eps": 8}}, "recipes.unused.knobs"),
         (["experiments", "cifar10", "autoattack_standard"], ["standard"],
          "experiments.cifar10.autoattack_standard[0]"),
         (["experiments", "cifar10", "autoattack_standard"], ["mixacm"],
          "evaluation.cifar10.autoattack_standard.n"),
     ],
     ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
-         "knob-eps-8", "standard-aa-unknown-recipe", "standard-aa-without-n"],
+         "knob-eps-8", "unused-recipe-knob", "standard-aa-unknown-recipe", "standard-aa-without-n"],
 )
 def test_bad_config_stops_before_any_job(wf, path, value, expected):
     cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)

@@ -82,6 +82,13 @@ def _check_config(cfg):
                                   teacher=teacher_file(dataset) if needs else None)
         except ConfigError as err:
             raise WorkflowError(f"config key {err}")
+    # Recipes no run uses have no dataset to resolve against: their knobs are still checked.
+    for name in sorted(set(cfg["recipes"]) - {r for r, _, _ in trained}):
+        recipe = cfg["recipes"][name]
+        try:
+            METHODS.get(recipe["method"]).resolve(recipe["knobs"])
+        except (ValueError, KeyError) as err:
+            raise WorkflowError(f"config key recipes.{name}.knobs: {err}")
 
 
 # Methods that distil from a teacher (Method.needs_teacher in the registry).
