@@ -32,7 +32,7 @@ VENV_BIN = Path(sys.executable).parent
 SNAKEMAKE = VENV_BIN / "snakemake"
 SLURM_DIR = Path(os.environ.get("MIXACM_SLURM_DIR", "/tmp/mixacm-slurm"))
 LOCAL_PARTITION = "local"
-GPU_RULES = {"train_teacher", "train_student", "evaluate_model"}
+GPU_RULES = {"train_teacher", "train_student", "evaluate_model", "audit_model"}
 # What a laptop may change in the real profile (the issue allows status-check delays and the like).
 LAPTOP_KEYS = {"default-resources", "slurm-init-seconds-before-status-checks",
                "slurm-status-command", "latency-wait"}

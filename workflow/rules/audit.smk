@@ -3,6 +3,10 @@
 # Square on a subset, transfer attacks from the teacher (distilled students) and the PGD-AT run,
 # an eps sweep. Its `audited` metric is a table column; the sweep is a figure.
 
+# Drawing the sweep takes seconds and reads only result files: it runs where snakemake runs.
+localrules:
+    render_eps_sweep,
+
 
 rule audit_model:
     input:
