@@ -170,8 +170,18 @@ def test_file_url(tmp_path, net, foreign_file):
 # ----------------------------------------------------------------------------- RobustBench
 
 
+def hide_robustbench(monkeypatch, **modules):
+    """Make ``import robustbench...`` fail (or return ``modules``) in this test, also where an
+    earlier test left the real package's submodules in ``sys.modules`` (a cached submodule is
+    returned without its parent being imported)."""
+    for name in [m for m in sys.modules if m == "robustbench" or m.startswith("robustbench.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    for name in ("robustbench", "robustbench.utils", "robustbench.model_zoo", "robustbench.model_zoo.enums"):
+        monkeypatch.setitem(sys.modules, name, modules.get(name))
+
+
 def test_missing_robustbench_says_how_to_install_and_what_works_instead(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "robustbench", None)  # any import of it raises ImportError
+    hide_robustbench(monkeypatch)  # any import of it raises ImportError
     with pytest.raises(TeacherError) as err:
         acquire_teacher({"robustbench": "Carmon2019Unlabeled", "arch": "wrn-28-10"}, tmp_path / "t.pt")
     msg = str(err.value)
@@ -198,8 +208,7 @@ def test_robustbench_model_is_read_through_its_normalizer_wrapper(tmp_path, monk
     utils.load_model = load_model
     package = types.ModuleType("robustbench")
     package.utils = utils
-    monkeypatch.setitem(sys.modules, "robustbench", package)
-    monkeypatch.setitem(sys.modules, "robustbench.utils", utils)
+    hide_robustbench(monkeypatch, **{"robustbench": package, "robustbench.utils": utils})
 
     out = acquire_teacher({"robustbench": "Some2020Name", "dataset": "cifar10", "threat_model": "Linf",
                            "arch": "tiny"}, tmp_path / "t.pt")
@@ -227,7 +236,7 @@ def test_config_shaped_sources_are_read_like_the_native_ones(tmp_path, net, fore
                         "cifar10")
     assert rb == {"robustbench": "Carmon2019Unlabeled", "dataset": "cifar10", "threat_model": "Linf",
                   "arch": "wrn-28-10"}
-    monkeypatch.setitem(sys.modules, "robustbench", None)
+    hide_robustbench(monkeypatch)
     with pytest.raises(TeacherError, match="'Carmon2019Unlabeled'.*pip install"):
         acquire_teacher(rb, tmp_path / "rb.pt")
     with pytest.raises(ConfigError, match=r"teachers\.cifar10\.source: 'train'"):
