@@ -10,7 +10,7 @@ or a notebook with the config dict.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 PRETTY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
@@ -98,17 +98,24 @@ def teacher_errors(cfg: Mapping) -> list[str]:
     return errors
 
 
-def pipeline_input_errors(cfg: Mapping, env: Mapping[str, str] | None = None) -> list[str]:
+def pipeline_input_errors(cfg: Mapping, env: Mapping[str, str] | None = None,
+                          datasets: Iterable[str] | None = None) -> list[str]:
     """Every missing input of a (schema-validated) pipeline config, one sentence each naming its
-    pipeline key; empty when all are there. Relative paths are taken from the working directory
-    (Snakemake's: the checkout)."""
-    errors = [e for ds in datasets_used(cfg)
+    pipeline key; empty when all are there. ``datasets`` limits the check to the datasets the
+    jobs about to run use (a run of the CIFAR-10 table needs no ImageNet). Relative paths are
+    taken from the working directory (Snakemake's: the checkout)."""
+    wanted = set(datasets_used(cfg)) if datasets is None else set(datasets) & set(datasets_used(cfg))
+    errors = [e for ds in sorted(wanted)
               if (e := data_error(ds, cfg.get("data", {}).get(ds), env)) is not None]
-    return errors + teacher_errors(cfg)
+    teachers = teacher_errors(cfg)
+    if datasets is not None:
+        teachers = [e for e in teachers if e.split(".")[1] in set(datasets)]
+    return errors + teachers
 
 
-def check_pipeline_inputs(cfg: Mapping, env: Mapping[str, str] | None = None) -> None:
+def check_pipeline_inputs(cfg: Mapping, env: Mapping[str, str] | None = None,
+                          datasets: Iterable[str] | None = None) -> None:
     """Raise :class:`PipelineInputError` listing every missing input, before any job runs."""
-    errors = pipeline_input_errors(cfg, env)
+    errors = pipeline_input_errors(cfg, env, datasets)
     if errors:
         raise PipelineInputError(errors)

@@ -135,13 +135,28 @@ def _check_feature_names(cfg, exp_name, exp):
 TEACHER_METHODS = {name for name in METHODS.names() if METHODS.get(name).needs_teacher}
 
 
-# Before the first job of a real run (a dry run needs no data): data roots and teacher files,
-# every problem at once, each named by its pipeline key (mixacm.inputs).
+# Before the first job of a real run (a dry run needs no data): data roots and teacher files of
+# the datasets the jobs about to run use, every problem at once, each named by its pipeline key
+# (mixacm.inputs).
 onstart:
     try:
-        check_pipeline_inputs(config)
+        check_pipeline_inputs(config, datasets=_datasets_of_jobs(workflow.dag.needrun_jobs()))
     except PipelineInputError as err:
         raise WorkflowError(str(err)) from None
+
+
+def _datasets_of_jobs(jobs):
+    """The datasets the jobs about to run read: their {dataset} wildcard, or the dataset of an
+    evaluation's {subject} (<dataset>/... or teachers/<dataset>)."""
+    out = set()
+    for job in jobs:
+        w = dict(job.wildcards.items())
+        if "dataset" in w:
+            out.add(w["dataset"])
+        elif "subject" in w:
+            parts = w["subject"].split("/")
+            out.add(parts[1] if parts[0] == "teachers" else parts[0])
+    return out
 
 
 def frac_str(fraction):
