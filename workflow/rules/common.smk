@@ -145,16 +145,18 @@ onstart:
         raise WorkflowError(str(err)) from None
 
 
-TEACHER_IMPORT_RULES = {"fetch_teacher_robustbench", "fetch_teacher_url", "import_teacher_file"}
+# The rules whose jobs read a dataset (teacher imports only where it is at hand, for their
+# accuracy check; config writers and renderers never).
+DATA_RULES = {"train_teacher", "train_student", "evaluate_model", "audit_model"}
 
 
 def _datasets_of_jobs(jobs):
-    """The datasets the jobs about to run read: their {dataset} wildcard, or the dataset of an
-    evaluation's {subject} (<dataset>/... or teachers/<dataset>)."""
+    """The datasets the jobs about to run read (jobs of DATA_RULES): their {dataset} wildcard, or
+    the dataset of an evaluation's {subject} (<dataset>/... or teachers/<dataset>)."""
     out = set()
     for job in jobs:
-        if job.rule.name in TEACHER_IMPORT_RULES:
-            continue  # data is optional there: the import's accuracy check runs where it is at hand
+        if job.rule.name not in DATA_RULES:
+            continue
         w = dict(job.wildcards.items())
         if "dataset" in w:
             out.add(w["dataset"])
