@@ -451,6 +451,22 @@ def _add_tables_argument(p: argparse.ArgumentParser) -> None:
                    help="table CSVs named table_<kind>.csv (mixacm table)")
 
 
+def _add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, test data and threat model of `evaluate` and `audit`: one definition."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="MODEL.pt", help="mixacm model file (mixacm train / teacher)")
+    src.add_argument("--model-file", metavar="MODEL.pt2",
+                     help="foreign model taking [0, 1] images, returning logits: a torch.export "
+                          "program (torch.export.save, .pt2) or TorchScript (deprecated in torch)")
+    p.add_argument("--dataset", required=True, choices=("cifar10", "cifar100", "imagenet", "imagefolder"),
+                   help="dataset whose test split is used")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="local data folder; default $MIXACM_DATA_<DATASET>, then the download folder")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if missing")
+    p.add_argument("--eps", required=True,
+                   help="L-inf radius as a fraction of the [0, 1] range: 8/255 or 0.031")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -480,18 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with provenance (mixacm.evaluate). A mixacm model file or a "
                                    "foreign model that takes [0, 1] images: a torch.export program "
                                    "(.pt2) or a TorchScript file.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="MODEL.pt", help="mixacm model file (mixacm train / teacher)")
-    src.add_argument("--model-file", metavar="MODEL.pt2",
-                     help="foreign model taking [0, 1] images, returning logits: a torch.export "
-                          "program (torch.export.save, .pt2) or TorchScript (deprecated in torch)")
-    p.add_argument("--dataset", required=True, choices=("cifar10", "cifar100", "imagenet", "imagefolder"),
-                   help="dataset whose test split is used")
-    p.add_argument("--data-root", metavar="DIR",
-                   help="local data folder; default $MIXACM_DATA_<DATASET>, then the download folder")
-    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if missing")
-    p.add_argument("--eps", required=True,
-                   help="L-inf radius as a fraction of the [0, 1] range: 8/255 or 0.031")
+    _add_model_and_data_arguments(p)
     p.add_argument("--attacks", default="clean,pgd20",
                    help="comma-separated: clean, pgd<K> (e.g. pgd20), autoattack, autoattack-apgd, "
                         "autoattack-rand (default: %(default)s)")
@@ -520,14 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "more steps and restarts, APGD-DLR and Square on a subset, transfer "
                                    "attacks from source models, an eps sweep; the per-point worst case "
                                    "is the 'audited' metric, failed checks are flags with reasons.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="MODEL.pt", help="mixacm model file")
-    src.add_argument("--model-file", metavar="TORCHSCRIPT.pt", help="TorchScript model taking [0, 1] images")
-    p.add_argument("--dataset", required=True, choices=("cifar10", "cifar100", "imagenet", "imagefolder"),
-                   help="dataset whose test split is used")
-    p.add_argument("--data-root", metavar="DIR", help="local data folder (default $MIXACM_DATA_<DATASET>)")
-    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if missing")
-    p.add_argument("--eps", required=True, help="L-inf radius as a fraction of [0, 1]: 8/255 or 0.031")
+    _add_model_and_data_arguments(p)
     p.add_argument("--source", action="append", default=[], metavar="NAME=MODEL.pt",
                    help="a model whose PGD-20 examples are transferred (e.g. teacher=..., at=...); repeatable")
     p.add_argument("--autoattack-result", metavar="RESULT.json",
