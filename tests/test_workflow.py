@@ -116,6 +116,22 @@ def test_cpu_claims_config_plans_each_evaluation_once(tmp_path, shared_models):
     assert int(counts["evaluate_model"]) == len(planned)
 
 
+def test_autoattack_and_audit_lists_plan_only_the_listed_recipes(wf):
+    # quick.yaml: AutoAttack and the audit for the MixACM and AT runs of the main table only.
+    cfg = yaml.safe_load((wf / "config" / "quick.yaml").read_text())
+    main = cfg["experiments"]["cifar10"]
+    assert main["autoattack"] == main["audit"] == ["mixacm", "at"]
+    proc = snakemake(wf, "-n", "--configfile", "config/quick.yaml")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    planned = set(re.findall(r"^\s+output: (results/\S+/eval_\w+\.json)$", proc.stdout, re.M))
+    for kind in ("autoattack", "audit"):
+        runs = sorted(p.split("/")[2] for p in planned
+                      if p.endswith(f"/eval_{kind}.json") and not p.startswith("results/teachers/"))
+        assert runs == ["at", "mixacm"], kind
+    # every run still gets clean + PGD-20
+    assert {p.split("/")[2] for p in planned if p.endswith("/eval_clean_pgd.json")} >= set(main["recipes"])
+
+
 def test_lint_is_clean(wf):
     proc = snakemake(wf, "--lint", "--configfile", "config/quick.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -167,6 +183,8 @@ def _bad(cfg: dict, path: list, value) -> dict:
          "experiments.cifar10.autoattack_standard[0]"),
         (["experiments", "cifar10", "autoattack_standard"], ["mixacm"],
          "evaluation.cifar10.autoattack_standard.n"),
+        (["experiments", "cifar10", "autoattack"], ["mixacm", "ard"], "experiments.cifar10.autoattack[1]"),
+        (["experiments", "cifar10", "audit"], ["awp"], "experiments.cifar10.audit[0]"),
         (["experiments", "imagenet"], {"dataset": "imagenet", "arch": "tiny", "recipes": ["at"]},
          "experiments.imagenet.recipes[0]: method 'at' (recipe 'at') has no recipe for dataset 'imagenet'"),
         (["recipes", "mixacm", "knobs"], {"terms": [{"term": "crd"}]},
@@ -177,7 +195,7 @@ def _bad(cfg: dict, path: list, value) -> dict:
     ],
     ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
          "knob-eps-8", "unused-recipe-knob", "unused-recipe-optim", "unknown-method", "standard-aa-unknown-recipe",
-         "standard-aa-without-n", "no-recipe-for-dataset", "unknown-term", "missing-block"],
+         "standard-aa-without-n", "aa-list-unknown-recipe", "audit-list-unknown-recipe", "no-recipe-for-dataset", "unknown-term", "missing-block"],
 )
 def test_bad_config_stops_before_any_job(wf, path, value, expected):
     cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)

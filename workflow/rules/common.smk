@@ -59,12 +59,14 @@ def _check_config(cfg):
                 f"config key experiments.{exp_name}.dataset: {exp['dataset']!r} has no "
                 f"evaluation.{exp['dataset']} section (eps, test points)"
             )
-        for i, recipe in enumerate(exp.get("autoattack_standard", [])):
-            if recipe not in exp["recipes"]:
-                raise WorkflowError(
-                    f"config key experiments.{exp_name}.autoattack_standard[{i}]: recipe "
-                    f"{recipe!r} is not one of this experiment's recipes ({', '.join(exp['recipes'])})"
-                )
+        for key in ("autoattack", "autoattack_standard", "audit"):
+            listed = exp.get(key)
+            for i, recipe in enumerate(listed if isinstance(listed, list) else []):
+                if recipe not in exp["recipes"]:
+                    raise WorkflowError(
+                        f"config key experiments.{exp_name}.{key}[{i}]: recipe "
+                        f"{recipe!r} is not one of this experiment's recipes ({', '.join(exp['recipes'])})"
+                    )
         if exp.get("autoattack_standard") and "autoattack_standard" not in cfg["evaluation"][exp["dataset"]]:
             raise WorkflowError(
                 f"config key experiments.{exp_name}.autoattack_standard: set "
@@ -380,8 +382,7 @@ def experiment_results(name):
     if exp is None:
         return []
     files = experiment_files(name, "eval_clean_pgd.json")
-    if exp.get("autoattack", True):
-        files += experiment_files(name, "eval_autoattack.json")
+    files += [f"{run_dir(*run)}/eval_autoattack.json" for run in evaluated_runs(name, "autoattack")]
     standard = set(exp.get("autoattack_standard", []))
     files += [f"{run_dir(*run)}/eval_autoattack_standard.json"
               for run in experiment_runs(name) if run[1] in standard]
@@ -389,8 +390,7 @@ def experiment_results(name):
         # The transfer table's Teacher row: the teacher's own evaluations.
         kinds = ["clean_pgd"] + (["autoattack"] if exp.get("autoattack", True) else [])
         files += [f"results/teachers/{exp['dataset']}/eval_{kind}.json" for kind in kinds]
-    if audit_on(name):
-        files += experiment_files(name, "eval_audit.json")
+    files += [f"{run_dir(*run)}/eval_audit.json" for run in evaluated_runs(name, "audit")]
     return files
 
 
@@ -436,10 +436,21 @@ def report_teachers():
 # -- robustness audit (mixacm audit, rules/audit.smk) ----------------------------------------------
 
 
-def audit_on(name):
-    """experiments.<name>.audit; on by default for the main comparison (experiments.cifar10)."""
+def evaluated_runs(name, key):
+    """The runs of experiment {name} that get evaluation {key}: "autoattack"
+    (experiments.<name>.autoattack, default true) or "audit" (experiments.<name>.audit, default
+    true for experiments.cifar10, the main comparison, false otherwise). true: every run;
+    false: none; a list: the runs of those recipes."""
     exp = config["experiments"].get(name) or {}
-    return bool(exp.get("audit", name == "cifar10"))
+    value = exp.get(key, True if key == "autoattack" else name == "cifar10")
+    runs = experiment_runs(name)
+    if isinstance(value, bool):
+        return runs if value else []
+    return [run for run in runs if run[1] in value]
+
+
+def _run_key(run):
+    return (run[0], run[1], run[2], frac_str(run[3]), str(run[4]))
 
 
 def _check_audit_settings(cfg):
@@ -458,7 +469,7 @@ _check_audit_settings(config)
 def _at_model(w):
     """The PGD-AT run of the same dataset, arch, fraction and seed in an audited experiment."""
     for name in config["experiments"]:
-        if not audit_on(name):
+        if not evaluated_runs(name, "audit"):
             continue
         for ds, recipe, arch, fraction, seed in experiment_runs(name):
             if ((ds, arch, frac_str(fraction), str(seed)) == (w.dataset, w.arch, w.fraction, w.seed)
@@ -475,10 +486,8 @@ def audit_inputs(w):
     at = _at_model(w)
     if at:
         inputs["at"] = at
-    names = [n for n in config["experiments"] if audit_on(n) and any(
-        (r[0], r[1], r[2], frac_str(r[3]), str(r[4])) == (w.dataset, w.method, w.arch, w.fraction, w.seed)
-        for r in experiment_runs(n))]
-    if any(config["experiments"][n].get("autoattack", True) for n in names):
+    key = (w.dataset, w.method, w.arch, w.fraction, w.seed)
+    if any(_run_key(r) == key for n in config["experiments"] for r in evaluated_runs(n, "autoattack")):
         inputs["aa"] = f"{run_dir(w.dataset, w.method, w.arch, w.fraction, w.seed)}/eval_autoattack.json"
     return inputs
 
@@ -488,5 +497,5 @@ def audit_source_args(w):
     return " ".join(f"--source {shell_quote(f'{k}={v}')}" for k, v in sorted(sources.items()))
 
 
-AUDIT_RESULTS = sorted({f for name in config["experiments"] if audit_on(name)
-                        for f in experiment_files(name, "eval_audit.json")})
+AUDIT_RESULTS = sorted({f"{run_dir(*run)}/eval_audit.json"
+                        for name in config["experiments"] for run in evaluated_runs(name, "audit")})
