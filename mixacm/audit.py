@@ -33,8 +33,6 @@ from torch.utils.data import Dataset
 
 import mixacm
 from mixacm.attacks import ATTACK_PRECISION, AutoAttackAdapter, PGDAttack
-from mixacm.data import balanced_first_n, dataset_labels
-from mixacm.evaluate import PRECISION, RESULT_SCHEMA, batch_seed, check_model, dataset_num_classes, model_sha256
 from mixacm.provenance import provenance
 from mixacm.utils import atomic_json_dump, format_eps, parse_eps, resolve_device
 
@@ -104,6 +102,11 @@ def run_audit(model: nn.Module, dataset: Dataset, eps: float | str, *,
     eps_value = parse_eps(eps)
     dev = resolve_device(device)
     sources = dict(sources or {})
+    # Imported here: mixacm.data loads torchvision (seconds), and the workflow's config check
+    # imports this module for audit_settings alone.
+    from mixacm.data import balanced_first_n, dataset_labels
+    from mixacm.evaluate import PRECISION, RESULT_SCHEMA, batch_seed, check_model, dataset_num_classes, model_sha256
+
     labels = dataset_labels(dataset)
     num_classes = dataset_num_classes(dataset)
     indices = balanced_first_n(labels, min(s["n"], len(labels)))

@@ -11,7 +11,6 @@ four stages' outputs (post-ReLU, as torchvision's bottlenecks end with a ReLU).
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchvision.models import resnet50 as tv_resnet50
 
 from mixacm.models.base import IMAGENET_MEAN, IMAGENET_STD, FeatureClassifier
 from mixacm.models.registry import MODELS
@@ -43,4 +42,8 @@ class TorchvisionResNet(FeatureClassifier):
 
 @MODELS.register("resnet50")
 def resnet50(num_classes: int = 1000, **kwargs) -> TorchvisionResNet:
+    # Imported here: torchvision's import takes seconds (it loads torch._dynamo), and the
+    # workflow's config check imports the model registry without building this network.
+    from torchvision.models import resnet50 as tv_resnet50
+
     return TorchvisionResNet(tv_resnet50(weights=None, num_classes=num_classes), **kwargs)
