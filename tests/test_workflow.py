@@ -132,6 +132,19 @@ def test_autoattack_and_audit_lists_plan_only_the_listed_recipes(wf):
     assert {p.split("/")[2] for p in planned if p.endswith("/eval_clean_pgd.json")} >= set(main["recipes"])
 
 
+def test_nested_config_overrides_are_read_as_yaml(wf):
+    # Snakemake hands nested --config values over as strings; the workflow reads them as YAML,
+    # so the number reaches the checks (a string 0 would fail the type check instead).
+    proc = snakemake(wf, "-n", "--configfile", "config/quick.yaml", "--config", "recipes={at: {optim: {epochs: 0}}}")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "config key recipes.at.optim.epochs: 0 is less than the minimum of 1" in out, out
+    proc = snakemake(wf, "-n", "--configfile", "config/quick.yaml",
+                     "--config", "recipes={at: {optim: {epochs: 1, lr: 0.1}}}", "seeds=[0, 1]")
+    assert proc.returncode == 0, proc.stderr
+    assert "results/cifar10/at/tiny/frac1.0/seed1/model.pt" in proc.stdout
+
+
 def test_lint_is_clean(wf):
     proc = snakemake(wf, "--lint", "--configfile", "config/quick.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
