@@ -16,6 +16,14 @@ SHARED_MODELS = SHARED / "models"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def _no_data_roots_from_the_shell(monkeypatch):
+    """Tests name their data themselves: a MIXACM_DATA_* variable of the shell that runs pytest
+    (the quick start exports MIXACM_DATA_CIFAR10) must not change what they see."""
+    for key in [k for k in os.environ if k.startswith("MIXACM_DATA_")]:
+        monkeypatch.delenv(key)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
@@ -33,3 +41,35 @@ def shared_models() -> Path:
     if not (SHARED_MODELS / "resnet4b.pth").is_file():
         pytest.skip(f"shared teacher checkpoints not found in {SHARED_MODELS} (set MIXACM_SHARED)")
     return SHARED_MODELS
+
+
+@pytest.fixture(scope="session")
+def place_robustbench_checkpoint():
+    """``place(model_dir, dataset, name, seed)``: a checkpoint with random weights (and random
+    BatchNorm statistics, so a normalisation or BN mix-up changes the logits) of RobustBench
+    entry ``name``'s own architecture, built by RobustBench, where its ``load_model`` looks for
+    it: ``<model_dir>/<dataset>/Linf/<name>.pt``, so no download is tried. Skips where the
+    robustbench package is not importable (``pip install -e '.[robustbench]'``; CI installs it)."""
+    from mixacm.teachers import import_robustbench_load_model, robustbench_checkpoint_path
+
+    try:
+        import_robustbench_load_model()
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not installed as the extra"
+        pytest.skip(f"robustbench is not importable here ({type(exc).__name__}: {exc}); "
+                    "install it with pip install -e '.[robustbench]'")
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    def place(model_dir: Path, dataset: str, name: str, seed: int = 0) -> Path:
+        torch.manual_seed(seed)
+        net = model_dicts[BenchmarkDataset(dataset)][ThreatModel("Linf")][name]["model"]()
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        path = robustbench_checkpoint_path(model_dir, name, dataset, "Linf")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": net.state_dict()}, path)
+        return path
+
+    return place

@@ -539,6 +539,32 @@ def test_cpu_jobs_cost_their_cpu_time_not_their_wall_time(tmp_path):
     assert only.at[0, "cost_unit"] == "wall device-hours"
 
 
+@pytest.mark.parametrize("same_config", [False, True], ids=["own-config", "a-students-config"])
+def test_a_teacher_trained_in_the_dag_costs_cpu_hours_like_its_students(tmp_path, same_config):
+    # The transfer table puts the teacher beside its students: one cost unit for all of them.
+    # In config/ci.yaml the teacher trains with a student's recipe: one config, one cost row.
+    runs = {"cifar10/at/tiny/frac1.0/seed0": ("h0", 600.0, 300.0),
+            "teachers/cifar10/trained": ("h0" if same_config else "h1", 900.0, 450.0)}
+    paths = []
+    for name, (config_hash, wall, cpu) in runs.items():
+        d = tmp_path / "results" / name
+        d.mkdir(parents=True)
+        (d / "train_summary.json").write_text(json.dumps(
+            {"config_hash": config_hash, "name": name, "wall_time_s": wall, "device_hours": wall / 3600,
+             "device": "cpu", "world_size": 1}))
+        bench = tmp_path / "results" / "benchmarks" / "train" / f"{name}.tsv"
+        bench.parent.mkdir(parents=True)
+        bench.write_text(f"s\th:m:s\tmax_rss\tcpu_time\n{wall}\t0:10:00\t100.0\t{cpu}\n")
+        paths += [d / "train_summary.json", bench]
+    costs = collect_costs(paths).set_index("name")
+    assert set(costs["cost_unit"]) == {"CPU-hours"}
+    assert costs.at["cifar10/at/tiny/frac1.0/seed0", "device_hours"] == pytest.approx(300 / 3600)
+    if same_config:
+        assert len(costs) == 1
+    else:
+        assert costs.at["teachers/cifar10/trained", "device_hours"] == pytest.approx(450 / 3600)
+
+
 def test_no_difference_across_settings(make_result):
     # a small student at 2/255 beside the paper's WRN-34-10 at 8/255: numbers side by side, no difference
     files = [make_result("mixacm", 0, {"clean": 20.0, "pgd20": 15.0}, arch="resnet2b",

@@ -264,6 +264,7 @@ def transfer_figure(table: pd.DataFrame | None, path: Path) -> Path:
     rows = _reproduced(table)
     fig = Figure(figsize=(6.5, 4.8), layout="constrained")
     ax = fig.subplots()
+    labels = []
     if rows.empty:
         _empty(ax)
     else:
@@ -276,8 +277,8 @@ def transfer_figure(table: pd.DataFrame | None, path: Path) -> Path:
             label = f"{row['method']} ({row['student']})"
             if row.name in costed.index:
                 ax.scatter(row["train_device_hours"], robust, s=55, color="tab:red", zorder=3)
-                ax.annotate(label, (row["train_device_hours"], robust), fontsize=7, xytext=(4, 3),
-                            textcoords="offset points", color="tab:red")
+                labels.append(ax.annotate(label, (row["train_device_hours"], robust), fontsize=7, xytext=(4, 3),
+                                          textcoords="offset points", color="tab:red"))
             else:
                 ax.axhline(robust, color="tab:gray", ls="--", lw=1)
                 ax.annotate(label + ", cost not recorded", (0.01, robust), xycoords=("axes fraction", "data"),
@@ -292,6 +293,7 @@ def transfer_figure(table: pd.DataFrame | None, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.margins(x=0.15, y=0.1)
     ax.set_title("Robustness transfer: robust accuracy against training cost" + _sources(rows), fontsize=9)
+    place_labels(fig, labels)
     return _save(fig, path)
 
 

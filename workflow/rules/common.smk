@@ -395,14 +395,16 @@ def experiment_results(name):
 
 
 def teacher_costs(name):
-    """The training summary of a teacher trained in the DAG, for the transfer table's cost."""
+    """The training summary and benchmark of a teacher trained in the DAG, for the transfer
+    table's cost."""
     exp = config["experiments"].get(name)
     if name != "transfer" or exp is None:
         return []
     teacher = config["teachers"].get(exp["dataset"])
     if teacher is None or teacher["source"] != "train":
         return []
-    return [f"results/teachers/{exp['dataset']}/trained/train_summary.json"]
+    return [f"results/teachers/{exp['dataset']}/trained/train_summary.json",
+            f"results/benchmarks/train/teachers/{exp['dataset']}/trained.tsv"]
 
 
 def table_inputs(table):

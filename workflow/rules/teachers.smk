@@ -114,7 +114,9 @@ rule train_teacher:
     log:
         "logs/teachers/{dataset}/train.log",
     benchmark:
-        "results/teachers/{dataset}/trained/benchmark_train.tsv"
+        # beside the students' (results/benchmarks/train/<run name>.tsv): the tables read
+        # the run's CPU time from it, in the students' cost unit
+        "results/benchmarks/train/teachers/{dataset}/trained.tsv"
     conda:
         "../../environment.yml"
     shell:
