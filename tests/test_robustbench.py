@@ -30,9 +30,6 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "not install
     pytest.skip(f"robustbench is not importable here ({type(exc).__name__}: {exc}); "
                 "install it with pip install -e '.[robustbench]'", allow_module_level=True)
 
-from robustbench.model_zoo import model_dicts  # noqa: E402
-from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # A WRN-28-10 entry with the unused sub_block1 group (the paper config's teacher) and a
@@ -40,25 +37,11 @@ BIN = Path(sys.executable).parent
 ENTRIES = {"Carmon2019Unlabeled": "wrn-28-10", "Wu2020Adversarial": "wrn-34-10"}
 
 
-def rb_net(name: str) -> torch.nn.Module:
-    return model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")][name]["model"]()
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory, place_robustbench_checkpoint) -> Path:
     root = tmp_path_factory.mktemp("rbmodels")
     for i, name in enumerate(ENTRIES):
-        torch.manual_seed(i)
-        net = rb_net(name)
-        # Random BatchNorm statistics too, so a normalisation or BN mix-up changes the logits.
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-        path = robustbench_checkpoint_path(root, name, "cifar10", "Linf")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": net.state_dict()}, path)
-        del net
+        place_robustbench_checkpoint(root, "cifar10", name, seed=i)
     return root
 
 
