@@ -187,6 +187,11 @@ def test_table_and_report_show_the_audited_column_and_flags(net, tmp_path):
     assert "gradient masking suspected" in row["audit_flags"] and row["audit_flags"].startswith("seed 0:")
     html = render_report({"cifar10": table}, [], collect_results(files), tmp_path / "r.html").read_text()
     assert "Audited robust" in html and "flagged:" in html
+    # what a flag means, and that a smoke run's flags say little, beside the table
+    assert "Audited robust: per point, the worst case" in html and "smoke run" in html
+    plain = render_report({"cifar10": build_table("cifar10", collect_results(files[:1]))}, [],
+                          collect_results(files[:1]), tmp_path / "plain.html").read_text()
+    assert "Audited robust: per point" not in plain
 
 
 def test_sweep_figure_from_audit_files(net, tmp_path):
