@@ -17,11 +17,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)
-def _no_data_roots_from_the_shell(monkeypatch):
+def _no_data_roots_from_the_shell(monkeypatch, tmp_path):
     """Tests name their data themselves: a MIXACM_DATA_* variable of the shell that runs pytest
-    (the quick start exports MIXACM_DATA_CIFAR10) must not change what they see."""
+    (the quick start exports MIXACM_DATA_CIFAR10) must not change what they see, nor data in the
+    user's default download folder (MIXACM_DATA_HOME points at an empty folder of the test)."""
     for key in [k for k in os.environ if k.startswith("MIXACM_DATA_")]:
         monkeypatch.delenv(key)
+    monkeypatch.setenv("MIXACM_DATA_HOME", str(tmp_path / "mixacm-data-home"))
 
 
 @pytest.fixture(scope="session")

@@ -552,11 +552,16 @@ def test_a_teacher_trained_in_the_dag_costs_cpu_hours_like_its_students(tmp_path
         (d / "train_summary.json").write_text(json.dumps(
             {"config_hash": config_hash, "name": name, "wall_time_s": wall, "device_hours": wall / 3600,
              "device": "cpu", "world_size": 1}))
-        bench = tmp_path / "results" / "benchmarks" / "train" / f"{name}.tsv"
-        bench.parent.mkdir(parents=True)
+        # the teacher's benchmark sits in its run folder (rule train_teacher), the students' in
+        # results/benchmarks/train/
+        bench = (d / "benchmark_train.tsv" if name.startswith("teachers/")
+                 else tmp_path / "results" / "benchmarks" / "train" / f"{name}.tsv")
+        bench.parent.mkdir(parents=True, exist_ok=True)
         bench.write_text(f"s\th:m:s\tmax_rss\tcpu_time\n{wall}\t0:10:00\t100.0\t{cpu}\n")
         paths += [d / "train_summary.json", bench]
     costs = collect_costs(paths).set_index("name")
+    # the same rows whatever the order of the files
+    assert collect_costs(paths[::-1]).set_index("name").sort_index().equals(costs.sort_index())
     assert set(costs["cost_unit"]) == {"CPU-hours"}
     assert costs.at["cifar10/at/tiny/frac1.0/seed0", "device_hours"] == pytest.approx(300 / 3600)
     if same_config:

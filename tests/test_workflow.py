@@ -143,6 +143,12 @@ def test_nested_config_overrides_are_read_as_yaml(wf):
                      "--config", "recipes={at: {optim: {epochs: 1, lr: 0.1}}}", "seeds=[0, 1]")
     assert proc.returncode == 0, proc.stderr
     assert "results/cifar10/at/tiny/frac1.0/seed1/model.pt" in proc.stdout
+    # strings YAML would read as something else than a scalar stay strings: here a value the
+    # schema then rejects by name, not a YAML traceback
+    proc = snakemake(wf, "-n", "--configfile", "config/quick.yaml", "--config", "teachers={cifar10: {recipe: '@x'}}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out and "ScannerError" not in out
+    assert "@x" in out, out
 
 
 def test_lint_is_clean(wf):
@@ -269,7 +275,8 @@ def test_ci_config_end_to_end(tmp_path, cifar10_jpeg_root):
             docs = [json.loads(f.read_text()) for f in files]
             # Every number in the row is the one in its result files.
             attacks = (("clean", ["clean"]), ("pgd20", ["pgd20"]))
-            if exp.get("autoattack", True):
+            aa = exp.get("autoattack", True)
+            if aa is True or (isinstance(aa, list) and row["method_key"] in aa):
                 attacks += (("autoattack_apgd", ["autoattack-apgd"]),)
             for col, keys in attacks:
                 metrics = [d["metrics"][k] for d in docs for k in keys if k in d["metrics"]]

@@ -266,8 +266,11 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
 
     A summary gives ``config_hash``, ``name`` (the run id) and its own ``device_hours``. A
     benchmark file belongs to the run whose name ends its path without the suffix (e.g.
-    ``benchmarks/train/cifar10/mixacm/tiny/seed0.tsv`` for run ``cifar10/mixacm/tiny/seed0``)
-    and, when present, replaces the summary's figure: it times the whole job. One row per run.
+    ``benchmarks/train/cifar10/mixacm/tiny/seed0.tsv`` for run ``cifar10/mixacm/tiny/seed0``),
+    or, named ``benchmark_train.tsv``, to the run whose name ends its folder (a teacher trained
+    in the DAG: ``results/teachers/cifar10/trained/benchmark_train.tsv``), and, when present,
+    replaces the summary's figure: it times the whole job. One row per training config: where two
+    runs share one (a teacher trained with a student's recipe), the student's name is kept.
     """
     summaries: list[tuple[Path, dict[str, Any]]] = []
     benchmarks: list[Path] = []
@@ -284,6 +287,9 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
             benchmarks.append(p)
     rows = {}
     aliases: dict[str, dict[str, Any]] = {}  # run name -> the cost row of its training config
+    # students before teachers, each by name: the row a shared config keeps does not depend on
+    # the order the files were given in
+    summaries.sort(key=lambda ps: (str(ps[1].get("name") or "").startswith("teachers/"), str(ps[1].get("name"))))
     for p, s in summaries:
         if s["config_hash"] in rows:
             # The same training config twice (a teacher trained in the DAG with a student's
@@ -308,7 +314,7 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
         return bool(name) and (stem == name or stem.endswith("/" + name))
 
     for b in benchmarks:
-        stem = b.with_suffix("").as_posix()
+        stem = (b.parent if b.name == "benchmark_train.tsv" else b.with_suffix("")).as_posix()
         match = [r for r in rows.values() if ends_with(stem, r["name"])]
         alias = [r for name, r in aliases.items() if ends_with(stem, name)]
         if not match and len(alias) == 1:
@@ -318,7 +324,7 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
                 continue
             match = alias
         if len(match) != 1:
-            names = ", ".join(sorted(str(r["name"]) for r in rows.values())) or "none"
+            names = ", ".join(sorted([str(r["name"]) for r in rows.values()] + list(map(str, aliases)))) or "none"
             raise ResultFileError(
                 f"benchmark file {b} matches {len(match)} training summaries; its path without "
                 f"the suffix must end with exactly one run name (run names given: {names})")

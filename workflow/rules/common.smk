@@ -387,8 +387,9 @@ def experiment_results(name):
     files += [f"{run_dir(*run)}/eval_autoattack_standard.json"
               for run in experiment_runs(name) if run[1] in standard]
     if name == "transfer" and exp["dataset"] in config["teachers"]:
-        # The transfer table's Teacher row: the teacher's own evaluations.
-        kinds = ["clean_pgd"] + (["autoattack"] if exp.get("autoattack", True) else [])
+        # The transfer table's Teacher row: the teacher's own evaluations (AutoAttack unless the
+        # experiment's autoattack is false: a list of recipes keeps the reference row attacked).
+        kinds = ["clean_pgd"] + (["autoattack"] if exp.get("autoattack", True) is not False else [])
         files += [f"results/teachers/{exp['dataset']}/eval_{kind}.json" for kind in kinds]
     files += [f"{run_dir(*run)}/eval_audit.json" for run in evaluated_runs(name, "audit")]
     return files
@@ -404,7 +405,7 @@ def teacher_costs(name):
     if teacher is None or teacher["source"] != "train":
         return []
     return [f"results/teachers/{exp['dataset']}/trained/train_summary.json",
-            f"results/benchmarks/train/teachers/{exp['dataset']}/trained.tsv"]
+            f"results/teachers/{exp['dataset']}/trained/benchmark_train.tsv"]
 
 
 def table_inputs(table):

@@ -114,9 +114,7 @@ rule train_teacher:
     log:
         "logs/teachers/{dataset}/train.log",
     benchmark:
-        # beside the students' (results/benchmarks/train/<run name>.tsv): the tables read
-        # the run's CPU time from it, in the students' cost unit
-        "results/benchmarks/train/teachers/{dataset}/trained.tsv"
+        "results/teachers/{dataset}/trained/benchmark_train.tsv"
     conda:
         "../../environment.yml"
     shell:
