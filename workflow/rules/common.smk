@@ -7,17 +7,50 @@
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from shlex import quote as shell_quote
 from types import SimpleNamespace
 
 import yaml
+from snakemake.utils import update_config, validate
 
 from mixacm.config import ConfigError, check_pipeline_recipe, check_recipe_block, pipeline_run_config, teacher_source
 from mixacm.inputs import PipelineInputError, check_pipeline_inputs
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
 from mixacm.utils import parse_eps
+
+
+# Nested --config values arrive as strings (Snakemake reads them with YAML's BaseLoader): read each
+# string as a YAML scalar, as a config file would be, so --config 'recipes={at: {optim: {epochs: 1}}}'
+# sets the number 1. Strings that YAML reads as anything but a number, boolean or null stay strings.
+def _yaml_typed(value):
+    if isinstance(value, str) and value.strip():
+        try:
+            typed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return typed if typed is None or isinstance(typed, (bool, int, float)) else value
+    if isinstance(value, Mapping):
+        return {k: _yaml_typed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml_typed(v) for v in value]
+    return value
+
+
+update_config(config, _yaml_typed(workflow.config_settings.config))
+
+# Before any job: unknown keys, wrong types and out-of-range values name the offending key.
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as err:
+    cause = err.__context__  # the jsonschema ValidationError
+    if not hasattr(cause, "absolute_path"):
+        raise
+    key = ".".join(map(str, cause.absolute_path)) or "(top level)"
+    hint = "; eps is a fraction of the [0, 1] range: write 8/255, not 8" if key.endswith("eps") else ""
+    raise WorkflowError(f"invalid config: key {key}: {cause.message}{hint}") from None
 
 
 # jsonschema validation has already named the key for unknown keys and wrong types; these checks
