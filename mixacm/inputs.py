@@ -88,9 +88,13 @@ def data_error(dataset: str, section: Mapping | None, env: Mapping[str, str] | N
     return f"{origin}: {root} holds no {pretty} data: expected {_layout(dataset)}."
 
 
-def teacher_errors(cfg: Mapping) -> list[str]:
+def teacher_errors(cfg: Mapping, datasets: Iterable[str] | None = None) -> list[str]:
+    """A sentence for each teacher file the config names that does not exist (of ``datasets``'
+    teachers only, when given)."""
     errors = []
     for ds, teacher in cfg.get("teachers", {}).items():
+        if datasets is not None and ds not in datasets:
+            continue
         if teacher.get("source") == "file":
             path = Path(str(teacher.get("path", ""))).expanduser()
             if not path.is_file():
@@ -107,10 +111,7 @@ def pipeline_input_errors(cfg: Mapping, env: Mapping[str, str] | None = None,
     wanted = set(datasets_used(cfg)) if datasets is None else set(datasets) & set(datasets_used(cfg))
     errors = [e for ds in sorted(wanted)
               if (e := data_error(ds, cfg.get("data", {}).get(ds), env)) is not None]
-    teachers = teacher_errors(cfg)
-    if datasets is not None:
-        teachers = [e for e in teachers if e.split(".")[1] in set(datasets)]
-    return errors + teachers
+    return errors + teacher_errors(cfg, None if datasets is None else set(datasets))
 
 
 def check_pipeline_inputs(cfg: Mapping, env: Mapping[str, str] | None = None,

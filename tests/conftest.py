@@ -75,3 +75,24 @@ def place_robustbench_checkpoint():
         return path
 
     return place
+
+
+@pytest.fixture(scope="session")
+def make_imagenet_folder():
+    """``make(root, classes, train_per_class, val_per_class, size)``: ImageNet's folder layout
+    (``train/`` and ``val/``, one folder a class) with small JPEG images, brighter for higher
+    classes (so a few steps can tell the first classes apart)."""
+    from torchvision.io import write_jpeg
+
+    def make(root: Path, classes: int, train_per_class: int, val_per_class: int, size: int) -> Path:
+        g = torch.Generator().manual_seed(0)
+        for split, n in (("train", train_per_class), ("val", val_per_class)):
+            for c in range(classes):
+                folder = root / split / f"n{c:08d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    img = (torch.rand(3, size, size, generator=g) * 100 + 100 * c).clamp(0, 255).to(torch.uint8)
+                    write_jpeg(img, str(folder / f"img{i}.JPEG"))
+        return root
+
+    return make

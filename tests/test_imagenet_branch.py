@@ -17,34 +17,20 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
-from torchvision.io import write_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CLASSES = 2
 
 
-def tiny_imagenet(root: Path, per_class: int = 4, size: int = 80) -> Path:
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", per_class), ("val", 2)):
-        for c in range(CLASSES):
-            folder = root / split / f"n0000000{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = (torch.rand(3, size, size, generator=g) * 100 + 100 * c).clamp(0, 255).to(torch.uint8)
-                write_jpeg(img, str(folder / f"img{i}.JPEG"))
-    return root
-
-
 @pytest.mark.slow
-def test_imagenet_rules_run_through_torchrun_to_the_table(tmp_path):
+def test_imagenet_rules_run_through_torchrun_to_the_table(tmp_path, make_imagenet_folder):
     wf = tmp_path / "wf"
     shutil.copytree(REPO / "workflow", wf / "workflow")
     shutil.copytree(REPO / "config", wf / "config")
     shutil.copy(REPO / "environment.yml", wf / "environment.yml")
-    data = tiny_imagenet(tmp_path / "imagenet")
+    data = make_imagenet_folder(tmp_path / "imagenet", CLASSES, train_per_class=4, val_per_class=2, size=80)
 
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     recipes = ["mixacm_imagenet", "free_at_imagenet", "fast_at_imagenet"]

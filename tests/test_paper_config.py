@@ -32,9 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
-from torchvision.io import write_jpeg
 
 from mixacm.checkpoint import load_model_file
 from mixacm.report.figures import FIGURE_NAMES
@@ -69,20 +67,9 @@ def budget_overlay(cfg: dict) -> dict:
             "teachers": {"cifar10": {"check": check}, "imagenet": {"check": check}}}
 
 
-def imagenet_folder(root: Path, classes: int = 1000, size: int = 64) -> Path:
-    """ImageNet's layout (train/ and val/, one folder a class) with one small image a class and
-    split: the RobustBench teacher has ImageNet's 1000 outputs, so the folder has 1000 classes."""
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"n{c:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            write_jpeg((torch.rand(3, size, size, generator=g) * 255).to(torch.uint8), str(folder / "img0.JPEG"))
-    return root
-
-
 @pytest.mark.paper
-def test_paper_config_runs_end_to_end_with_budgets_shrunk(tmp_path, cifar10_jpeg_root, place_robustbench_checkpoint):
+def test_paper_config_runs_end_to_end_with_budgets_shrunk(tmp_path, cifar10_jpeg_root, place_robustbench_checkpoint,
+                                                          make_imagenet_folder):
     wf = tmp_path / "wf"
     for folder in ("workflow", "config"):
         shutil.copytree(REPO / folder, wf / folder)
@@ -97,7 +84,8 @@ def test_paper_config_runs_end_to_end_with_budgets_shrunk(tmp_path, cifar10_jpeg
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXACM_DATA_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1",
                MIXACM_DATA_CIFAR10=str(cifar10_jpeg_root),
-               MIXACM_DATA_IMAGENET=str(imagenet_folder(tmp_path / "imagenet")),
+               # the RobustBench teacher has ImageNet's 1000 outputs: 1000 classes, one image each
+               MIXACM_DATA_IMAGENET=str(make_imagenet_folder(tmp_path / "imagenet", 1000, 1, 1, size=64)),
                MIXACM_ROBUSTBENCH_DIR=str(model_dir), MIXACM_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run([str(BIN / "snakemake"), "--cores", "all", "--configfile", "config/config.yaml",
                            "--config", *overrides], cwd=wf, env=env, capture_output=True, text=True, timeout=1800)
