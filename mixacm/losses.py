@@ -119,15 +119,33 @@ def rslad_loss(logits_adv: Tensor, logits_nat: Tensor, teacher_logits: Tensor,
     return w_adv * kl_class_mean(logits_adv, teacher_logits) + w_nat * kl_class_mean(logits_nat, teacher_logits)
 
 
-def mixup(x: Tensor, y: Tensor, lam: float, perm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mix each example with its partner ``perm[i]``: returns ``(x~, y, y[perm])``."""
+def mixup(x: Tensor, y: Tensor, lam: float | Tensor, perm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mix each example with its partner ``perm[i]``: returns ``(x~, y, y[perm])``.
+
+    ``lam`` is one number in [0, 1] for the whole batch (Zhang et al. 2018, the paper's mixup) or
+    a tensor of shape (B,) with one value per example (broadcast over x's other dimensions).
+    """
+    if isinstance(lam, Tensor):
+        if lam.shape != (x.shape[0],):
+            raise ValueError(f"lam of shape {tuple(lam.shape)}: expected one value per example, ({x.shape[0]},)")
+        if bool(((lam < 0) | (lam > 1)).any()):
+            raise ValueError("lam: every value must be in [0, 1]")
+        w = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return w * x + (1.0 - w) * x[perm], y, y[perm]
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam={lam!r} must be in [0, 1]")
     return lam * x + (1.0 - lam) * x[perm], y, y[perm]
 
 
-def mixup_ce(logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float) -> Tensor:
-    """Mixup cross-entropy ``lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b)`` (batch mean)."""
+def mixup_ce(logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float | Tensor) -> Tensor:
+    """Mixup cross-entropy ``lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b)`` (batch mean);
+    with a per-example ``lam`` of shape (B,) each example's two CEs are weighted by its own lam
+    before the mean."""
+    if isinstance(lam, Tensor):
+        ce_a = F.cross_entropy(logits, y_a, reduction="none")
+        ce_b = F.cross_entropy(logits, y_b, reduction="none")
+        w = lam.to(logits.dtype)
+        return (w * ce_a + (1.0 - w) * ce_b).mean()
     return lam * F.cross_entropy(logits, y_a) + (1.0 - lam) * F.cross_entropy(logits, y_b)
 
 

@@ -18,7 +18,10 @@ A method only computes one step's loss (``mixacm.methods``); this loop owns the 
 * a NaN or inf loss raises ``TrainingDiverged`` before the step is taken and before anything is
   written, so the last good checkpoint stays as it was;
 * at the end ``model.pt`` (model-file format; the selected epoch: the last one, or the best
-  PGD-10 accuracy on the holdout) and ``train_summary.json``.
+  PGD-10 accuracy on the holdout) and ``train_summary.json``; with a holdout and ``last``
+  selection, the last epoch is scored on the holdout (a holdout search of the main protocol);
+* ``optim.steps`` (instead of ``epochs``): a budget in optimiser steps, turned into epochs of
+  this run's training set (a less-data run then takes the full-data run's steps).
 
 Distributed runs (torchrun / srun) go through ``mixacm.distributed``: rank 0 writes every file.
 
@@ -309,6 +312,9 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
     except ValueError as err:
         raise ConfigError(f"optim.batch_size: {err}") from None
     steps_per_epoch = min(n_batches, tcfg["max_steps_per_epoch"] or n_batches)
+    if recipe.get("steps"):  # a budget in steps: as many epochs of this training set as that takes
+        recipe["epochs"] = max(1, round(recipe["steps"] / steps_per_epoch))
+        method.recipe["epochs"] = recipe["epochs"]
     optimizer = torch.optim.SGD(
         [*model.parameters(), *extra.parameters()], lr=recipe["lr"], momentum=recipe["momentum"],
         weight_decay=recipe["weight_decay"], nesterov=recipe["nesterov"],
@@ -470,18 +476,24 @@ def _score_holdout(model: nn.Module, holdout: Dataset, cfg: Mapping[str, Any], d
 
 
 def score_epoch(run: Run, state: TrainState, line: dict) -> None:
-    """best_pgd selection: score the holdout into ``line`` and keep this epoch's weights in
-    ``state.best`` when its PGD-10 accuracy beats every earlier epoch (ties keep the earlier)."""
-    if run.holdout is None or run.cfg["train"]["selection"] != "best_pgd" or not run.ctx.is_main:
+    """Score the holdout (clean and PGD-10 at ``train.selection_eps``) into ``line``: every epoch
+    for best_pgd selection, keeping this epoch's weights in ``state.best`` when its PGD-10
+    accuracy beats every earlier epoch (ties keep the earlier); with ``last`` selection and a
+    holdout, the last epoch only, so a holdout search scores exactly the model its protocol keeps."""
+    if run.holdout is None or not run.ctx.is_main:
+        return
+    best_pgd = run.cfg["train"]["selection"] == "best_pgd"
+    if not best_pgd and line["epoch"] < run.recipe["epochs"]:
         return
     line.update(_score_holdout(ddp.unwrap(run.net), run.holdout, run.cfg, run.ctx.device))
-    if state.best is None or line["holdout_pgd_pct"] > state.best["holdout_pgd_pct"]:
+    if best_pgd and (state.best is None or line["holdout_pgd_pct"] > state.best["holdout_pgd_pct"]):
         state.best = {"epoch": line["epoch"], "holdout_pgd_pct": line["holdout_pgd_pct"],
                       "holdout_clean_pct": line["holdout_clean_pct"], "model": _cpu_copy(run.model)}
 
 
 def select_model(run: Run, state: TrainState) -> dict:
-    """Load the selected epoch's weights into ``run.model``; return the selection record."""
+    """Load the selected epoch's weights into ``run.model``; return the selection record (with
+    the last epoch's holdout scores when ``last`` selection had a holdout to score)."""
     tcfg = run.cfg["train"]
     if tcfg["selection"] == "best_pgd" and state.best is not None:
         best = state.best
@@ -489,7 +501,12 @@ def select_model(run: Run, state: TrainState) -> dict:
         return {"mode": "best_pgd", "epoch": best["epoch"], "holdout_pgd_pct": best["holdout_pgd_pct"],
                 "holdout_clean_pct": best["holdout_clean_pct"], "eps": tcfg["selection_eps"],
                 "attack": SELECTION_ATTACK, "n": state.history[-1].get("holdout_n")}
-    return {"mode": "last", "epoch": len(state.history)}
+    out = {"mode": "last", "epoch": len(state.history)}
+    last = state.history[-1] if state.history else {}
+    if "holdout_pgd_pct" in last:
+        out.update(holdout_pgd_pct=last["holdout_pgd_pct"], holdout_clean_pct=last["holdout_clean_pct"],
+                   eps=tcfg["selection_eps"], attack=SELECTION_ATTACK, n=last["holdout_n"])
+    return out
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -1,10 +1,12 @@
 """Choose hyperparameters on held-out training data, never on the test set.
 
 Each candidate is a run config (``mixacm train``) with ``dataset.holdout`` training images held
-out (class-balanced) and ``train.selection: best_pgd``, so every epoch is scored on the holdout
-(clean and PGD-10 at ``train.selection_eps``). The script trains the candidates of a grid file,
-two at a time by default, and writes one CSV row per candidate: its knobs, its last-epoch holdout
-scores and its training time. The test split is never loaded.
+out (class-balanced). With ``train.selection: last`` (the main runs' protocol) the last epoch is
+scored on the holdout; with ``best_pgd`` every epoch is (clean and PGD-10 at
+``train.selection_eps``). The script trains the candidates of a grid file, two at a time by
+default, and writes one CSV row per candidate: its method, knobs, teacher, learning rate and
+epochs, the holdout scores of the model the protocol keeps, and its training time. The test split
+is never loaded.
 
     python scripts/tune_holdout.py config/tuning/cifar10_cpu.yaml --out-dir results/tuning \
         --csv docs/results/cifar10_cpu/tuning.csv
@@ -50,14 +52,19 @@ def run_one(name: str, cfg: dict, out_dir: Path, threads: int) -> dict:
                            check=True)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    last = [l for l in lines if "holdout_pgd_pct" in l][-1]
+    selection = summary["selection"]
+    scored = [l for l in lines if "holdout_pgd_pct" in l]
+    # the kept model's scores: the last epoch (last selection) or the best one (best_pgd)
+    last = next(l for l in scored if l["epoch"] == selection["epoch"])
     method = {k: v for k, v in cfg["method"].items() if k != "name"}
     return {
         "candidate": name,
         "method": cfg["method"]["name"],
         "knobs": json.dumps(method, sort_keys=True),
+        "teacher": Path(cfg["teacher"]).name if cfg.get("teacher") else "",
         "lr": cfg.get("optim", {}).get("lr"),
         "epochs": cfg.get("optim", {}).get("epochs"),
+        "selection": f"{selection['mode']} (epoch {selection['epoch']})",
         "holdout_clean_pct": last["holdout_clean_pct"],
         "holdout_pgd10_pct": last["holdout_pgd_pct"],
         "holdout_n": last["holdout_n"],

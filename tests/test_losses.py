@@ -125,6 +125,35 @@ def test_mixup_hand_computed():
         mixup(x, y, 1.5, perm)
 
 
+def test_mixup_per_example_lam_hand_computed():
+    x = torch.tensor([[0.0], [1.0], [0.5]])
+    y = torch.tensor([0, 1, 2])
+    perm = torch.tensor([1, 2, 0])
+    lam = torch.tensor([0.25, 1.0, 0.5])
+    x_mix, _, y_b = mixup(x, y, lam, perm)
+    # 0.25 * 0 + 0.75 * 1; 1 * 1 + 0 * 0.5; 0.5 * 0.5 + 0.5 * 0
+    torch.testing.assert_close(x_mix, torch.tensor([[0.75], [1.0], [0.25]]))
+    assert y_b.tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match="one value per example"):
+        mixup(x, y, torch.tensor([0.5, 0.5]), perm)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mixup(x, y, torch.tensor([0.5, 1.5, 0.5]), perm)
+
+
+def test_mixup_ce_per_example_lam_hand_computed():
+    # Two examples, both with logits (ln 3, 0): p = (3/4, 1/4). Example 0: lam 0.25 between
+    # classes 0 and 1; example 1: lam 1 on class 1. Mean of the two weighted CEs.
+    logits = torch.tensor([[math.log(3.0), 0.0], [math.log(3.0), 0.0]])
+    lam = torch.tensor([0.25, 1.0])
+    got = mixup_ce(logits, torch.tensor([0, 1]), torch.tensor([1, 0]), lam)
+    first = 0.25 * -math.log(0.75) + 0.75 * -math.log(0.25)
+    second = -math.log(0.25)
+    assert got.item() == pytest.approx((first + second) / 2, rel=1e-6)
+    # A constant per-example lam equals the scalar form.
+    logits, y_a, y_b = torch.randn(5, 4), torch.randint(0, 4, (5,)), torch.randint(0, 4, (5,))
+    torch.testing.assert_close(mixup_ce(logits, y_a, y_b, torch.full((5,), 0.3)), mixup_ce(logits, y_a, y_b, 0.3))
+
+
 def test_gradcheck_acm_distance_float64():
     g = torch.Generator().manual_seed(0)
     fs = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)

@@ -532,3 +532,51 @@ def test_activated_features_leave_the_logits_unchanged():
         torch.testing.assert_close(a_logits, logits)
         for f in model.feature_names:
             assert act[f].min() >= 0 and act[f].shape == raw[f].shape
+
+
+def test_mixacm_ce_weight_scales_only_the_hard_label_term():
+    x, y = batch()
+    losses = {}
+    for w in (1.0, 0.25):
+        method = make("mixacm", ce_weight=w, beta=0.5, gamma=3.0)
+        torch.manual_seed(5)
+        loss, m = method.loss(x, y)
+        assert loss.item() == pytest.approx(w * m["ce"] + 0.5 * m["kd"] + 3.0 * m["acm"], rel=1e-6)
+        losses[w] = m
+    # Same seed, same mixup: the unweighted terms agree; only the total changed.
+    assert losses[1.0]["ce"] == pytest.approx(losses[0.25]["ce"], rel=1e-6)
+
+
+def test_mixacm_one_lam_per_example():
+    method = make("mixacm", mixup_lambda="sample")
+    seen: dict[str, torch.Tensor] = {}
+    method.model.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0]))
+    x, y = batch(n=64)
+    torch.manual_seed(2)
+    _, m = method.loss(x, y)
+    # Recreate the draws: per-example lam from Beta(1, 1), then the permutation.
+    torch.manual_seed(2)
+    lam = torch.distributions.Beta(torch.tensor(1.0), torch.tensor(1.0)).sample((64,))
+    perm = torch.randperm(64)
+    expected = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
+    torch.testing.assert_close(seen["student"], expected)
+    assert m["lam"] == pytest.approx(float(lam.mean()), rel=1e-6)
+    assert lam.std() > 0.1  # distinct values, not one shared lam
+
+
+def test_mixacm_input_noise_is_bounded_uniform_noise_and_zero_is_the_paper():
+    eps = 2 / 255
+    x, y = batch()
+    seen = {}
+    for noise in ("0", "2/255"):
+        method = make("mixacm", input_noise=noise, mixup=False, ablation="custom")
+        method.model.register_forward_pre_hook(lambda m, args, k=noise: seen.__setitem__(k, args[0].detach()))
+        torch.manual_seed(0)
+        method.loss(x, y)
+    assert torch.equal(seen["0"], x)  # no mixup, no noise: the clean batch
+    delta = seen["2/255"] - x
+    assert delta.abs().max() <= eps + 1e-7 and delta.abs().max() > eps / 2
+    assert seen["2/255"].min() >= 0 and seen["2/255"].max() <= 1
+    assert make("mixacm").resolved_knobs()["input_noise"] == 0.0
+    with pytest.raises(ValueError, match="input_noise"):
+        make("mixacm", input_noise=-0.1)

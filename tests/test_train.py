@@ -334,6 +334,37 @@ def test_best_pgd_selection_keeps_the_best_holdout_epoch(tmp_path, data_root):
     assert all(torch.equal(chosen[k], v) for k, v in state["best"]["model"].items())
 
 
+def test_last_selection_scores_the_holdout_on_the_last_epoch_only(tmp_path, data_root):
+    cfg = run_config(data_root, {"name": "standard"}, epochs=2, lr=0.2, schedule="constant")
+    cfg["dataset"].update(holdout=20)
+    cfg["train"].update(selection_n=20, selection_eps="2/255")
+    summary = train(cfg, tmp_path / "run")
+    lines = metric_lines(tmp_path / "run")
+    assert "holdout_pgd_pct" not in lines[0] and lines[1]["holdout_n"] == 20
+    sel = summary["selection"]
+    assert sel["mode"] == "last" and sel["epoch"] == 2
+    assert sel["holdout_pgd_pct"] == lines[1]["holdout_pgd_pct"] and sel["n"] == 20
+    # The kept model is the last epoch's, the one the holdout scored.
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    chosen = weights(tmp_path / "run" / "model.pt")
+    assert all(torch.equal(chosen[k], v) for k, v in state["model"].items())
+
+
+def test_a_budget_in_steps_trains_as_many_steps_on_less_data(tmp_path, data_root):
+    # 80 images, batch 16 (last partial batch dropped): 5 batches an epoch on all, 2 on half (40
+    # images). 10 steps = 2 full
+    # epochs = 5 epochs of half.
+    runs = {}
+    for fraction in (1.0, 0.5):
+        cfg = run_config(data_root, {"name": "standard"}, steps=10, schedule="constant")
+        cfg["dataset"]["fraction"] = fraction
+        runs[fraction] = train(cfg, tmp_path / f"frac{fraction}")
+    assert runs[1.0]["epochs"] == 2 and runs[0.5]["epochs"] == 5
+    assert runs[1.0]["steps"] == runs[0.5]["steps"] == 10
+    _, info = load_model_file(tmp_path / "frac0.5" / "model.pt")
+    assert info["meta"]["recipe"]["epochs"] == 5 and info["meta"]["recipe"]["steps"] == 10
+
+
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, data_root):
     with pytest.raises(ConfigError, match="dataset.fraction"):
         train({**run_config(data_root, {"name": "standard"}), "dataset": {"fraction": 0}}, tmp_path / "x")

@@ -61,6 +61,9 @@ def _coerce(method: str, name: str, value: Any, meta: dict[str, Any]) -> Any:
     where = f"knob {name!r} of method {method!r}"
     kind = meta["kind"]
     if kind == "eps":
+        # An eps knob with ge=0 (e.g. MixACM's input_noise) may be switched off with 0.
+        if meta["ge"] == 0 and not isinstance(value, bool) and str(value).strip() in ("0", "0.0", "0/255"):
+            return 0.0
         try:
             return parse_eps(value)
         except ValueError as err:

@@ -2,11 +2,13 @@
 of a frozen robust teacher on mixup examples, with no adversarial examples.
 
     x~ = lam * x_i + (1 - lam) * x_j,   lam ~ Beta(alpha, alpha), j = perm(i)
-    L  = CE_mix(f_s(x~)) + beta * T^2 * KL(softmax(f_t(x~)/T) || softmax(f_s(x~)/T))
+    L  = w_ce * CE_mix(f_s(x~)) + beta * T^2 * KL(softmax(f_t(x~)/T) || softmax(f_s(x~)/T))
          + gamma * sum_l || norm(P_l(a_s^l(x~))) - a_t^l(x~) ||^2
 
 where ``a^l`` is the activated channel map of block l (``mixacm.losses.activated_channel_map``)
-and ``P_l`` the student-side transformation to the teacher's channel count. Every CHOICE of
+and ``P_l`` the student-side transformation to the teacher's channel count; w_ce = 1 in the
+paper (knob ``ce_weight``). Beyond the paper, knob ``input_noise`` = r > 0 distils on
+``clip(x~ + U(-r, r), 0, 1)``: random noise, still no adversarial example. Every CHOICE of
 ``docs/method.md`` is a knob; ``docs/method_choices.md`` says why each default was chosen.
 
 The distillation part is a list of terms from ``mixacm.distill.TERMS`` (term, block pairs,
@@ -69,7 +71,17 @@ class MixACMKnobs:
     beta: float = knob(1.0, "weight of the KD term", kind="float", ge=0)
     gamma: float = knob(50.0, "weight of the summed ACM distances", kind="float", ge=0)
     T: float = knob(1.0, "distillation temperature", kind="float", gt=0)
-    mixup_alpha: float = knob(1.0, "lam ~ Beta(alpha, alpha), one lam per batch", kind="float", gt=0)
+    mixup_alpha: float = knob(1.0, "lam ~ Beta(alpha, alpha)", kind="float", gt=0)
+    mixup_lambda: str = knob(
+        "batch", "one lam for the whole batch (the paper's mixup) or one per example",
+        kind="choice", choices=("batch", "sample"),
+    )
+    ce_weight: float = knob(1.0, "weight of the (mixup) cross-entropy on the hard labels", kind="float", ge=0)
+    input_noise: float = knob(
+        0.0, "BEYOND THE PAPER: half-width of uniform noise U(-r, r) added to the mixup inputs (then "
+        "clipped to [0, 1]); 0 = the paper's method. Random noise, not an adversarial example",
+        kind="eps", unit="fraction of [0, 1]", ge=0,
+    )
     ablation: str = knob(
         "full", "loss-ablation preset (sets acm/kd/mixup); 'custom' when the switches match none",
         kind="choice", choices=(*ABLATIONS, "custom"),
@@ -111,13 +123,14 @@ class MixACM(Method):
     """MixACM. Knobs (defaults from docs/method.md; units: beta, gamma, T, mixup_alpha are
     dimensionless): p (2), pooling (mean), normalize (l2), activation (network: the BN + ReLU the
     network applies next for pre-activation nets, see docs/method_choices.md), blocks (groups),
-    transform (linear), beta (1), gamma (50), T (1), mixup_alpha (1), ablation (full | acm |
+    transform (linear), beta (1), gamma (50), T (1), mixup_alpha (1), mixup_lambda (batch | sample),
+    ce_weight (1), input_noise (0; beyond the paper), ablation (full | acm |
     acm+kd | acm+mixup | kd) and the switches acm / kd / mixup that the preset sets; terms
     (null: the paper's acm + kd; or a list of mixacm.distill terms replacing them).
     The teacher is frozen: eval mode, no gradients, forward under ``torch.no_grad()``; it sees
     the same (mixup) batch as the student. Metrics: loss, ce, kd, acm (unweighted terms, so
-    loss = ce + beta * kd + gamma * acm), one per further term of ``terms`` (sp, at, fitnet,
-    sp_2, ...) and lam (1 without mixup).
+    loss = ce_weight * ce + beta * kd + gamma * acm), one per further term of ``terms`` (sp, at, fitnet,
+    sp_2, ...) and lam (1 without mixup; the batch mean with one lam per example).
     Recipe, CIFAR-10 (source: method.md section 1, the paper's CIFAR-10 setting): SGD lr 0.1,
     momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr / 10 at epochs 100 and 150.
     ImageNet (source: method.md section 1): SGD lr 0.1 at batch 256 (scale it by batch / 256),
@@ -241,9 +254,13 @@ class MixACM(Method):
         are compared as unit vectors (a no-op for the identity)."""
         return normalize_acm(self.transforms[f"{s}_to_{t}"](self.channel_map(feat)), self.knobs.normalize)
 
-    def _mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+    def _mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, float | Tensor]:
         alpha = torch.tensor(float(self.knobs.mixup_alpha))
-        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        beta = torch.distributions.Beta(alpha, alpha)
+        if self.knobs.mixup_lambda == "sample":
+            lam: float | Tensor = beta.sample((x.shape[0],)).to(x.device)
+        else:
+            lam = float(beta.sample())
         perm = torch.randperm(x.shape[0], device=x.device)
         x_mix, y_a, y_b = mixup(x, y, lam, perm)
         return x_mix, y_a, y_b, lam
@@ -254,6 +271,8 @@ class MixACM(Method):
             x_in, y_a, y_b, lam = self._mix(x, y)
         else:
             x_in, y_a, y_b, lam = x, y, y, 1.0
+        if k.input_noise > 0:
+            x_in = (x_in + torch.empty_like(x_in).uniform_(-k.input_noise, k.input_noise)).clamp(0.0, 1.0)
 
         if self._s_names:
             logits, s_feats = self.model(x_in, features=self._s_names, activated=self._activated)
@@ -263,7 +282,7 @@ class MixACM(Method):
 
         zero = logits.new_zeros(())
         values = {"kd": zero, "acm": zero}
-        loss = ce
+        loss = k.ce_weight * ce
         if self.bound:
             # Guard against a loop that switched every module to train mode.
             self.teacher.eval()
@@ -276,7 +295,8 @@ class MixACM(Method):
                 value = evaluate_term(b, self.transforms, logits, t_logits, s_feats, t_feats)
                 values[name] = value
                 loss = loss + b.weight * value
-        return loss, detach_metrics(loss=loss, ce=ce, **values, lam=lam)
+        lam_mean = float(lam.mean()) if isinstance(lam, Tensor) else lam
+        return loss, detach_metrics(loss=loss, ce=ce, **values, lam=lam_mean)
 
 
 def default_terms(k: MixACMKnobs) -> list[dict[str, Any]]:
