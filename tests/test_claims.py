@@ -10,10 +10,11 @@ from mixacm.report import ResultFileError, read_table, write_table
 from mixacm.report.claims import claims_markdown
 
 
-def _row(method, key, clean, pgd, *, frac=1.0, apgd=np.nan, aa=np.nan, hours=np.nan, paper=np.nan):
+def _row(method, key, clean, pgd, *, frac=1.0, apgd=np.nan, aa=np.nan, audited=np.nan, hours=np.nan, paper=np.nan):
     row = {"status": "reproduced", "method": method, "method_key": key, "data_fraction": frac,
            "train_device_hours": hours, "paper_robust": paper}
-    for col, value in (("clean", clean), ("pgd20", pgd), ("autoattack_apgd", apgd), ("autoattack", aa)):
+    for col, value in (("clean", clean), ("pgd20", pgd), ("autoattack_apgd", apgd), ("autoattack", aa),
+                       ("audited", audited)):
         row.update({f"{col}_mean": value, f"{col}_std": np.nan, f"{col}_n": 1000,
                     f"{col}_seeds": 0 if np.isnan(value) else 2})
     return row
@@ -108,3 +109,38 @@ def test_cli_reads_the_table_csvs(tmp_path, capsys):
     assert main(["claims", "--tables", *paths, "--out", str(out)]) == 0
     assert out.read_text().count("**Holds**") == 4
     assert "### (d)" in capsys.readouterr().out
+
+
+def test_named_variants_get_their_own_verdicts():
+    t = tables()
+    main_t = pd.concat([t["cifar10"], pd.DataFrame([
+        {**_row("MixACM", "mixacm", 50.0, 43.5, apgd=41.0, hours=0.4), "variant": "compute-matched"}])],
+        ignore_index=True)
+    less = pd.concat([t["less_data"], pd.DataFrame([
+        {**_row("MixACM", "mixacm", 45.0, 20.0, frac=0.1), "variant": "fixed steps"},
+        {**_row("MixACM", "mixacm", 60.0, 42.0), "variant": "fixed steps"},
+        {**_row("AT", "at", 50.0, 35.0, frac=0.1), "variant": "fixed steps"},
+        {**_row("AT", "at", 55.0, 43.0), "variant": "fixed steps"}])], ignore_index=True)
+    text = claims_markdown({**t, "cifar10": main_t, "less_data": less})
+    # (a): the full method holds (clean +5); the compute-matched variant's clean 50 < 55 does not
+    assert "MixACM: **Holds**" in text and "MixACM [compute-matched]: **Does not hold**" in text
+    # (b) names the variant's cost row: 0.4 / 0.4
+    assert "| MixACM [compute-matched] | 0.4000 | 1.00 |" in text
+    # (c): same epochs holds (71 % > 60 %); fixed steps: 20 / 42 = 48 % < 35 / 43 = 81 %
+    assert "**Budget: fixed steps**" in text
+    assert "| 0.1 | 45.00 | 20.00 | 48 % | 50.00 | 35.00 | 81 % |" in text
+    section_c = text[text.index("### (c)"):text.index("### (d)")]
+    assert section_c.count("**Holds**") == 1 and section_c.count("**Does not hold**") == 1
+
+
+def test_claim_a_checks_the_audited_accuracy_and_names_the_flags():
+    t = tables()
+    main_t = t["cifar10"].copy()
+    main_t.loc[main_t.method_key == "mixacm", "audited_mean"] = 37.0  # 4 points below AT's 41
+    main_t.loc[main_t.method_key == "at", "audited_mean"] = 41.0
+    main_t["audit_flags"] = ""
+    main_t.loc[main_t.method_key == "mixacm", "audit_flags"] = "seed 0: square (Square 3 points below PGD-20)"
+    text = claims_markdown({**t, "cifar10": main_t})
+    assert "| Audited (mixacm audit) | 37.00 | 41.00 | -4.00 |" in text
+    assert "MixACM: **Does not hold**" in text
+    assert "Audit flags — MixACM: seed 0: square (Square 3 points below PGD-20)." in text

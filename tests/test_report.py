@@ -207,6 +207,49 @@ def test_transfer_table_puts_the_teacher_and_the_peers_in_order(make_result):
     assert not any(c.startswith(("paper_", "diff_")) for c in table.columns)
 
 
+def test_named_variants_are_rows_of_their_own_and_ablation_presets_stay_out(make_result):
+    files = [
+        make_result("mixacm", 0, {"clean": 90.0, "pgd20": 55.0}, config_hash="m0"),
+        make_result("mixacm", 0, {"clean": 85.0, "pgd20": 58.0}, variant="best holdout variant", config_hash="b0"),
+        make_result("mixacm", 0, {"clean": 88.0, "pgd20": 57.0}, variant="compute-matched", config_hash="c0"),
+        make_result("mixacm", 0, {"clean": 88.0, "pgd20": 47.0}, variant="acm+kd", config_hash="v0"),
+        make_result("at", 0, {"clean": 86.0, "pgd20": 48.0}, config_hash="a0", teacher=None),
+        make_result("at", 0, {"clean": 70.0, "pgd20": 40.0}, fraction=0.1, variant="fixed steps", config_hash="s1"),
+        make_result("at", 0, {"clean": 60.0, "pgd20": 30.0}, fraction=0.1, config_hash="e1"),
+    ]
+    results = collect_results(files)
+    main = build_table("cifar10", results)
+    rep = main[main.status == "reproduced"]
+    assert sorted(zip(rep["method_key"], rep["variant"])) == [
+        ("at", ""), ("mixacm", ""), ("mixacm", "best holdout variant"), ("mixacm", "compute-matched")]
+    assert rep[rep.variant == "best holdout variant"].iloc[0]["pgd20_mean"] == 58.0
+    less = build_table("less_data", results)
+    at_tenth = less[(less.status == "reproduced") & (less.method_key == "at") & (less.data_fraction == 0.1)]
+    assert dict(zip(at_tenth["variant"], at_tenth["pgd20_mean"])) == {"": 30.0, "fixed steps": 40.0}
+    transfer = build_table("transfer", results)
+    assert "best holdout variant" in set(transfer["variant"]) and "acm+kd" not in set(transfer["variant"])
+
+
+def test_ablation_variants_of_the_report_are_the_methods_presets():
+    from mixacm.methods.mixacm import ABLATIONS
+    from mixacm.report.tables import ABLATION_VARIANTS, FULL_VARIANTS, norm_variant
+    assert {norm_variant(v) for v in ABLATIONS if v != "full"} == ABLATION_VARIANTS
+    assert norm_variant("full") in FULL_VARIANTS
+
+
+def test_less_data_figure_draws_one_curve_per_variant():
+    from mixacm.report.figures import draw_less_data
+    rows = []
+    for variant, pgd in (("", [30.0, 40.0]), ("fixed steps", [35.0, 40.0])):
+        for frac, acc in zip((0.1, 1.0), pgd):
+            rows.append({"status": "reproduced", "method": "AT", "variant": variant, "student": "resnet2b",
+                         "teacher": "", "eps": "2/255", "data_fraction": frac, "pgd20_mean": acc,
+                         "pgd20_std": 0.0, "clean_mean": 50.0, "clean_std": 0.0, "data_source": "x"})
+    fig = draw_less_data(pd.DataFrame(rows))
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["AT (resnet2b, 2/255) PGD-20", "AT [fixed steps] (resnet2b, 2/255) PGD-20"]
+
+
 def test_cited_rows_and_paper_order(scenario):
     table = build_table("cifar10", collect_results(scenario["files"]))
     cited = table[table.status == "cited"]

@@ -92,23 +92,29 @@ def test_cpu_claims_config_plans_each_evaluation_once(tmp_path, shared_models):
     assert proc.returncode == 0, proc.stderr + proc.stdout
     cfg = yaml.safe_load((wf / "config" / "cifar10_cpu.yaml").read_text())
     exps = cfg["experiments"]
-    runs = {(r, f, s) for name, e in exps.items() for r in e["recipes"]
-            for f in e.get("fractions", [1.0]) for s in e.get("seeds", cfg["seeds"])}
-    main = [(r, s) for r in exps["cifar10"]["recipes"] for s in cfg["seeds"]]
+
+    def runs_of(name):
+        e = exps[name]
+        return {(r, f, s) for r in e["recipes"] for f in e.get("fractions", [1.0])
+                for s in e.get("recipe_seeds", {}).get(r, e.get("seeds", cfg["seeds"]))}
+
+    runs = set().union(*(runs_of(name) for name in exps))
+    main = runs_of("cifar10")
+    # three seeds for MixACM (paper-faithful and best variant) and AT, two for the rest
+    assert {s for r, _, s in main if r == "at"} == {0, 1, 2} and {s for r, _, s in main if r == "trades"} == {0, 1}
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
-    # one training and one clean + PGD job per run; APGD-CE + APGD-T for the main comparison
-    # only; the standard AutoAttack for the recipes it names, every seed
+    # one training and one clean + PGD job per run
     assert int(counts["train_student"]) == len(runs)
     planned = set(re.findall(r"^\s+output: (results/\S+/eval_\w+\.json)$", proc.stdout, re.M))
-    # the robustness audit of every main-comparison run (experiments.cifar10.audit is on by default)
+    # the audit of every main-comparison run (shared with the transfer table) and of the teacher
     audits = {p for p in planned if p.endswith("/eval_audit.json")}
-    assert len(audits) == int(counts["audit_model"]) == len(main)
+    assert int(counts["audit_model"]) == len(main) and int(counts["audit_teacher"]) == 1
+    assert "results/teachers/cifar10/eval_audit.json" in audits and len(audits) == len(main) + 1
     planned -= audits
     student = [p for p in planned if not p.startswith("results/teachers/")]
     assert len([p for p in student if p.endswith("/eval_clean_pgd.json")]) == len(runs)
-    standard = exps["cifar10"]["autoattack_standard"]
-    assert len([p for p in student if p.endswith("/eval_autoattack.json")]) == len(main)
-    assert len([p for p in student if p.endswith("/eval_autoattack_standard.json")]) == len(standard) * len(cfg["seeds"])
+    attacked = [(r, f, s) for r, f, s in main if r in exps["cifar10"]["autoattack"]]
+    assert len([p for p in student if p.endswith("/eval_autoattack.json")]) == len(attacked)
     assert int(counts["import_teacher_file"]) == 1
     # the teacher on the same test data: clean + PGD, AA
     assert sorted(p for p in planned if p.startswith("results/teachers/")) == [
@@ -204,6 +210,8 @@ def _bad(cfg: dict, path: list, value) -> dict:
          "evaluation.cifar10.autoattack_standard.n"),
         (["experiments", "cifar10", "autoattack"], ["mixacm", "ard"], "experiments.cifar10.autoattack[1]"),
         (["experiments", "cifar10", "audit"], ["awp"], "experiments.cifar10.audit[0]"),
+        (["experiments", "cifar10", "recipe_seeds"], {"mixacm": [0, 1, 2], "ard": [0]},
+         "experiments.cifar10.recipe_seeds.ard: recipe 'ard' is not one of this experiment's recipes"),
         (["experiments", "imagenet"], {"dataset": "imagenet", "arch": "tiny", "recipes": ["at"]},
          "experiments.imagenet.recipes[0]: method 'at' (recipe 'at') has no recipe for dataset 'imagenet'"),
         (["recipes", "mixacm", "knobs"], {"terms": [{"term": "crd"}]},
@@ -214,7 +222,7 @@ def _bad(cfg: dict, path: list, value) -> dict:
     ],
     ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
          "knob-eps-8", "unused-recipe-knob", "unused-recipe-optim", "unknown-method", "standard-aa-unknown-recipe",
-         "standard-aa-without-n", "aa-list-unknown-recipe", "audit-list-unknown-recipe", "no-recipe-for-dataset", "unknown-term", "missing-block"],
+         "standard-aa-without-n", "aa-list-unknown-recipe", "audit-list-unknown-recipe", "recipe-seeds-unknown-recipe", "no-recipe-for-dataset", "unknown-term", "missing-block"],
 )
 def test_bad_config_stops_before_any_job(wf, path, value, expected):
     cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)

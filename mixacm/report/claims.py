@@ -7,11 +7,14 @@ Reads the tables only, so every figure it prints traces to the result files behi
 criteria:
 
 (a) MixACM's clean accuracy is above AT's, and its robust accuracy is "close": at most
-    ``close`` points (default 2) below AT's, for every robust attack both rows have.
+    ``close`` points (default 2) below AT's, for every robust attack both rows have; checked for
+    the paper's full method and for each named MixACM variant of the table (e.g. a tuned variant,
+    a compute-matched budget), each with its own verdict.
 (b) MixACM's training cost is a fraction of AT's: the ratio of their training cost (mean over
     seeds; CPU-hours of CPU jobs, GPU-hours of GPU jobs) is below 1.
 (c) With less data MixACM keeps more of its robustness than AT: at every fraction below 1, the
-    share of its full-data PGD-20 accuracy it keeps is larger than AT's.
+    share of its full-data PGD-20 accuracy it keeps is larger than AT's; one verdict per budget
+    (the same epochs on less data, and each named variant both have, e.g. fixed steps).
 (d) Each loss component adds robustness in the paper's order: PGD-20 accuracy rises from ACM
     only to ACM + KD to ACM + mixup to the full loss, and KD only is below the full loss.
 
@@ -24,9 +27,10 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from mixacm.report.tables import ResultFileError
+from mixacm.report.tables import FULL_VARIANTS, ResultFileError, norm_variant
 
-ROBUST = [("pgd20", "PGD-20"), ("autoattack_apgd", "APGD-CE+APGD-T"), ("autoattack", "AutoAttack (standard)")]
+ROBUST = [("pgd20", "PGD-20"), ("autoattack_apgd", "APGD-CE+APGD-T"), ("autoattack", "AutoAttack (standard)"),
+          ("audited", "Audited (mixacm audit)")]
 ABLATION_ORDER = ["ACM only", "ACM + KD", "ACM + mixup", "ACM + KD + mixup"]
 
 
@@ -50,16 +54,37 @@ def _describe(match: Mapping) -> str:
     return "a reproduced row with " + ", ".join(f"{k} = {show(v)}" for k, v in match.items())
 
 
+def _variant_key(v) -> str:
+    """A row's variant for matching: "" for the paper's full method (no variant, or full)."""
+    n = norm_variant(v) if isinstance(v, str) or v is None else None
+    return "" if not n or n in FULL_VARIANTS else n
+
+
+def named_variants(table: pd.DataFrame, method_key: str) -> list[str]:
+    """The named variants (tuned variant, compute-matched, fixed steps, ...) of one method's
+    reproduced rows, as written in the table, in table order."""
+    rows = table[(table["status"] == "reproduced") & (table["method_key"] == method_key)]
+    if "variant" not in rows:
+        return []
+    return list(dict.fromkeys(v for v in rows["variant"] if isinstance(v, str) and _variant_key(v)))
+
+
 class _Rows:
-    """Looks rows up in one table and remembers every one that is not there exactly once."""
+    """Looks rows up in one table and remembers every one that is not there exactly once.
+    ``variant`` matches as ``_variant_key``: "" (the default) is the paper's full method."""
 
     def __init__(self, name: str, table: pd.DataFrame):
         self.name, self.table, self.missing = name, table, []
 
-    def one(self, **match) -> pd.Series | None:
+    def one(self, variant: str = "", **match) -> pd.Series | None:
         rows = self.table[self.table["status"] == "reproduced"]
+        keys = rows["variant"].map(_variant_key) if "variant" in rows else pd.Series("", index=rows.index)
+        rows = rows[keys == _variant_key(variant)]
+        if variant:
+            match = {**match, "variant": variant}
         for k, v in match.items():
-            rows = rows[rows[k] == v]
+            if k != "variant":
+                rows = rows[rows[k] == v]
         if len(rows) != 1:
             self.missing.append(f"{_describe(match)} (found {len(rows)})")
             return None
@@ -72,25 +97,35 @@ class _Rows:
 
 def claim_a(main: pd.DataFrame, close: float) -> list[str]:
     need = _Rows("cifar10", main)
-    mix, at = need.one(method_key="mixacm"), need.one(method_key="at")
+    at = need.one(method_key="at")
+    mixes = {"MixACM": need.one(method_key="mixacm")}
+    for v in named_variants(main, "mixacm"):
+        mixes[f"MixACM [{v}]"] = need.one(method_key="mixacm", variant=v)
     need.check()
-    d_clean = mix["clean_mean"] - at["clean_mean"]
-    lines = ["| | MixACM | AT | MixACM − AT | seeds | points |", "|---|---|---|---|---|---|",
-             f"| Clean | {_fmt(mix['clean_mean'], mix['clean_std'])} | {_fmt(at['clean_mean'], at['clean_std'])} "
-             f"| {d_clean:+.2f} | {mix['clean_seeds']} / {at['clean_seeds']} | {mix['clean_n']} |"]
-    gaps = []
-    for col, title in ROBUST:
-        if pd.isna(mix[f"{col}_mean"]) or pd.isna(at[f"{col}_mean"]):
-            continue
-        gap = mix[f"{col}_mean"] - at[f"{col}_mean"]
-        gaps.append(gap)
-        lines.append(f"| {title} | {_fmt(mix[f'{col}_mean'], mix[f'{col}_std'])} | "
-                     f"{_fmt(at[f'{col}_mean'], at[f'{col}_std'])} | {gap:+.2f} | "
-                     f"{mix[f'{col}_seeds']} / {at[f'{col}_seeds']} | {mix[f'{col}_n']} |")
-    holds = d_clean > 0 and all(g >= -close for g in gaps)
-    verdict = (f"**{'Holds' if holds else 'Does not hold'}** (criterion: clean above AT's and robust "
-               f"at most {close:g} points below AT's under every attack).")
-    return lines + ["", verdict]
+    out: list[str] = []
+    for name, mix in mixes.items():
+        d_clean = mix["clean_mean"] - at["clean_mean"]
+        lines = [f"| | {name} | AT | difference | seeds | points |", "|---|---|---|---|---|---|",
+                 f"| Clean | {_fmt(mix['clean_mean'], mix['clean_std'])} | {_fmt(at['clean_mean'], at['clean_std'])} "
+                 f"| {d_clean:+.2f} | {mix['clean_seeds']} / {at['clean_seeds']} | {mix['clean_n']} |"]
+        gaps = []
+        for col, title in ROBUST:
+            if pd.isna(mix[f"{col}_mean"]) or pd.isna(at[f"{col}_mean"]):
+                continue
+            gap = mix[f"{col}_mean"] - at[f"{col}_mean"]
+            gaps.append(gap)
+            lines.append(f"| {title} | {_fmt(mix[f'{col}_mean'], mix[f'{col}_std'])} | "
+                         f"{_fmt(at[f'{col}_mean'], at[f'{col}_std'])} | {gap:+.2f} | "
+                         f"{mix[f'{col}_seeds']} / {at[f'{col}_seeds']} | {mix[f'{col}_n']} |")
+        holds = d_clean > 0 and all(g >= -close for g in gaps)
+        verdict = (f"{name}: **{'Holds' if holds else 'Does not hold'}** (criterion: clean above AT's and "
+                   f"robust at most {close:g} points below AT's under every attack).")
+        flags = [f"{who}: {row['audit_flags']}" for who, row in ((name, mix), ("AT", at))
+                 if isinstance(row.get("audit_flags"), str) and row["audit_flags"]]
+        if flags:
+            verdict += " Audit flags — " + "; ".join(flags) + "."
+        out += ([""] if out else []) + lines + ["", verdict]
+    return out
 
 
 def claim_b(main: pd.DataFrame) -> list[str]:
@@ -104,7 +139,9 @@ def claim_b(main: pd.DataFrame) -> list[str]:
         or "device-hours"
     lines = [f"| method | training cost, {unit} (mean over seeds) | relative to AT |", "|---|---|---|"]
     for _, row in main[main["status"] == "reproduced"].iterrows():
-        lines.append(f"| {row['method']} | {row['train_device_hours']:.4f} | "
+        v = row.get("variant")
+        name = f"{row['method']} [{v}]" if isinstance(v, str) and _variant_key(v) else row["method"]
+        lines.append(f"| {name} | {row['train_device_hours']:.4f} | "
                      f"{row['train_device_hours'] / at['train_device_hours']:.2f} |")
     ratio = mix["train_device_hours"] / at["train_device_hours"]
     return lines + ["", f"MixACM / AT = **{ratio:.2f}** (AT costs {1 / ratio:.1f} times MixACM). "
@@ -112,8 +149,21 @@ def claim_b(main: pd.DataFrame) -> list[str]:
 
 
 def claim_c(less: pd.DataFrame) -> list[str]:
+    """One verdict per training budget: the plain runs (same epochs on less data) and each named
+    variant that both MixACM and AT have (e.g. "fixed steps": the full-data run's steps)."""
+    budgets = [""] + [v for v in named_variants(less, "mixacm") if v in named_variants(less, "at")]
+    out: list[str] = []
+    for budget in budgets:
+        lines = _claim_c_budget(less, budget)
+        out += ([""] if out else []) + ([f"**Budget: {budget}**", ""] if budget else []) + lines
+    return out
+
+
+def _claim_c_budget(less: pd.DataFrame, variant: str) -> list[str]:
     need = _Rows("less_data", less)
     rows = less[less["status"] == "reproduced"]
+    if "variant" in rows:
+        rows = rows[rows["variant"].map(_variant_key) == _variant_key(variant)]
     lines = ["| fraction | MixACM clean | MixACM PGD-20 | kept | AT clean | AT PGD-20 | kept |",
              "|---|---|---|---|---|---|---|"]
     fractions = sorted(rows["data_fraction"].unique())
@@ -121,16 +171,17 @@ def claim_c(less: pd.DataFrame) -> list[str]:
         need.missing.append("reproduced rows at a data_fraction below 1")
     for frac in [1.0, *(f for f in fractions if f != 1.0)]:
         for m in ("mixacm", "at"):
-            need.one(method_key=m, data_fraction=frac)
+            need.one(method_key=m, data_fraction=frac, variant=variant)
     need.check()
-    full = {m: need.one(method_key=m, data_fraction=1.0) for m in ("mixacm", "at")}
+    full = {m: need.one(method_key=m, data_fraction=1.0, variant=variant) for m in ("mixacm", "at")}
     holds = True
     for frac in fractions:
         cells, kept = [f"{frac:g}"], {}
         for m in ("mixacm", "at"):
-            r = need.one(method_key=m, data_fraction=frac)
+            r = need.one(method_key=m, data_fraction=frac, variant=variant)
             kept[m] = r["pgd20_mean"] / full[m]["pgd20_mean"]
-            cells += [_fmt(r["clean_mean"]), _fmt(r["pgd20_mean"]), f"{100 * kept[m]:.0f} %"]
+            cells += [_fmt(r["clean_mean"], r["clean_std"]), _fmt(r["pgd20_mean"], r["pgd20_std"]),
+                      f"{100 * kept[m]:.0f} %"]
         if frac < 1:
             holds &= kept["mixacm"] > kept["at"]
         lines.append("| " + " | ".join(cells) + " |")

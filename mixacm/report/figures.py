@@ -29,7 +29,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mixacm.report.tables import ROBUST_PREFERENCE, load_paper_numbers, robust_label
+from mixacm.report.tables import (
+    ABLATION_VARIANTS, FULL_VARIANTS, ROBUST_PREFERENCE, norm_variant, load_paper_numbers, robust_label,
+)
 from mixacm.utils import atomic_write
 
 FIGURE_NAMES = ("less_data.png", "clean_vs_robust.png", "training_cost.png", "transfer.png")
@@ -125,6 +127,16 @@ def place_labels(fig: Figure, annotations: list) -> list:
     return placed
 
 
+def row_name(row: Mapping[str, Any]) -> str:
+    """A row's method with its named variant (e.g. "MixACM [best holdout variant]"); the full
+    method and the ablation presets (already in the method label) add nothing."""
+    variant = row.get("variant")
+    n = norm_variant(variant)
+    if not n or n in FULL_VARIANTS or n in ABLATION_VARIANTS:
+        return str(row["method"])
+    return f"{row['method']} [{variant}]"
+
+
 def robust_column(rows: pd.DataFrame) -> str:
     """The strongest attack column that every row has for all of its seeds (PGD-20 otherwise)."""
     for col in ROBUST_PREFERENCE:
@@ -146,10 +158,12 @@ def draw_less_data(table: pd.DataFrame | None) -> Figure:
         _empty(ax_rob)
         _empty(ax_clean)
     else:
-        for (method, student, teacher, eps), g in rows.groupby(
-                ["method", "student", "teacher", "eps"], sort=True):
+        variant = rows["variant"] if "variant" in rows else pd.Series(None, index=rows.index, dtype=object)
+        rows = rows.assign(variant=variant.astype(object).where(variant.notna(), ""))
+        for (method, variant, student, teacher, eps), g in rows.groupby(
+                ["method", "variant", "student", "teacher", "eps"], sort=True):
             g = g.sort_values("data_fraction")
-            label = f"{method} ({student}, {eps})"
+            label = f"{method}{f' [{variant}]' if variant else ''} ({student}, {eps})"
             line = ax_rob.errorbar(g["data_fraction"], g["pgd20_mean"], yerr=g["pgd20_std"],
                                    marker="o", capsize=3, label=f"{label} PGD-20")
             for col, marker in (("autoattack", "s"), ("autoattack_apgd", "^")):
@@ -214,7 +228,7 @@ def draw_clean_vs_robust(tables: Mapping[str, pd.DataFrame], paper: Mapping[str,
             ax.scatter(row["clean_mean"], robust, s=55, color="tab:red", zorder=3,
                        label=None if drawn else "reproduced")
             drawn += 1
-            labels.append(ax.annotate(f"{row['method']} ({row['student']}, {row['eps']}, {attack})",
+            labels.append(ax.annotate(f"{row_name(row)} ({row['student']}, {row['eps']}, {attack})",
                                       (row["clean_mean"], robust), fontsize=7, xytext=(4, 3),
                                       textcoords="offset points", color="tab:red"))
         ax.set_xlabel("clean accuracy (%)")
@@ -239,7 +253,7 @@ def training_cost_figure(tables: Mapping[str, pd.DataFrame], path: Path) -> Path
             # The full-data runs appear in several tables; draw each set of runs once.
             if pd.notna(row.get("train_device_hours")) and row["config_hashes"] not in seen:
                 seen.add(row["config_hashes"])
-                label = f"{row['method']} · {row['student']} · {row['dataset']}"
+                label = f"{row_name(row)} · {row['student']} · {row['dataset']}"
                 if row["data_fraction"] < 1:
                     label += f" · {row['data_fraction']:g} of data"
                 bars[label] = float(row["train_device_hours"])

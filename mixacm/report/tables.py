@@ -68,6 +68,11 @@ def robust_label(col: str, version: str | None = None) -> str:
     return "AutoAttack (APGD-CE+APGD-T)" if col == "autoattack_apgd" else "PGD-20"
 # A MixACM run without run.variant, or with one of these, is the full method (ACM + KD + mixup).
 FULL_VARIANTS = {"full", "acmkdmixup"}
+# The loss-ablation presets of mixacm.methods.mixacm.ABLATIONS other than the full loss, as
+# norm_variant writes them: their runs belong to the ablation table only. Any other named variant
+# (a tuned variant, a compute-matched or fixed-steps budget) is a row of its own in the main and
+# less-data tables. (Kept here so that the report does not import torch; a test checks the two agree.)
+ABLATION_VARIANTS = {"acm", "acmkd", "acmmixup", "kd"}
 _REQUIRED_RUN = ("method", "arch", "dataset", "data_fraction", "seed", "config_hash")
 _KNOWN_RUN = set(_REQUIRED_RUN) | {
     "teacher", "data_source", "variant", "checkpoint", "checkpoint_sha256"}
@@ -346,14 +351,9 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 # Tables
 
-def _norm_variant(v: Any) -> str | None:
+def norm_variant(v: Any) -> str | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else \
         re.sub(r"[^a-z0-9]", "", str(v).lower())
-
-
-def _is_full(v: Any) -> bool:
-    n = _norm_variant(v)
-    return n is None or n in FULL_VARIANTS
 
 
 def _select(kind: str, results: pd.DataFrame, spec: Mapping[str, Any]) -> pd.DataFrame:
@@ -362,13 +362,12 @@ def _select(kind: str, results: pd.DataFrame, spec: Mapping[str, Any]) -> pd.Dat
     if kind == "ablation":
         methods = {row["method"] for row in spec["rows"] if row.get("method")}
         return r[full_data & r["method"].isin(methods)]
+    not_ablation = ~r["variant"].map(lambda v: norm_variant(v) in ABLATION_VARIANTS).astype(bool)
     if kind == "transfer":
         # The teacher's own evaluation names the teacher in run.variant: it is no loss variant.
-        keep = r["method"].isin(spec.get("methods", [])) & (
-            r["variant"].map(_is_full).astype(bool) | (r["method"] == "teacher"))
+        keep = r["method"].isin(spec.get("methods", [])) & (not_ablation | (r["method"] == "teacher"))
         return r[full_data & keep]
-    full_method = r["variant"].map(_is_full).astype(bool)
-    return r[full_method] if kind == "less_data" else r[full_method & full_data]
+    return r[not_ablation] if kind == "less_data" else r[not_ablation & full_data]
 
 
 def _unique(values: Iterable[Any]) -> list[Any]:
@@ -452,7 +451,7 @@ _PAPER_ONLY = [c for c in TABLE_COLUMNS if c.startswith(("paper_", "diff_", "ref
 def _paper_key(kind: str, method: Any, variant: Any) -> tuple[str, str | None]:
     if kind != "ablation":
         return (str(method), None)
-    v = _norm_variant(variant)
+    v = norm_variant(variant)
     return (str(method), "full" if v is None or v in FULL_VARIANTS else v)
 
 
@@ -500,7 +499,7 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
             paper_rows[_paper_key(kind, prow.get("method") or f"cited:{prow['label']}", v)] = prow
 
     sel = _select(kind, results, spec).copy()
-    sel["variant_key"] = sel["variant"].map(_norm_variant)
+    sel["variant_key"] = sel["variant"].map(norm_variant)
     sel["teacher"] = sel["teacher"].where(sel["teacher"].notna(), "")
     reproduced: dict[int, list[dict[str, Any]]] = {}
     extra: list[dict[str, Any]] = []
@@ -511,7 +510,7 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
             "status": "reproduced",
             "method": prow["label"] if prow else labels.get(ident["method"], ident["method"]),
             "method_key": ident["method"],
-            "variant": "" if group["variant"].iloc[0] is None else group["variant"].iloc[0],
+            "variant": "" if pd.isna(group["variant"].iloc[0]) else group["variant"].iloc[0],
             "student": ident["arch"], "teacher": ident["teacher"] or "",
             "dataset": ident["dataset"], "data_source": ident["data_source"],
             "data_fraction": ident["data_fraction"], "eps": ident["eps_text"],

@@ -92,12 +92,15 @@ def _check_config(cfg):
                 f"config key experiments.{exp_name}.dataset: {exp['dataset']!r} has no "
                 f"evaluation.{exp['dataset']} section (eps, test points)"
             )
-        for key in ("autoattack", "autoattack_standard", "audit"):
+        for key in ("autoattack", "autoattack_standard", "audit", "recipe_seeds"):
             listed = exp.get(key)
-            for i, recipe in enumerate(listed if isinstance(listed, list) else []):
+            # a list names recipes by position ([i]), the recipe_seeds mapping by key (.name)
+            named = ([(f"[{i}]", r) for i, r in enumerate(listed)] if isinstance(listed, list)
+                     else [(f".{r}", r) for r in listed] if isinstance(listed, dict) else [])
+            for where, recipe in named:
                 if recipe not in exp["recipes"]:
                     raise WorkflowError(
-                        f"config key experiments.{exp_name}.{key}[{i}]: recipe "
+                        f"config key experiments.{exp_name}.{key}{where}: recipe "
                         f"{recipe!r} is not one of this experiment's recipes ({', '.join(exp['recipes'])})"
                     )
         if exp.get("autoattack_standard") and "autoattack_standard" not in cfg["evaluation"][exp["dataset"]]:
@@ -224,11 +227,12 @@ def experiment_runs(name):
     if exp is None:
         return []
     seeds = exp.get("seeds", config["seeds"])
+    recipe_seeds = exp.get("recipe_seeds", {})
     return [
         (exp["dataset"], recipe, exp["arch"], fraction, seed)
         for recipe in exp["recipes"]
         for fraction in exp["fractions"]
-        for seed in seeds
+        for seed in recipe_seeds.get(recipe, seeds)
     ]
 
 
@@ -424,6 +428,7 @@ def experiment_results(name):
         # experiment's autoattack is false: a list of recipes keeps the reference row attacked).
         kinds = ["clean_pgd"] + (["autoattack"] if exp.get("autoattack", True) is not False else [])
         files += [f"results/teachers/{exp['dataset']}/eval_{kind}.json" for kind in kinds]
+        files += TEACHER_AUDITS
     files += [f"{run_dir(*run)}/eval_audit.json" for run in evaluated_runs(name, "audit")]
     return files
 
@@ -533,5 +538,23 @@ def audit_source_args(w):
     return " ".join(f"--source {shell_quote(f'{k}={v}')}" for k, v in sorted(sources.items()))
 
 
-AUDIT_RESULTS = sorted({f"{run_dir(*run)}/eval_audit.json"
+def _teacher_audits():
+    """The transfer table's Teacher row is audited when experiments.transfer.audit is on (true or
+    a list of recipes): results/teachers/<dataset>/eval_audit.json (rule audit_teacher)."""
+    exp = config["experiments"].get("transfer")
+    if not exp or exp["dataset"] not in config["teachers"] or exp.get("audit", False) is False:
+        return []
+    return [f"results/teachers/{exp['dataset']}/eval_audit.json"]
+
+
+def teacher_audit_inputs(w):
+    """The teacher's model file and, where the transfer table attacks it, its AutoAttack result."""
+    inputs = {"model": teacher_file(w.dataset)}
+    if config["experiments"]["transfer"].get("autoattack", True) is not False:
+        inputs["aa"] = f"results/teachers/{w.dataset}/eval_autoattack.json"
+    return inputs
+
+
+TEACHER_AUDITS = _teacher_audits()
+AUDIT_RESULTS = TEACHER_AUDITS + sorted({f"{run_dir(*run)}/eval_audit.json"
                         for name in config["experiments"] for run in evaluated_runs(name, "audit")})
