@@ -210,6 +210,12 @@ def _bad(cfg: dict, path: list, value) -> dict:
          "evaluation.cifar10.autoattack_standard.n"),
         (["experiments", "cifar10", "autoattack"], ["mixacm", "ard"], "experiments.cifar10.autoattack[1]"),
         (["experiments", "cifar10", "audit"], ["awp"], "experiments.cifar10.audit[0]"),
+        (["recipes", "mixacm", "teacher"], {"source": "file", "path": "missing/teacher.pt", "arch": "tiny"},
+         "recipes.mixacm.teacher.path: teacher file 'missing/teacher.pt' does not exist"),
+        (["recipes", "mixacm", "teacher"], {"source": "train", "recipe": "at", "arch": "tiny"},
+         "recipes.mixacm.teacher.source: a recipe's own teacher is imported"),
+        (["recipes", "at", "teacher"], {"source": "url", "url": "https://example.org/t.pt", "sha256": "0" * 64, "arch": "tiny"},
+         "recipes.at.teacher: method 'at' does not distil from a teacher"),
         (["experiments", "cifar10", "recipe_seeds"], {"mixacm": [0, 1, 2], "ard": [0]},
          "experiments.cifar10.recipe_seeds.ard: recipe 'ard' is not one of this experiment's recipes"),
         (["experiments", "imagenet"], {"dataset": "imagenet", "arch": "tiny", "recipes": ["at"]},
@@ -222,7 +228,8 @@ def _bad(cfg: dict, path: list, value) -> dict:
     ],
     ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
          "knob-eps-8", "unused-recipe-knob", "unused-recipe-optim", "unknown-method", "standard-aa-unknown-recipe",
-         "standard-aa-without-n", "aa-list-unknown-recipe", "audit-list-unknown-recipe", "recipe-seeds-unknown-recipe", "no-recipe-for-dataset", "unknown-term", "missing-block"],
+         "standard-aa-without-n", "aa-list-unknown-recipe", "audit-list-unknown-recipe", "recipe-teacher-missing-file", "recipe-teacher-trained",
+         "recipe-teacher-non-distilling", "recipe-seeds-unknown-recipe", "no-recipe-for-dataset", "unknown-term", "missing-block"],
 )
 def test_bad_config_stops_before_any_job(wf, path, value, expected):
     cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)
@@ -353,6 +360,33 @@ def test_killed_training_resumes_and_matches_uninterrupted_run(tmp_path, cifar10
     assert resumed.keys() == straight.keys()
     for key in resumed:
         assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_a_recipe_with_its_own_teacher_distils_from_it(tmp_path, shared_models):
+    # quick.yaml trains its dataset teacher; a copy of the mixacm recipe names the shared
+    # resnet2b file as its own teacher (the same-architecture variant of cifar10_cpu.yaml).
+    wf = copy_workflow(tmp_path / "wf")
+    cfg = yaml.safe_load((wf / "config" / "quick.yaml").read_text())
+    own = {"source": "file", "path": str(shared_models / "resnet2b.pth"), "arch": "resnet2b"}
+    cfg["recipes"]["mixacm_same_arch"] = {**cfg["recipes"]["mixacm"], "teacher": own, "variant": "same-arch teacher"}
+    cfg["experiments"]["cifar10"]["recipes"].append("mixacm_same_arch")
+    cfg["experiments"]["cifar10"]["arch"] = "resnet2b"
+    (wf / "own.yaml").write_text(yaml.safe_dump(cfg))
+    runs = ["results/cifar10/mixacm_same_arch/resnet2b/frac1.0/seed0/run.yaml",
+            "results/cifar10/mixacm/resnet2b/frac1.0/seed0/run.yaml"]
+    target = "results/teachers/cifar10/mixacm_same_arch/file/model.pt"
+    proc = snakemake(wf, target, *runs, "--cores", "1", "--configfile", "own.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mixacm.checkpoint import load_model_file
+    _, info = load_model_file(wf / target)
+    assert info["model"]["name"] == "resnet2b"
+    assert yaml.safe_load((wf / runs[0]).read_text())["teacher"] == target
+    assert yaml.safe_load((wf / runs[1]).read_text())["teacher"] == "results/teachers/cifar10/trained/model.pt"
+    # the results name the recipe's teacher; its training and audit read that file
+    proc = snakemake(wf, "-n", "-p", runs[0].replace("run.yaml", "eval_audit.json"), "--configfile", "own.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"teacher": "resnet2b (resnet2b.pth)"' in proc.stdout
+    assert f"--source teacher={target}" in proc.stdout
 
 
 @pytest.mark.slow

@@ -117,6 +117,23 @@ def _check_config(cfg):
                 f"teachers.{exp['dataset']} is not set"
             )
         _check_feature_names(cfg, exp_name, exp)
+    for name, recipe in cfg["recipes"].items():
+        teacher = recipe.get("teacher")
+        if not teacher:
+            continue
+        if recipe["method"] not in TEACHER_METHODS:
+            raise WorkflowError(
+                f"config key recipes.{name}.teacher: method {recipe['method']!r} does not distil from a teacher"
+            )
+        if teacher["source"] == "train":
+            raise WorkflowError(
+                f"config key recipes.{name}.teacher.source: a recipe's own teacher is imported "
+                "(robustbench, url or file); a teacher trained in the DAG belongs under teachers.<dataset>"
+            )
+        if teacher["source"] == "file" and not Path(teacher["path"]).is_file():
+            raise WorkflowError(
+                f"config key recipes.{name}.teacher.path: teacher file {teacher['path']!r} does not exist"
+            )
     for ds, teacher in cfg["teachers"].items():
         if teacher["source"] == "file" and not Path(teacher["path"]).is_file():
             raise WorkflowError(
@@ -133,7 +150,7 @@ def _check_config(cfg):
         needs = cfg["recipes"][recipe]["method"] in TEACHER_METHODS
         try:
             check_pipeline_recipe(cfg, recipe, dataset=dataset, arch=arch,
-                                  teacher=teacher_file(dataset) if needs else None)
+                                  teacher=teacher_file(dataset, recipe) if needs else None)
         except ConfigError as err:
             raise WorkflowError(f"config key {err}")
     # Recipes no run uses have no dataset to resolve against: method, knobs, optim and train are
@@ -150,16 +167,12 @@ def _check_feature_names(cfg, exp_name, exp):
     # the teacher's architectures, read from the model registry without building weights.
     from mixacm.distill import arch_feature_names
 
-    teacher = cfg["teachers"].get(exp["dataset"], {})
-    if not teacher.get("arch"):
-        return  # a teacher file without arch: checked by the run config once the file exists
-    names = None
     for recipe in exp["recipes"]:
         cls = METHODS.get(cfg["recipes"][recipe]["method"])
-        if not cls.needs_teacher:
-            continue
-        if names is None:
-            names = arch_feature_names(exp["arch"]), arch_feature_names(teacher["arch"])
+        teacher = cfg["recipes"][recipe].get("teacher") or cfg["teachers"].get(exp["dataset"], {})
+        if not cls.needs_teacher or not teacher.get("arch"):
+            continue  # a teacher file without arch: checked by the run config once the file exists
+        names = arch_feature_names(exp["arch"]), arch_feature_names(teacher["arch"])
         try:
             cls.check_feature_names(cfg["recipes"][recipe].get("knobs", {}), *names)
         except ValueError as err:
@@ -185,7 +198,7 @@ onstart:
 
 # The rules whose jobs read a dataset (teacher imports only where it is at hand, for their
 # accuracy check; config writers and renderers never).
-DATA_RULES = {"train_teacher", "train_student", "evaluate_model", "audit_model"}
+DATA_RULES = {"train_teacher", "train_student", "evaluate_model", "audit_model", "audit_teacher"}
 
 
 def _datasets_of_jobs(jobs):
@@ -255,20 +268,41 @@ def res(kind, key):
     return lambda w: resources_of(w.dataset, kind)[key]
 
 
-def teacher_file(dataset):
-    """Where the teacher model file of a dataset's students comes from (one rule per source)."""
-    source = config["teachers"][dataset]["source"]
+def teacher_id(dataset, recipe=None):
+    """Which teacher a run of {recipe} on {dataset} distils from: "<dataset>" (teachers.<dataset>)
+    or "<dataset>/<recipe>" when the recipe names its own (recipes.<recipe>.teacher)."""
+    if recipe is not None and config["recipes"][recipe].get("teacher"):
+        return f"{dataset}/{recipe}"
+    return dataset
+
+
+def teacher_block(tid):
+    """The config block of a teacher id (teacher_id): teachers.<dataset> or recipes.<recipe>.teacher."""
+    dataset, _, recipe = tid.partition("/")
+    return config["recipes"][recipe]["teacher"] if recipe else config["teachers"][dataset]
+
+
+def teacher_file(dataset, recipe=None):
+    """Where the teacher model file of a run's students comes from (one rule per source):
+    results/teachers/<teacher id>/<source>/model.pt, or the DAG-trained dataset teacher."""
+    tid = teacher_id(dataset, recipe)
+    source = teacher_block(tid)["source"]
     if source == "train":
         return f"results/teachers/{dataset}/trained/model.pt"
-    return f"results/teachers/{dataset}/{source}/model.pt"
+    return f"results/teachers/{tid}/{source}/model.pt"
+
+
+def teacher_res(key):
+    """A resource of a teacher import job ({teacher} wildcard: a teacher id), per its dataset."""
+    return lambda w: resources_of(w.teacher.partition("/")[0], "teacher")[key]
 
 
 _check_config(config)
 
 
-def teacher_source_json(dataset):
-    """The teachers.<dataset> block as `mixacm teacher --source-json` reads it."""
-    return json.dumps(teacher_source(config["teachers"][dataset], dataset), sort_keys=True)
+def teacher_source_json(tid):
+    """A teacher block (teacher id: teacher_id) as `mixacm teacher --source-json` reads it."""
+    return json.dumps(teacher_source(teacher_block(tid), tid.partition("/")[0]), sort_keys=True)
 
 
 def student_config(w):
@@ -276,7 +310,7 @@ def student_config(w):
     method = config["recipes"][w.method]["method"]
     return pipeline_run_config(
         config, dataset=w.dataset, recipe=w.method, arch=w.arch, fraction=w.fraction, seed=w.seed,
-        teacher=teacher_file(w.dataset) if method in TEACHER_METHODS else None,
+        teacher=teacher_file(w.dataset, w.method) if method in TEACHER_METHODS else None,
         name=RUN_ID.format(**dict(w.items())),
     )
 
@@ -301,11 +335,12 @@ def launcher(gpus):
     return "mixacm"
 
 
-def teacher_label(dataset):
-    """How the tables name a dataset's teacher: its RobustBench name, or its file and arch."""
-    t = config["teachers"].get(dataset)
-    if t is None:
+def teacher_label(dataset, recipe=None):
+    """How the tables name a run's teacher (the dataset's, or its recipe's own): its RobustBench
+    name, or its file and arch."""
+    if teacher_id(dataset, recipe) == dataset and dataset not in config["teachers"]:
         return None
+    t = teacher_block(teacher_id(dataset, recipe))
     if t["source"] == "robustbench":
         return t["name"]
     if t["source"] == "train":
@@ -324,7 +359,7 @@ def run_info(w):
             "method": method,
             "variant": recipe.get("variant", recipe.get("knobs", {}).get("ablation")),
             "arch": w.arch,
-            "teacher": teacher_label(w.dataset) if method in TEACHER_METHODS else None,
+            "teacher": teacher_label(w.dataset, w.method) if method in TEACHER_METHODS else None,
             "data_fraction": float(w.fraction),
             "seed": int(w.seed),
         },
@@ -464,14 +499,17 @@ def all_of(key):
 
 def teacher_data_arg(w):
     """Test data for the import's accuracy check (else $MIXACM_DATA_<NAME>; none: not run)."""
-    root = config["data"].get(w.dataset, {}).get("root")
+    root = config["data"].get(w.teacher.partition("/")[0], {}).get("root")
     return f"--data-root {shell_quote(root)}" if root else ""
 
 
 def report_teachers():
-    """The teacher files of the datasets the experiments train on (their import checks)."""
-    datasets = {run[0] for name in config["experiments"] for run in experiment_runs(name)}
-    return [teacher_file(ds) for ds in sorted(datasets) if ds in config["teachers"]]
+    """The teacher files of the datasets the experiments train on, and the recipes' own teachers
+    (their import checks)."""
+    runs = {(run[0], run[1]) for name in config["experiments"] for run in experiment_runs(name)}
+    files = {teacher_file(ds) for ds, _ in runs if ds in config["teachers"]}
+    files |= {teacher_file(ds, r) for ds, r in runs if teacher_id(ds, r) != ds}
+    return sorted(files)
 
 
 # -- robustness audit (mixacm audit, rules/audit.smk) ----------------------------------------------
@@ -523,7 +561,7 @@ def audit_inputs(w):
     """The model, its transfer sources (teacher if distilled, the AT run) and its AutoAttack result."""
     inputs = {"model": f"{run_dir(w.dataset, w.method, w.arch, w.fraction, w.seed)}/model.pt"}
     if config["recipes"][w.method]["method"] in TEACHER_METHODS:
-        inputs["teacher"] = teacher_file(w.dataset)
+        inputs["teacher"] = teacher_file(w.dataset, w.method)
     at = _at_model(w)
     if at:
         inputs["at"] = at

@@ -1,6 +1,8 @@
 # The robust teacher of each dataset's students, one rule per source. Every rule writes the
 # project's model-file format (mixacm.checkpoint), so students load any teacher the same way, and
 # passes the teachers.<dataset> block to `mixacm teacher` as mixacm.config.teacher_source reads it.
+# {teacher} is a teacher id (common.smk, teacher_id): <dataset> for teachers.<dataset>, or
+# <dataset>/<recipe> for a recipe's own teacher (recipes.<recipe>.teacher), imported the same way.
 # Downloads run on the submitting host (localrules): compute nodes often have no internet.
 
 localrules:
@@ -12,19 +14,19 @@ localrules:
 
 rule fetch_teacher_robustbench:
     output:
-        "results/teachers/{dataset}/robustbench/model.pt",
+        "results/teachers/{teacher}/robustbench/model.pt",
     params:
-        source=lambda w: teacher_source_json(w.dataset),
+        source=lambda w: teacher_source_json(w.teacher),
         data=teacher_data_arg,
-    threads: res("teacher", "threads")
+    threads: teacher_res("threads")
     resources:
-        mem_mb=res("teacher", "mem_mb"),
-        runtime=res("teacher", "runtime"),
+        mem_mb=teacher_res("mem_mb"),
+        runtime=teacher_res("runtime"),
         gpu=0,
     log:
-        "logs/teachers/{dataset}/robustbench.log",
+        "logs/teachers/{teacher}/robustbench.log",
     benchmark:
-        "results/teachers/{dataset}/robustbench/benchmark_teacher.tsv"
+        "results/teachers/{teacher}/robustbench/benchmark_teacher.tsv"
     conda:
         "../../environment.yml"
     shell:
@@ -33,19 +35,19 @@ rule fetch_teacher_robustbench:
 
 rule fetch_teacher_url:
     output:
-        "results/teachers/{dataset}/url/model.pt",
+        "results/teachers/{teacher}/url/model.pt",
     params:
-        source=lambda w: teacher_source_json(w.dataset),
+        source=lambda w: teacher_source_json(w.teacher),
         data=teacher_data_arg,
-    threads: res("teacher", "threads")
+    threads: teacher_res("threads")
     resources:
-        mem_mb=res("teacher", "mem_mb"),
-        runtime=res("teacher", "runtime"),
+        mem_mb=teacher_res("mem_mb"),
+        runtime=teacher_res("runtime"),
         gpu=0,
     log:
-        "logs/teachers/{dataset}/url.log",
+        "logs/teachers/{teacher}/url.log",
     benchmark:
-        "results/teachers/{dataset}/url/benchmark_teacher.tsv"
+        "results/teachers/{teacher}/url/benchmark_teacher.tsv"
     conda:
         "../../environment.yml"
     shell:
@@ -54,21 +56,21 @@ rule fetch_teacher_url:
 
 rule import_teacher_file:
     input:
-        lambda w: config["teachers"][w.dataset]["path"],
+        lambda w: teacher_block(w.teacher)["path"],
     output:
-        "results/teachers/{dataset}/file/model.pt",
+        "results/teachers/{teacher}/file/model.pt",
     params:
-        source=lambda w: teacher_source_json(w.dataset),
+        source=lambda w: teacher_source_json(w.teacher),
         data=teacher_data_arg,
-    threads: res("teacher", "threads")
+    threads: teacher_res("threads")
     resources:
-        mem_mb=res("teacher", "mem_mb"),
-        runtime=res("teacher", "runtime"),
+        mem_mb=teacher_res("mem_mb"),
+        runtime=teacher_res("runtime"),
         gpu=0,
     log:
-        "logs/teachers/{dataset}/file.log",
+        "logs/teachers/{teacher}/file.log",
     benchmark:
-        "results/teachers/{dataset}/file/benchmark_teacher.tsv"
+        "results/teachers/{teacher}/file/benchmark_teacher.tsv"
     conda:
         "../../environment.yml"
     shell:

@@ -33,7 +33,7 @@ rule train_student:
     input:
         config=f"{RUN_PATTERN}/run.yaml",
         teacher=lambda w: (
-            teacher_file(w.dataset)
+            teacher_file(w.dataset, w.method)
             if config["recipes"][w.method]["method"] in TEACHER_METHODS
             else []
         ),
