@@ -44,26 +44,32 @@ def run_one(name: str, cfg: dict, out_dir: Path, threads: int) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "run.yaml"
     cfg_path.write_text(yaml.safe_dump({**cfg, "name": f"tuning/{name}"}, sort_keys=False))
-    if not (run_dir / "train_summary.json").is_file():
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        with open(run_dir / "train.log", "w") as log:
-            subprocess.run([sys.executable, "-m", "mixacm.cli", "train", "--config", str(cfg_path),
-                            "--out-dir", str(run_dir)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                           check=True)
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    selection = summary["selection"]
-    scored = [l for l in lines if "holdout_pgd_pct" in l]
-    # the kept model's scores: the last epoch (last selection) or the best one (best_pgd)
-    last = next(l for l in scored if l["epoch"] == selection["epoch"])
     method = {k: v for k, v in cfg["method"].items() if k != "name"}
-    return {
+    row = {
         "candidate": name,
         "method": cfg["method"]["name"],
         "knobs": json.dumps(method, sort_keys=True),
         "teacher": Path(cfg["teacher"]).name if cfg.get("teacher") else "",
         "lr": cfg.get("optim", {}).get("lr"),
         "epochs": cfg.get("optim", {}).get("epochs"),
+    }
+    if not (run_dir / "train_summary.json").is_file():
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        with open(run_dir / "train.log", "w") as log:
+            done = subprocess.run([sys.executable, "-m", "mixacm.cli", "train", "--config", str(cfg_path),
+                                   "--out-dir", str(run_dir)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:  # e.g. a diverged candidate: a row that says so, not a crash
+            last = [l for l in (run_dir / "train.log").read_text().splitlines() if l.strip()][-1:]
+            return {**row, "status": f"failed: {last[0][:200] if last else 'exit ' + str(done.returncode)}"}
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    selection = summary["selection"]
+    scored = [l for l in lines if "holdout_pgd_pct" in l]
+    # the kept model's scores: the last epoch (last selection) or the best one (best_pgd)
+    last = next(l for l in scored if l["epoch"] == selection["epoch"])
+    return {
+        **row,
+        "status": "trained",
         "selection": f"{selection['mode']} (epoch {selection['epoch']})",
         "holdout_clean_pct": last["holdout_clean_pct"],
         "holdout_pgd10_pct": last["holdout_pgd_pct"],
