@@ -144,3 +144,17 @@ def test_claim_a_checks_the_audited_accuracy_and_names_the_flags():
     assert "| Audited (mixacm audit) | 37.00 | 41.00 | -4.00 |" in text
     assert "MixACM: **Does not hold**" in text
     assert "Audit flags — MixACM: seed 0: square (Square 3 points below PGD-20)." in text
+
+
+def test_a_budget_without_full_data_rows_is_compared_with_the_plain_full_data_runs():
+    t = tables()
+    less = pd.concat([t["less_data"], pd.DataFrame([
+        {**_row("MixACM", "mixacm", 45.0, 21.0, frac=0.1), "variant": "fixed steps"},
+        {**_row("AT", "at", 50.0, 21.5, frac=0.1), "variant": "fixed steps"}])], ignore_index=True)
+    text = claims_markdown({**t, "less_data": less})
+    section = text[text.index("**Budget: fixed steps**"):text.index("### (d)")]
+    # kept: 21 / 42 = 50 % (MixACM), 21.5 / 43 = 50 %: not larger, so it does not hold
+    assert "| 0.1 | 45.00 | 21.00 | 50 % | 50.00 | 21.50 | 50 % |" in section
+    assert "| 1 | 60.00 | 42.00 | 100 % | 55.00 | 43.00 | 100 % |" in section
+    assert "the plain full-data runs, which take the same steps" in section
+    assert "**Does not hold**" in section and "Not evaluated" not in section

@@ -95,12 +95,15 @@ def test_cpu_claims_config_plans_each_evaluation_once(tmp_path, shared_models):
 
     def runs_of(name):
         e = exps[name]
-        return {(r, f, s) for r in e["recipes"] for f in e.get("fractions", [1.0])
+        return {(r, f, s) for r in e["recipes"]
+                for f in e.get("recipe_fractions", {}).get(r, e.get("fractions", [1.0]))
                 for s in e.get("recipe_seeds", {}).get(r, e.get("seeds", cfg["seeds"]))}
 
     runs = set().union(*(runs_of(name) for name in exps))
     main = runs_of("cifar10")
-    # three seeds for MixACM (paper-faithful and best variant) and AT, two for the rest
+    # three seeds for MixACM (paper-faithful and best variant) and AT, two for the rest; the
+    # fixed-steps curve has no full-data runs of its own (they would repeat the plain ones)
+    assert not any(r.endswith("_fixed_steps") and f == 1.0 for r, f, _ in runs)
     assert {s for r, _, s in main if r == "at"} == {0, 1, 2} and {s for r, _, s in main if r == "trades"} == {0, 1}
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout, re.M))
     # one training and one clean + PGD job per run
@@ -115,7 +118,9 @@ def test_cpu_claims_config_plans_each_evaluation_once(tmp_path, shared_models):
     assert len([p for p in student if p.endswith("/eval_clean_pgd.json")]) == len(runs)
     attacked = [(r, f, s) for r, f, s in main if r in exps["cifar10"]["autoattack"]]
     assert len([p for p in student if p.endswith("/eval_autoattack.json")]) == len(attacked)
-    assert int(counts["import_teacher_file"]) == 1
+    # the dataset's teacher and each trained recipe's own teacher, imported once each
+    own = {r for r, _, _ in runs if cfg["recipes"][r].get("teacher")}
+    assert int(counts["import_teacher_file"]) == 1 + len(own)
     # the teacher on the same test data: clean + PGD, AA
     assert sorted(p for p in planned if p.startswith("results/teachers/")) == [
         "results/teachers/cifar10/eval_autoattack.json", "results/teachers/cifar10/eval_clean_pgd.json"]
@@ -216,6 +221,8 @@ def _bad(cfg: dict, path: list, value) -> dict:
          "recipes.mixacm.teacher.source: a recipe's own teacher is imported"),
         (["recipes", "at", "teacher"], {"source": "url", "url": "https://example.org/t.pt", "sha256": "0" * 64, "arch": "tiny"},
          "recipes.at.teacher: method 'at' does not distil from a teacher"),
+        (["experiments", "less_data", "recipe_fractions"], {"at": [0.5]},
+         "experiments.less_data.recipe_fractions.at: recipe 'at' is not one of this experiment's recipes"),
         (["experiments", "cifar10", "recipe_seeds"], {"mixacm": [0, 1, 2], "ard": [0]},
          "experiments.cifar10.recipe_seeds.ard: recipe 'ard' is not one of this experiment's recipes"),
         (["experiments", "imagenet"], {"dataset": "imagenet", "arch": "tiny", "recipes": ["at"]},
@@ -229,7 +236,7 @@ def _bad(cfg: dict, path: list, value) -> dict:
     ids=["unknown-key", "wrong-type", "eps-8", "eps-300/255", "fraction-1.5", "missing-teacher-file",
          "knob-eps-8", "unused-recipe-knob", "unused-recipe-optim", "unknown-method", "standard-aa-unknown-recipe",
          "standard-aa-without-n", "aa-list-unknown-recipe", "audit-list-unknown-recipe", "recipe-teacher-missing-file", "recipe-teacher-trained",
-         "recipe-teacher-non-distilling", "recipe-seeds-unknown-recipe", "no-recipe-for-dataset", "unknown-term", "missing-block"],
+         "recipe-teacher-non-distilling", "recipe-fractions-unknown-recipe", "recipe-seeds-unknown-recipe", "no-recipe-for-dataset", "unknown-term", "missing-block"],
 )
 def test_bad_config_stops_before_any_job(wf, path, value, expected):
     cfg = _bad(yaml.safe_load((wf / "config" / "quick.yaml").read_text()), path, value)

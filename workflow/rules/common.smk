@@ -92,7 +92,7 @@ def _check_config(cfg):
                 f"config key experiments.{exp_name}.dataset: {exp['dataset']!r} has no "
                 f"evaluation.{exp['dataset']} section (eps, test points)"
             )
-        for key in ("autoattack", "autoattack_standard", "audit", "recipe_seeds"):
+        for key in ("autoattack", "autoattack_standard", "audit", "recipe_seeds", "recipe_fractions"):
             listed = exp.get(key)
             # a list names recipes by position ([i]), the recipe_seeds mapping by key (.name)
             named = ([(f"[{i}]", r) for i, r in enumerate(listed)] if isinstance(listed, list)
@@ -241,10 +241,11 @@ def experiment_runs(name):
         return []
     seeds = exp.get("seeds", config["seeds"])
     recipe_seeds = exp.get("recipe_seeds", {})
+    recipe_fractions = exp.get("recipe_fractions", {})
     return [
         (exp["dataset"], recipe, exp["arch"], fraction, seed)
         for recipe in exp["recipes"]
-        for fraction in exp["fractions"]
+        for fraction in recipe_fractions.get(recipe, exp["fractions"])
         for seed in recipe_seeds.get(recipe, seeds)
     ]
 
