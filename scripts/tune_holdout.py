@@ -28,6 +28,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from mixacm.methods import METHODS
+
 
 def merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
@@ -49,7 +51,7 @@ def run_one(name: str, cfg: dict, out_dir: Path, threads: int) -> dict:
         "candidate": name,
         "method": cfg["method"]["name"],
         "knobs": json.dumps(method, sort_keys=True),
-        "teacher": Path(cfg["teacher"]).name if cfg.get("teacher") else "",
+        "teacher": Path(cfg["teacher"]).name if cfg.get("teacher") and METHODS.get(cfg["method"]["name"]).needs_teacher else "",
         "lr": cfg.get("optim", {}).get("lr"),
         "epochs": cfg.get("optim", {}).get("epochs"),
     }
