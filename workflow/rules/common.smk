@@ -284,8 +284,8 @@ def teacher_block(tid):
 
 
 def teacher_file(dataset, recipe=None):
-    """Where the teacher model file of a run's students comes from (one rule per source):
-    results/teachers/<teacher id>/<source>/model.pt, or the DAG-trained dataset teacher."""
+    """Where the teacher model file of a run's students comes from, one rule per source
+    (results/teachers/<teacher id>/<source>/model.pt), or the DAG-trained dataset teacher."""
     tid = teacher_id(dataset, recipe)
     source = teacher_block(tid)["source"]
     if source == "train":
@@ -293,9 +293,14 @@ def teacher_file(dataset, recipe=None):
     return f"results/teachers/{tid}/{source}/model.pt"
 
 
+def teacher_dataset(tid):
+    """The dataset of a teacher id (teacher_id)."""
+    return tid.partition("/")[0]
+
+
 def teacher_res(key):
     """A resource of a teacher import job ({teacher} wildcard: a teacher id), per its dataset."""
-    return lambda w: resources_of(w.teacher.partition("/")[0], "teacher")[key]
+    return lambda w: resources_of(teacher_dataset(w.teacher), "teacher")[key]
 
 
 _check_config(config)
@@ -303,7 +308,7 @@ _check_config(config)
 
 def teacher_source_json(tid):
     """A teacher block (teacher id: teacher_id) as `mixacm teacher --source-json` reads it."""
-    return json.dumps(teacher_source(teacher_block(tid), tid.partition("/")[0]), sort_keys=True)
+    return json.dumps(teacher_source(teacher_block(tid), teacher_dataset(tid)), sort_keys=True)
 
 
 def student_config(w):
@@ -500,7 +505,7 @@ def all_of(key):
 
 def teacher_data_arg(w):
     """Test data for the import's accuracy check (else $MIXACM_DATA_<NAME>; none: not run)."""
-    root = config["data"].get(w.teacher.partition("/")[0], {}).get("root")
+    root = config["data"].get(teacher_dataset(w.teacher), {}).get("root")
     return f"--data-root {shell_quote(root)}" if root else ""
 
 
@@ -579,7 +584,7 @@ def audit_source_args(w):
 
 def _teacher_audits():
     """The transfer table's Teacher row is audited when experiments.transfer.audit is on (true or
-    a list of recipes): results/teachers/<dataset>/eval_audit.json (rule audit_teacher)."""
+    a list of recipes): results/teachers/<dataset>/eval_audit.json, written by audit.smk."""
     exp = config["experiments"].get("transfer")
     if not exp or exp["dataset"] not in config["teachers"] or exp.get("audit", False) is False:
         return []
