@@ -250,6 +250,40 @@ def test_less_data_figure_draws_one_curve_per_variant():
     assert labels == ["AT (resnet2b, 2/255) PGD-20", "AT [fixed steps] (resnet2b, 2/255) PGD-20"]
 
 
+def test_an_imported_teacher_without_a_config_hash_is_named_by_its_file(make_result, tmp_path):
+    # An imported teacher's model file has no training config: its evaluations carry a null
+    # config_hash and the model file's sha256, which then identifies the run.
+    files = [make_result("teacher", 0, {"clean": 76.5, "pgd20": 61.5}, arch="resnet4b", teacher=None,
+                         variant="resnet4b (resnet4b.pth)"),
+             make_result("at", 0, {"clean": 86.0, "pgd20": 48.0}, config_hash="a0", teacher=None)]
+    doc = json.loads(files[0].read_text())
+    doc["run"].update(config_hash=None, checkpoint_sha256="ab" * 32)
+    files[0].write_text(json.dumps(doc))
+    table = build_table("transfer", collect_results(files))
+    teacher = table[table.method_key == "teacher"].iloc[0]
+    assert teacher["clean_mean"] == 76.5 and teacher["config_hashes"] == "sha256:abababababababab"
+    doc["run"]["checkpoint_sha256"] = None
+    files[0].write_text(json.dumps(doc))
+    with pytest.raises(ResultFileError, match="run.config_hash is missing or null"):
+        collect_results(files)
+
+
+def test_a_resumed_run_is_costed_from_its_summary_not_the_last_jobs_benchmark(tmp_path):
+    from mixacm.report.tables import collect_costs
+    run = tmp_path / "cifar10" / "ard" / "seed0"
+    run.mkdir(parents=True)
+    (run / "train_summary.json").write_text(json.dumps(
+        {"config_hash": "d0", "name": "cifar10/ard/seed0", "wall_time_s": 369.0, "device": "cpu",
+         "resumed_from_epoch": 2}))
+    bench = tmp_path / "benchmarks" / "train" / "cifar10" / "ard" / "seed0.tsv"
+    bench.parent.mkdir(parents=True)
+    bench.write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+                     "82.0\t0:01:22\t100\t100\t100\t100\t0\t0\t99\t81.0\n")
+    row = collect_costs([run / "train_summary.json", bench]).iloc[0]
+    assert row["wall_time_s"] == 369.0 and row["device_hours"] == pytest.approx(369.0 / 3600)
+    assert row["cost_source"].startswith("train_summary (resumed run")
+
+
 def test_cited_rows_and_paper_order(scenario):
     table = build_table("cifar10", collect_results(scenario["files"]))
     cited = table[table.status == "cited"]

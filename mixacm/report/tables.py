@@ -133,6 +133,10 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
     run, metrics = doc.get("run"), doc.get("metrics")
     if not isinstance(run, dict):
         raise _fail(path, "'run' is missing or not an object")
+    if run.get("config_hash") is None and isinstance(run.get("checkpoint_sha256"), str):
+        # A model file without a training config (an imported teacher, a foreign model): the
+        # file itself is the run's identity.
+        run = {**run, "config_hash": f"sha256:{run['checkpoint_sha256'][:16]}"}
     for key in _REQUIRED_RUN:
         if run.get(key) is None:
             raise _fail(path, f"run.{key} is missing or null")
@@ -274,8 +278,10 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
     ``benchmarks/train/cifar10/mixacm/tiny/seed0.tsv`` for run ``cifar10/mixacm/tiny/seed0``),
     or, named ``benchmark_train.tsv``, to the run whose name ends its folder (a teacher trained
     in the DAG: ``results/teachers/cifar10/trained/benchmark_train.tsv``), and, when present,
-    replaces the summary's figure: it times the whole job. One row per training config: where two
-    runs share one (a teacher trained with a student's recipe), the student's name is kept.
+    replaces the summary's figure: it times the whole job; except for a resumed run
+    (``resumed_from_epoch`` > 0), whose benchmark timed only the last job while its summary adds
+    up every epoch. One row per training config: where two runs share one (a teacher trained with
+    a student's recipe), the student's name is kept.
     """
     summaries: list[tuple[Path, dict[str, Any]]] = []
     benchmarks: list[Path] = []
@@ -309,6 +315,9 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
             "config_hash": s["config_hash"], "name": s.get("name"), "device_hours": dh,
             "cost_unit": WALL_HOURS if dh is not None else None, "wall_time_s": wall, "devices": _devices(s), "device": s.get("device"),
             "cost_source": "train_summary", "cost_file": str(p),
+            # a resumed run's benchmark timed only the job that finished it (Snakemake rewrites
+            # the file per job); its summary adds up every epoch's time
+            "resumed": bool(s.get("resumed_from_epoch")),
             # how much training the cost bought: "epochs: 2" alone hides 30 steps an epoch
             **{k: s.get(k) for k in ("epochs", "steps", "images")},
             # The values a run used (MixACM's CHOICE knobs, the optimiser recipe, checkpoint
@@ -335,6 +344,9 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
                 f"the suffix must end with exactly one run name (run names given: {names})")
         seconds, cpu_seconds = read_benchmark_times(b)
         run = match[0]
+        if run.get("resumed"):
+            run["cost_source"] = "train_summary (resumed run: its benchmark timed the last job only)"
+            continue
         if str(run["device"] or "cpu").startswith("cpu") and cpu_seconds is not None:
             # CPU time, not wall time: on a loaded machine wall time measures the load
             run.update(wall_time_s=seconds, device_hours=cpu_seconds / 3600, cost_unit=CPU_HOURS,
