@@ -30,10 +30,13 @@ def tables(mix_clean=60.0, mix_apgd=40.0, at_hours=0.4, less_mix=30.0):
         _row("MixACM", "mixacm", 50.0, less_mix, frac=0.1), _row("MixACM", "mixacm", 60.0, 42.0),
         _row("AT", "at", 40.0, 25.8, frac=0.1), _row("AT", "at", 55.0, 43.0),
     ])
+    # as build_table writes them: each ablation row carries its preset in `variant`
     abl = pd.DataFrame([
-        _row("ACM only", "mixacm", 50.0, 30.0), _row("ACM + KD", "mixacm", 52.0, 33.0),
-        _row("ACM + mixup", "mixacm", 55.0, 35.0), _row("ACM + KD + mixup", "mixacm", 60.0, 42.0),
-        _row("KD only", "mixacm", 58.0, 36.0),
+        {**_row("ACM only", "mixacm", 50.0, 30.0), "variant": "acm"},
+        {**_row("ACM + KD", "mixacm", 52.0, 33.0), "variant": "acm+kd"},
+        {**_row("ACM + mixup", "mixacm", 55.0, 35.0), "variant": "acm+mixup"},
+        {**_row("ACM + KD + mixup", "mixacm", 60.0, 42.0), "variant": ""},
+        {**_row("KD only", "mixacm", 58.0, 36.0), "variant": "kd"},
     ])
     return {"cifar10": main_t, "less_data": less, "ablation": abl}
 

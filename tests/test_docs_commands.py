@@ -59,9 +59,14 @@ SUBSTITUTIONS = [
     ("docs/benchmarks.md", "python benchmarks/bench_methods.py --model wrn-34-10 --device cuda",
      ': "needs CUDA, not run" #',
      "needs a GPU (the GPU checks run it where there is one)"),
+    ("docs/results/cifar10_cpu/README.md",
+     "python scripts/tune_holdout.py config/tuning/cifar10_cpu.yaml --out-dir results/tuning --csv results/tuning.csv",
+     ": holdout search skipped",
+     "trains 25 candidates (53 min on 2 cores); tests/test_train.py checks the last-epoch holdout "
+     "scoring it reads"),
     ("docs/results/cifar10_cpu/README.md", "scripts/publish_example.sh <that checkout> cifar10_cpu",
      ": publishing skipped",
-     "copies a finished 1 h 25 min run of config/cifar10_cpu.yaml; the snakemake line above it is "
+     "copies a finished 2 h 23 min run of config/cifar10_cpu.yaml; the snakemake line above it is "
      "dry-run"),
     ("docs/slurm.md", "sudo .venv/bin/pytest", "pytest",
      "collecting needs no root; the tests run in the current environment, not a .venv"),

@@ -76,10 +76,11 @@ class _Rows:
     def __init__(self, name: str, table: pd.DataFrame):
         self.name, self.table, self.missing = name, table, []
 
-    def one(self, variant: str = "", **match) -> pd.Series | None:
+    def one(self, variant: str | None = "", **match) -> pd.Series | None:
         rows = self.table[self.table["status"] == "reproduced"]
-        keys = rows["variant"].map(_variant_key) if "variant" in rows else pd.Series("", index=rows.index)
-        rows = rows[keys == _variant_key(variant)]
+        if variant is not None:  # None: any variant (the ablation rows are named by their label)
+            keys = rows["variant"].map(_variant_key) if "variant" in rows else pd.Series("", index=rows.index)
+            rows = rows[keys == _variant_key(variant)]
         if variant:
             match = {**match, "variant": variant}
         for k, v in match.items():
@@ -199,14 +200,14 @@ def _claim_c_budget(less: pd.DataFrame, variant: str) -> list[str]:
 def claim_d(abl: pd.DataFrame) -> list[str]:
     need = _Rows("ablation", abl)
     for label in ABLATION_ORDER + ["KD only"]:
-        need.one(method=label)
+        need.one(method=label, variant=None)
     need.check()
     lines = ["| loss | clean | PGD-20 | paper (robust, WRN-34-10, 8/255) |", "|---|---|---|---|"]
     acc = {}
     for label in ABLATION_ORDER + ["KD only"]:
-        r = need.one(method=label)
+        r = need.one(method=label, variant=None)
         acc[label] = r["pgd20_mean"]
-        lines.append(f"| {label} | {_fmt(r['clean_mean'])} | {_fmt(r['pgd20_mean'])} | "
+        lines.append(f"| {label} | {_fmt(r['clean_mean'], r.get('clean_std'))} | {_fmt(r['pgd20_mean'], r.get('pgd20_std'))} | "
                      f"{_fmt(r['paper_robust'])} |")
     order = [acc[k] for k in ABLATION_ORDER]
     increasing = all(a < b for a, b in zip(order, order[1:]))
