@@ -345,7 +345,7 @@ def test_bad_result_files_name_the_file_and_key(make_result, tmp_path):
     for mutate, message in [
         (lambda d: d.update(schema=2), "schema is 2"),
         (lambda d: d["run"].pop("seed"), r"run\.seed is missing"),
-        (lambda d: d["run"].update(config_hash=None), r"run\.config_hash is missing or null"),
+        (lambda d: d["run"].update(config_hash=None, checkpoint_sha256=None), r"run\.config_hash is missing or null"),
         (lambda d: d["metrics"]["clean"].update(accuracy_pct=0.9 * 1000), r"metrics\.clean\.accuracy_pct"),
         (lambda d: d["metrics"]["clean"].update(n=0), r"metrics\.clean\.n = 0"),
         (lambda d: d["run"].update(data_fraction=1.5), r"run\.data_fraction = 1\.5"),
