@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from mixacm.report.tables import FULL_VARIANTS, ResultFileError, norm_variant
+from mixacm.report.tables import FULL_VARIANTS, ResultFileError, norm_variant, row_name
 
 ROBUST = [("pgd20", "PGD-20"), ("autoattack_apgd", "APGD-CE+APGD-T"), ("autoattack", "AutoAttack (standard)"),
           ("audited", "Audited (mixacm audit)")]
@@ -81,13 +81,11 @@ class _Rows:
         if variant is not None:  # None: any variant (the ablation rows are named by their label)
             keys = rows["variant"].map(_variant_key) if "variant" in rows else pd.Series("", index=rows.index)
             rows = rows[keys == _variant_key(variant)]
-        if variant:
-            match = {**match, "variant": variant}
         for k, v in match.items():
-            if k != "variant":
-                rows = rows[rows[k] == v]
+            rows = rows[rows[k] == v]
         if len(rows) != 1:
-            self.missing.append(f"{_describe(match)} (found {len(rows)})")
+            described = {**match, "variant": variant} if variant else match
+            self.missing.append(f"{_describe(described)} (found {len(rows)})")
             return None
         return rows.iloc[0]
 
@@ -140,9 +138,7 @@ def claim_b(main: pd.DataFrame) -> list[str]:
         or "device-hours"
     lines = [f"| method | training cost, {unit} (mean over seeds) | relative to AT |", "|---|---|---|"]
     for _, row in main[main["status"] == "reproduced"].iterrows():
-        v = row.get("variant")
-        name = f"{row['method']} [{v}]" if isinstance(v, str) and _variant_key(v) else row["method"]
-        lines.append(f"| {name} | {row['train_device_hours']:.4f} | "
+        lines.append(f"| {row_name(row)} | {row['train_device_hours']:.4f} | "
                      f"{row['train_device_hours'] / at['train_device_hours']:.2f} |")
     ratio = mix["train_device_hours"] / at["train_device_hours"]
     return lines + ["", f"MixACM / AT = **{ratio:.2f}** (AT costs {1 / ratio:.1f} times MixACM). "

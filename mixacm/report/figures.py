@@ -29,9 +29,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mixacm.report.tables import (
-    ABLATION_VARIANTS, FULL_VARIANTS, ROBUST_PREFERENCE, norm_variant, load_paper_numbers, robust_label,
-)
+from mixacm.report.tables import ROBUST_PREFERENCE, load_paper_numbers, robust_label, row_name
 from mixacm.utils import atomic_write
 
 FIGURE_NAMES = ("less_data.png", "clean_vs_robust.png", "training_cost.png", "transfer.png")
@@ -127,16 +125,6 @@ def place_labels(fig: Figure, annotations: list) -> list:
     return placed
 
 
-def row_name(row: Mapping[str, Any]) -> str:
-    """A row's method with its named variant (e.g. "MixACM [best holdout variant]"); the full
-    method and the ablation presets (already in the method label) add nothing."""
-    variant = row.get("variant")
-    n = norm_variant(variant)
-    if not n or n in FULL_VARIANTS or n in ABLATION_VARIANTS:
-        return str(row["method"])
-    return f"{row['method']} [{variant}]"
-
-
 def robust_column(rows: pd.DataFrame) -> str:
     """The strongest attack column that every row has for all of its seeds (PGD-20 otherwise)."""
     for col in ROBUST_PREFERENCE:
@@ -158,12 +146,10 @@ def draw_less_data(table: pd.DataFrame | None) -> Figure:
         _empty(ax_rob)
         _empty(ax_clean)
     else:
-        variant = rows["variant"] if "variant" in rows else pd.Series(None, index=rows.index, dtype=object)
-        rows = rows.assign(variant=variant.astype(object).where(variant.notna(), ""))
-        for (method, variant, student, teacher, eps), g in rows.groupby(
-                ["method", "variant", "student", "teacher", "eps"], sort=True):
+        rows = rows.assign(name=[row_name(r) for _, r in rows.iterrows()])
+        for (name, student, teacher, eps), g in rows.groupby(["name", "student", "teacher", "eps"], sort=True):
             g = g.sort_values("data_fraction")
-            label = f"{method}{f' [{variant}]' if variant else ''} ({student}, {eps})"
+            label = f"{name} ({student}, {eps})"
             line = ax_rob.errorbar(g["data_fraction"], g["pgd20_mean"], yerr=g["pgd20_std"],
                                    marker="o", capsize=3, label=f"{label} PGD-20")
             for col, marker in (("autoattack", "s"), ("autoattack_apgd", "^")):

@@ -368,6 +368,16 @@ def norm_variant(v: Any) -> str | None:
         re.sub(r"[^a-z0-9]", "", str(v).lower())
 
 
+def row_name(row: Mapping[str, Any]) -> str:
+    """A table row's method with its named variant (e.g. "MixACM [compute-matched]"); the full
+    method and the ablation presets (already in the method label) add nothing."""
+    variant = row.get("variant")
+    n = norm_variant(variant)
+    if not n or n in FULL_VARIANTS or n in ABLATION_VARIANTS:
+        return str(row["method"])
+    return f"{row['method']} [{variant}]"
+
+
 def _select(kind: str, results: pd.DataFrame, spec: Mapping[str, Any]) -> pd.DataFrame:
     r = results[results["dataset"] == spec["dataset"]]
     full_data = (r["data_fraction"] - 1.0).abs() < 1e-9
