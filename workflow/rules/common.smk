@@ -130,15 +130,13 @@ def _check_config(cfg):
                 f"config key recipes.{name}.teacher.source: a recipe's own teacher is imported "
                 "(robustbench, url or file); a teacher trained in the DAG belongs under teachers.<dataset>"
             )
+    # Every teacher block, the datasets' and the recipes' own: a named file must exist.
+    blocks = [(f"teachers.{ds}", t) for ds, t in cfg["teachers"].items()]
+    blocks += [(f"recipes.{name}.teacher", r["teacher"]) for name, r in cfg["recipes"].items() if r.get("teacher")]
+    for key, teacher in blocks:
         if teacher["source"] == "file" and not Path(teacher["path"]).is_file():
-            raise WorkflowError(
-                f"config key recipes.{name}.teacher.path: teacher file {teacher['path']!r} does not exist"
-            )
+            raise WorkflowError(f"config key {key}.path: teacher file {teacher['path']!r} does not exist")
     for ds, teacher in cfg["teachers"].items():
-        if teacher["source"] == "file" and not Path(teacher["path"]).is_file():
-            raise WorkflowError(
-                f"config key teachers.{ds}.path: teacher file {teacher['path']!r} does not exist"
-            )
         if teacher["source"] == "train" and teacher["recipe"] not in cfg["recipes"]:
             raise WorkflowError(
                 f"config key teachers.{ds}.recipe: unknown recipe {teacher['recipe']!r}"
