@@ -15,8 +15,10 @@ A method only computes one step's loss (``mixacm.methods``); this loop owns the 
   extra modules, method state, optimiser, scheduler, RNG states, config hash, best-so-far);
   a run restarted on the same ``out_dir`` resumes from it and, on the CPU, ends with exactly the
   weights of an uninterrupted run;
-* a NaN or inf loss raises ``TrainingDiverged`` before the step is taken and before anything is
-  written, so the last good checkpoint stays as it was;
+* a step reads nothing back to the host: its loss and metrics are summed on the device
+  (``StepMeter``) and read once every ``train.log_every`` optimiser steps and at the end of the
+  epoch; a NaN or inf loss raises ``TrainingDiverged`` at that read, before anything is written,
+  so the last good checkpoint stays as it was (``mixacm.hostreads`` counts reads in the tests);
 * at the end ``model.pt`` (model-file format; the selected epoch: the last one, or the best
   PGD-10 accuracy on the holdout) and ``train_summary.json``; with a holdout and ``last``
   selection, the last epoch is scored on the holdout (a holdout search of the main protocol);
@@ -35,9 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,38 +178,91 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
 
 
-class NonFiniteLoss(ArithmeticError):
-    """Raised by ``training_step`` (on every rank) before a NaN/inf loss is back-propagated."""
-
-    def __init__(self, value: float, metrics: Mapping[str, float]) -> None:
-        super().__init__(f"loss is {value}")
-        self.value, self.metrics = value, dict(metrics)
-
-
 _SINGLE = ddp.DistContext()
 
 
 def training_step(method: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
                   y: torch.Tensor, *, amp: str = "none", extra_params: list[torch.Tensor] = (),
-                  ctx: ddp.DistContext = _SINGLE) -> tuple[float, dict[str, float]]:
-    """One optimiser step of ``method`` on ``(x, y)``; returns the loss value and its metrics.
+                  ctx: ddp.DistContext = _SINGLE) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One optimiser step of ``method`` on ``(x, y)``; returns the detached loss and the method's
+    metrics (device tensors or Python numbers), without reading anything back to the host.
 
-    The loss is checked before the backward pass (across ranks, so every rank stops together);
     ``after_backward`` runs between backward and step (Free-AT's perturbation update), and the
-    gradients of parameters outside DDP (``extra_params``) are averaged across ranks.
+    gradients of parameters outside DDP (``extra_params``) are averaged across ranks. A NaN or
+    inf loss is not checked here (that would stall the device every step): ``StepMeter`` notes
+    it on the device and the loop raises ``TrainingDiverged`` at its next read, before anything
+    is written. (A ``GradScaler`` for fp16 reads its inf check back itself; bf16 needs none.)
     """
     optimizer.zero_grad(set_to_none=True)
     with _autocast(x.device, amp):
         loss, metrics = method.loss(x, y)
-    value = float(loss.detach())
-    if ddp.any_rank(not math.isfinite(value), ctx):
-        raise NonFiniteLoss(value, metrics)
     scaler.scale(loss).backward()
     method.after_backward()
     ddp.all_reduce_grads(extra_params, ctx)
     scaler.step(optimizer)
     scaler.update()
-    return value, metrics
+    return loss.detach(), metrics
+
+
+class StepMeter:
+    """Sums of the per-step metrics of a method, kept on the device between host reads.
+
+    ``add`` (every optimiser step) stacks the loss and the metrics (tensors, or Python numbers
+    such as FAT's epoch-level tau, filled in on the device) into one vector and adds it to a
+    float64 sum on the device; it also keeps the metrics of the first step whose loss is not
+    finite. ``read`` (once per logging interval, and at the end of the epoch) sums over DDP
+    ranks and reads everything back in one transfer. A method reports the same metric names at
+    every step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.keys: list[str] | None = None  # "loss" first, then the metrics' names sorted
+        self.sums: torch.Tensor | None = None
+        self.bad_at: torch.Tensor | None = None  # 1-based step of this meter's first bad loss; 0 = none
+        self.bad_vals: torch.Tensor | None = None
+        self.steps = 0
+
+    def _value(self, v: Any) -> torch.Tensor:
+        if isinstance(v, torch.Tensor):
+            return v.detach().reshape(()).double()
+        return torch.full((), float(v), dtype=torch.float64, device=self.device)  # no transfer: a fill
+
+    def add(self, loss: torch.Tensor, metrics: Mapping[str, Any]) -> None:
+        names = sorted(k for k in metrics if k != "loss")
+        if self.keys is None:
+            self.keys = ["loss", *names]
+            self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
+            self.bad_at = torch.zeros((), dtype=torch.int64, device=self.device)
+            self.bad_vals = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
+        elif names != self.keys[1:]:
+            raise ValueError(f"metric names changed between steps: {self.keys[1:]} -> {names}")
+        self.steps += 1
+        vec = torch.stack([self._value(loss), *(self._value(metrics[k]) for k in names)])
+        self.sums += vec
+        first = ~torch.isfinite(vec[0]) & (self.bad_at == 0)
+        self.bad_at = torch.where(first, self.steps, self.bad_at)
+        self.bad_vals = torch.where(first, vec, self.bad_vals)
+
+    def read(self, ctx: ddp.DistContext) -> dict[str, Any]:
+        """One host read, then reset: ``{"steps", "sums", "any_bad"}`` summed over ranks, and
+        this rank's first non-finite step ``bad_at`` with its metrics ``bad`` when it had one."""
+        if self.keys is None:
+            return {"steps": 0, "sums": {}, "any_bad": False}
+        counts = torch.stack([torch.full((), float(self.steps), dtype=torch.float64, device=self.device),
+                              (self.bad_at > 0).double()])
+        packed = ddp.all_reduce_sum(torch.cat([self.sums, counts]), ctx)
+        values = torch.cat([packed, self.bad_at.double().reshape(1), self.bad_vals]).tolist()  # the one read
+        n = len(self.keys)
+        out = {"steps": int(values[n]), "any_bad": values[n + 1] > 0, "sums": dict(zip(self.keys, values[:n]))}
+        if values[n + 2] > 0:
+            out["bad_at"] = int(values[n + 2])
+            out["bad"] = dict(zip(self.keys, values[n + 3:]))
+        self._reset()
+        return out
 
 
 def _cpu_copy(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -400,8 +453,11 @@ class _Stopped(Exception):
 
 def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, show: bool = False) -> dict:
     """One epoch of optimiser steps; advances ``state.global_step`` and returns the epoch's
-    metrics line (averages over every step of every rank). Raises ``TrainingDiverged`` on a
-    NaN / inf loss and ``_Stopped`` after ``step_budget`` steps, both before anything is written.
+    metrics line (averages over every step of every rank, and ``share_<term>`` = mean of
+    ``term_<term>`` / mean loss for each weighted loss term a method reports). The host reads
+    the metrics once every ``train.log_every`` optimiser steps and at the end of the epoch.
+    Raises ``TrainingDiverged`` on a NaN / inf loss (at that read) and ``_Stopped`` after
+    ``step_budget`` steps, both before anything is written.
     """
     cfg, ctx, device, epoch = run.cfg, run.ctx, run.ctx.device, state.epoch
     run.method.begin_epoch(epoch, run.recipe["epochs"])  # per-epoch knobs (AWP warm-up, FAT's tau, ...)
@@ -409,13 +465,13 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
                                world_size=ctx.world_size, num_workers=cfg["train"]["num_workers"],
                                pin_memory=device.type == "cuda")
     run.net.train()
-    sums: dict[str, float] = defaultdict(float)
+    meter, log_every = StepMeter(device), cfg["train"]["log_every"]
+    totals: dict[str, float] = defaultdict(float)
     n_steps = images = 0
     lr = run.optimizer.param_groups[0]["lr"]
     bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.recipe['epochs']}", unit="batch",
                disable=not show, leave=False)
-    extra_params = run.extra_params
-    t_loop = time.perf_counter()
+    step0, t_loop = state.global_step, time.perf_counter()
     try:
         for i, (x, y) in enumerate(loader):
             if i >= run.steps_per_epoch:
@@ -423,42 +479,58 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
             x = x.to(device, non_blocking=True).contiguous(memory_format=run.memory_format)
             y = y.to(device, non_blocking=True)
             for _ in range(run.replays):
-                try:
-                    value, metrics = training_step(run.method, run.optimizer, run.scaler, x, y,
-                                                   amp=cfg["train"]["amp"], extra_params=extra_params, ctx=ctx)
-                except NonFiniteLoss as bad:
-                    terms = ", ".join(f"{k}={v:.4g}" for k, v in bad.metrics.items())
-                    raise TrainingDiverged(
-                        f"{cfg['name']}: loss is {bad.value} at epoch {epoch + 1}, step {i + 1} of the epoch "
-                        f"(optimiser step {state.global_step + 1}); loss terms: {terms or 'none reported'}. "
-                        f"Nothing of this epoch was written; {run.state_path} holds the last good epoch ({epoch})"
-                    ) from None
+                loss, metrics = training_step(run.method, run.optimizer, run.scaler, x, y, amp=cfg["train"]["amp"],
+                                              extra_params=run.extra_params, ctx=ctx)
+                meter.add(loss, metrics)
                 lr = run.optimizer.param_groups[0]["lr"]
                 run.scheduler.step()
                 state.global_step += 1
                 n_steps += 1
-                sums["loss"] += value
-                for k, v in metrics.items():
-                    if k != "loss":
-                        sums[k] += float(v)
+                if n_steps % log_every == 0:
+                    _read_meter(run, meter, totals, step0, epoch, bar)
                 if step_budget is not None and n_steps >= step_budget:
                     raise _Stopped
             images += len(x)
             bar.update(1)
-            if show and i % 20 == 0:
-                bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
+        _read_meter(run, meter, totals, step0, epoch, bar)  # also waits for the device: the time is real
     finally:
         bar.close()
     train_time = time.perf_counter() - t_loop
+    images_all = images * ctx.world_size  # every rank takes the same number of full batches
+    steps_all = max(totals.pop("steps"), 1)
+    means = {k: v / steps_all for k, v in totals.items()}
+    shares = {f"share_{k[5:]}": means[k] / means["loss"] for k in means if k.startswith("term_") and means["loss"]}
+    return {"epoch": epoch + 1, "step": state.global_step, "lr": lr, **means, **shares,
+            "images_per_s": images_all / train_time if train_time > 0 else None,
+            "train_time_s": train_time, "images": images_all}
 
-    keys = sorted(sums)  # every rank reports the same keys
-    packed = ddp.all_reduce_sum(torch.tensor([n_steps, images] + [sums[k] for k in keys], dtype=torch.float64,
-                                             device=device), ctx).tolist()
-    total_steps, total_images = packed[0], int(packed[1])
-    return {"epoch": epoch + 1, "step": state.global_step, "lr": lr,
-            **{k: v / max(total_steps, 1) for k, v in zip(keys, packed[2:])},
-            "images_per_s": total_images / train_time if train_time > 0 else None,
-            "train_time_s": train_time, "images": total_images}
+
+def _read_meter(run: Run, meter: StepMeter, totals: dict[str, float], step0: int, epoch: int, bar: tqdm) -> None:
+    """Read the meter into the epoch's ``totals``; raise ``TrainingDiverged`` on a bad loss."""
+    got = meter.read(run.ctx)
+    if got["any_bad"]:
+        _diverged(run, got, totals, step0, epoch)
+    totals["steps"] += got["steps"]
+    for k, v in got["sums"].items():
+        totals[k] += v
+    if got["steps"]:
+        bar.set_postfix(loss=f"{got['sums']['loss'] / got['steps']:.3f}",
+                        lr=f"{run.optimizer.param_groups[0]['lr']:.3g}")
+
+
+def _diverged(run: Run, got: dict, totals: dict[str, float], step0: int, epoch: int) -> None:
+    name, state_path = run.cfg["name"], run.state_path
+    if "bad_at" not in got:
+        raise TrainingDiverged(f"{name}: the loss became NaN or inf on another rank at epoch {epoch + 1}. Nothing of "
+                               f"this epoch was written; {state_path} holds the last good epoch ({epoch})")
+    step_in_epoch = int(totals.get("steps", 0)) // run.ctx.world_size + got["bad_at"]
+    bad = got["bad"]
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in bad.items() if k != "loss")
+    raise TrainingDiverged(
+        f"{name}: loss is {bad['loss']} at epoch {epoch + 1}, step {(step_in_epoch - 1) // run.replays + 1} of the "
+        f"epoch (optimiser step {step0 + step_in_epoch}); loss terms: {terms or 'none reported'}. "
+        f"Nothing of this epoch was written; {state_path} holds the last good epoch ({epoch})"
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoint selection

@@ -378,3 +378,38 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, data_root):
     with pytest.raises(ConfigError, match="batch_size"):  # 80 images cannot fill a batch of 128
         train(run_config(data_root, {"name": "standard"}, batch_size=128), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_each_weighted_term_gets_its_share_of_the_loss(tmp_path, data_root, monkeypatch):
+    cls = METHODS.get("standard")
+    real_loss = cls.loss
+
+    def loss_with_terms(self, x, y):  # the CE split into two weighted terms, 3/4 and 1/4
+        loss, metrics = real_loss(self, x, y)
+        return loss, {**metrics, "term_a": 0.75 * loss.detach(), "term_b": 0.25 * loss.detach()}
+
+    monkeypatch.setattr(cls, "loss", loss_with_terms)
+    cfg = run_config(data_root, {"name": "standard"}, epochs=1)
+    cfg["train"]["log_every"] = 2  # three reads in an epoch of five steps
+    train(cfg, tmp_path / "run")
+    (line,) = metric_lines(tmp_path / "run")
+    assert line["share_a"] == pytest.approx(0.75) and line["share_b"] == pytest.approx(0.25)
+    assert line["term_a"] + line["term_b"] == pytest.approx(line["loss"])
+
+
+def test_a_nan_between_two_reads_is_named_at_its_own_step(tmp_path, data_root, monkeypatch):
+    cls = METHODS.get("standard")
+    real_loss = cls.loss
+    calls = {"n": 0}
+
+    def loss_going_nan(self, x, y):
+        calls["n"] += 1
+        loss, metrics = real_loss(self, x, y)
+        return (loss * float("nan"), metrics) if calls["n"] == 3 else (loss, metrics)
+
+    monkeypatch.setattr(cls, "loss", loss_going_nan)
+    cfg = run_config(data_root, {"name": "standard"}, epochs=1)
+    cfg["train"]["log_every"] = 4  # read after step 4: the NaN of step 3 is found there
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, step 3 .*optimiser step 3\)"):
+        train(cfg, tmp_path / "run")
+    assert calls["n"] == 4 and not (tmp_path / "run").exists()

@@ -258,7 +258,9 @@ class Method:
         """Trainable parts outside the model (trained and checkpointed, not exported)."""
         return nn.ModuleDict()
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """One step's loss and its metrics (``detach_metrics``), with no host read: no
+        ``.item()``, ``float(t)``, ``if t:`` or boolean-mask indexing (``mixacm.hostreads``)."""
         raise NotImplementedError
 
     def after_backward(self) -> None:
@@ -281,6 +283,9 @@ def build_method(name: str, model: nn.Module, teacher: nn.Module | None = None, 
     return METHODS.get(name)(model, teacher, **knobs)
 
 
-def detach_metrics(**values: Tensor | float) -> dict[str, float]:
-    """Metrics as plain floats (the loop logs and averages them)."""
-    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
+def detach_metrics(**values: Tensor | float) -> dict[str, Tensor | float]:
+    """Metrics for the loop: tensors detached and left on their device (reading them back would
+    stall the device every step; the loop sums them there and reads once per logging interval),
+    Python numbers as floats. Keys ``term_<name>`` are the weighted loss terms, which sum to the
+    loss; the loop records each one's share of the loss per epoch."""
+    return {k: v.detach() if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
