@@ -213,15 +213,6 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return values
 
 
-def any_rank(flag: bool, ctx: DistContext) -> bool:
-    """True on every rank when ``flag`` is true on any rank (all ranks must call it)."""
-    if not ctx.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         if ctx.backend == "nccl":
