@@ -190,9 +190,9 @@ class DeviceBatchLoader(_EpochLoader):
 
     The images (uint8 N x C x H x W, the Subset's rows taken once) and labels are moved to
     ``device`` when the loader is built. Each epoch the order and every image's crop offsets and
-    flip are drawn on the CPU from ``(seed, epoch)`` and copied to the device once; a batch is
-    then an ``index_select``, ``crop_flip`` and the float conversion, all on the device, with no
-    host read.
+    flip are drawn on the CPU from ``(seed, epoch)`` and copied to the device once (from pinned
+    memory, not waited for); a batch is then an ``index_select``, ``crop_flip`` and the float
+    conversion, all on the device: nothing makes the host wait for the device.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
@@ -220,9 +220,14 @@ class DeviceBatchLoader(_EpochLoader):
         flips = (torch.rand(n, generator=g) < self.flip_p).long()
         return shifts, flips
 
+    def _upload(self, t: Tensor) -> Tensor:
+        # From pinned memory without blocking: a pageable copy would make the host wait for the
+        # device's queue (a sync at every epoch start).
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = self.sampler.shard().to(self.device)
-        shifts, flips = (t.to(self.device) for t in self.draws())
+        order = self._upload(self.sampler.shard())
+        shifts, flips = (self._upload(t) for t in self.draws())
         bs = self.batch_size
         for k in range(len(self)):
             idx = order[k * bs:(k + 1) * bs]

@@ -3,6 +3,8 @@ own v2 pipeline, batches a function of (seed, epoch) alone, no host reads, worke
 change nothing but the speed."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import DistributedSampler, Subset
@@ -242,11 +244,46 @@ def test_other_datasets_go_through_the_worker_loader_as_they_are():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_cuda_the_batches_equal_the_cpus(folder: data.FolderDataset):
-    """The same batches on the GPU as on the CPU: device-made (cached) and copied from pinned
-    memory through the side stream (workers)."""
+def test_on_cuda_the_batches_equal_the_cpus_and_never_sync(folder: data.FolderDataset):
+    """The same batches on the GPU as on the CPU: made on the device (cached data), or copied
+    from pinned memory through the side stream (workers); and no epoch of either makes the host
+    wait for the GPU (torch's sync debug mode raises on any synchronising call)."""
     ds = cached(64)
-    cpu, gpu = (list(loader.make_train_loader(ds, 16, seed=0, device=d)) for d in ("cpu", "cuda"))
-    assert all(x.is_cuda for x, _ in gpu) and same(cpu, [(x.cpu(), y.cpu()) for x, y in gpu])
-    cpu, gpu = (list(loader.make_train_loader(folder, 4, seed=0, device=d, num_workers=1)) for d in ("cpu", "cuda"))
+    cpu = list(loader.make_train_loader(ds, 16, seed=0))
+    on_gpu = loader.make_train_loader(ds, 16, seed=0, device="cuda")
+    workers = loader.make_train_loader(folder, 4, seed=0, device="cuda", num_workers=1)
+    epoch(workers, 0)  # starts the workers (and the pinning thread) outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = epoch(on_gpu, 0)
+        gpu_workers = epoch(workers, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(x.is_cuda and y.is_cuda for x, y in gpu + gpu_workers)
     assert same(cpu, [(x.cpu(), y.cpu()) for x, y in gpu])
+    cpu_workers = epoch(loader.make_train_loader(folder, 4, seed=0), 1)
+    assert same(cpu_workers, [(x.cpu(), y.cpu()) for x, y in gpu_workers])
+
+
+def test_the_data_benchmark_prints_its_figures(capsys):
+    """benchmarks/bench_data.py in a tiny mode (docs/benchmarks.md shows the full commands)."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = torch.get_num_threads()
+    try:
+        bench.main(["--dataset", "cifar10", "--json", "--images", "512", "--rounds", "2"])
+        cifar = json.loads(capsys.readouterr().out)
+        bench.main(["--dataset", "imagenet", "--json", "--images", "8", "--batch-size", "4", "--rounds", "1",
+                    "--workers", "1"])
+        inet = json.loads(capsys.readouterr().out)
+    finally:
+        torch.set_num_threads(before)
+    assert cifar["images_per_s"] > 0 and cifar["per_sample_baseline_images_per_s"] > 0
+    assert len(cifar["rounds_images_per_s"]["batched"]) == 2 and cifar["batch_size"] == 128
+    assert set(inet["workers"]) == {"0", "1"} and inet["workers"]["1"]["images_per_s_per_worker"] > 0
