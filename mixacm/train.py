@@ -371,6 +371,8 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
                                    num_workers=workers)
     except ValueError as err:
         raise ConfigError(f"optim.batch_size: {err}") from None
+    except TypeError as err:  # an augmentation the device loader has no batched version of
+        raise ConfigError(f"dataset.augment: {err}") from None
     steps_per_epoch = min(len(loader), tcfg["max_steps_per_epoch"] or len(loader))
     if recipe.get("steps"):  # a budget in steps: as many epochs of this training set as that takes
         recipe["epochs"] = max(1, round(recipe["steps"] / steps_per_epoch))

@@ -447,3 +447,18 @@ def test_a_folder_run_resumed_with_other_workers_ends_on_the_same_weights(tmp_pa
     assert resumed["resumed_from_epoch"] == 1 and resumed["config_hash"] == full["config_hash"]
     a, b = weights(tmp_path / "full" / "model.pt"), weights(tmp_path / "killed" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_augmentation_the_device_loader_cannot_batch_is_a_config_error(tmp_path):
+    # Cached images that are not square: cifar_transform crops a square the batched crop cannot make.
+    for c in range(10):
+        folder = tmp_path / "data" / "train" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            write_png(torch.full((3, 24, 32), 10 * c, dtype=torch.uint8), str(folder / f"{i}.png"))
+    cfg = run_config(tmp_path / "data", {"name": "standard"}, batch_size=4)
+    with pytest.raises(ConfigError, match=r"dataset.augment: .*RandomCrop.*\(24, 32\)"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    cfg["dataset"]["augment"] = False
+    assert train({**cfg, "optim": {**cfg["optim"], "epochs": 1}}, tmp_path / "plain")["steps"] == 5
