@@ -35,7 +35,8 @@ RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
 
 # Keys that do not change what is trained: left out of the config hash so that renaming a run,
 # silencing progress bars or moving it to another device does not block its resume.
-_HASH_EXCLUDED = (("name",), ("device",), ("train", "progress"), ("train", "log_every"))
+_HASH_EXCLUDED = (("name",), ("device",), ("train", "progress"), ("train", "log_every"),
+                  ("train", "num_workers"))
 
 
 class ConfigError(ValueError):

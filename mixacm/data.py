@@ -1,4 +1,4 @@
-"""Datasets, the decoded-image cache, class-balanced subsets, augmentations and the train loader.
+"""Datasets, the decoded-image cache, class-balanced subsets and augmentations.
 
 Every dataset yields ``(image, label)`` with ``image`` a float32 C x H x W tensor in [0, 1]
 (models normalise inside) and ``label`` an int.
@@ -16,7 +16,9 @@ when ``download=True``.
 
 Augmentations (torchvision.transforms.v2 on uint8 tensors): CIFAR-style random crop with 4 px of
 zero padding + horizontal flip; ImageNet ``RandomResizedCrop(224)`` + flip for training and
-``Resize(256)`` + ``CenterCrop(224)`` otherwise. Mixup belongs to the method, not here.
+``Resize(256)`` + ``CenterCrop(224)`` otherwise. Mixup belongs to the method, not here. These
+pipelines transform one image at a time; training batches come from ``mixacm.loader``, which runs
+the same steps batched on the device (cached images) or in worker processes (image folders).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
@@ -488,64 +490,3 @@ def balanced_first_n(labels: Sequence[int] | np.ndarray | Tensor, n: int | None)
     groups = _class_groups(arr, None)
     counts = _balanced_counts([len(g) for g in groups], int(n))
     return np.sort(np.concatenate([g[:k] for g, k in zip(groups, counts)]))
-
-
-# ----------------------------------------------------------------------------- loader
-
-
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (numpy's SeedSequence hashes them apart)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
-    """The order of epoch ``epoch``: a function of ``(seed, epoch)`` only, so resuming reproduces it."""
-    g = torch.Generator().manual_seed(_mix_seed(seed, epoch))
-    return torch.randperm(n, generator=g)
-
-
-class EpochSampler(DistributedSampler):
-    """torch's ``DistributedSampler`` (shuffle, ``drop_last=True``) with another epoch order.
-
-    Everything but the permutation is ``DistributedSampler``'s: ``set_epoch``, ``num_replicas``,
-    ``rank``, the cut to a multiple of ``world_size`` and rank ``r`` taking every
-    ``world_size``-th index from ``r``. The order is ``epoch_permutation(n, seed, epoch)`` rather
-    than ``randperm`` seeded with ``seed + epoch``: with the sum, seed 0's second epoch is seed 1's
-    first, so the data orders of two seeds of an experiment would be shifted copies of each other.
-    (It also keeps the orders, hence the numbers, of runs made before the switch to this class.)
-    """
-
-    def __init__(self, n: int, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.n, self.world_size = n, world_size
-        self.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        perm = epoch_permutation(self.n, self.seed, self.epoch)
-        return iter(perm[self.rank:self.total_size:self.num_replicas].tolist())
-
-
-def make_train_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, *, rank: int = 0,
-                      world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
-                      drop_last: bool = True) -> DataLoader:
-    """The training loader of one epoch: order fixed by ``(seed, epoch)``, last partial batch dropped.
-
-    Augmentation draws from the global torch RNG with ``num_workers=0`` (the training loop saves
-    and restores it), and from worker seeds derived from ``(seed, epoch, rank)`` otherwise.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size!r} must be positive")
-    if len(dataset) // world_size < batch_size and drop_last:
-        raise ValueError(
-            f"{len(dataset)} training images over {world_size} rank(s) cannot fill one batch of "
-            f"{batch_size} (drop_last): use a smaller batch_size or more data"
-        )
-    sampler = EpochSampler(len(dataset), seed, epoch, rank, world_size)
-    # An explicit generator keeps DataLoader from drawing its worker base seed from the global RNG.
-    generator = torch.Generator().manual_seed(_mix_seed(seed, epoch, rank, 1))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=num_workers, pin_memory=pin_memory, generator=generator,
-                      persistent_workers=False)

@@ -16,6 +16,11 @@ The model is wrapped in ``DistributedDataParallel``; a method's extra trainable 
 transformations) are called by the method directly, not through a DDP wrapper, so their
 gradients are averaged by ``all_reduce_grads`` after each backward. The frozen teacher is never
 wrapped. Checkpoints, logs and progress bars are rank 0's job (``DistContext.is_main``).
+
+CPU cores: each rank gets ``cpus_per_rank()`` of the cores this job was given on its node
+(``DistContext.cpus``: data-loading workers are sized from it), and no more OpenMP threads than
+that: torchrun leaves ``OMP_NUM_THREADS`` as the job set it, which would give each of 4 ranks all
+of the job's cores.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class DistContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     launcher: str = "none"  # none | torchrun | slurm
     owns_group: bool = False  # this process created the group (and destroys it at the end)
+    cpus: int = 1  # CPU cores of this rank (cpus_per_rank)
 
     @property
     def enabled(self) -> bool:
@@ -108,6 +114,37 @@ def _master(env: Mapping[str, str], launcher: str) -> tuple[str, str]:
     return addr, port
 
 
+def cpus_per_rank(env: Mapping[str, str] | None = None, available: int | None = None) -> int:
+    """CPU cores for one rank of this job on its node (at least 1).
+
+    The cores this process may run on (``available``, default ``len(os.sched_getaffinity(0))``,
+    where SLURM's CPU binding and cgroup show), at most ``SLURM_CPUS_PER_TASK`` (SLURM's cores per
+    task, which holds without binding too), divided among the ranks that share them: torchrun's
+    ranks on this node (``LOCAL_WORLD_SIZE``, else ``WORLD_SIZE``) share its task's cores; each
+    task of an ``srun`` launch has its own, unless no ``--cpus-per-task`` was given (then the
+    node's tasks, ``SLURM_NTASKS_PER_NODE``, share them).
+    """
+    env = os.environ if env is None else env
+    if available is None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_task = env.get("SLURM_CPUS_PER_TASK", "")
+    cores = min(available, int(per_task)) if per_task.isdigit() and int(per_task) > 0 else available
+    info = launcher_env(env)
+    if info["launcher"] == "torchrun":
+        sharing = _int_env(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else info["world_size"]
+    elif info["launcher"] == "slurm" and not per_task:
+        sharing = _int_env(env, "SLURM_NTASKS_PER_NODE") if "SLURM_NTASKS_PER_NODE" in env else 1
+    else:
+        sharing = 1
+    return max(1, cores // max(1, sharing))
+
+
+def _limit_threads(cpus: int) -> None:
+    """No more intra-op (OpenMP) threads than the rank's cores; never raises a lower setting."""
+    if torch.get_num_threads() > cpus:
+        torch.set_num_threads(cpus)
+
+
 def _rank_device(device: str | torch.device | None, local_rank: int, world_size: int) -> torch.device:
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -130,12 +167,17 @@ def init_from_env(device: str | torch.device | None = "auto", *, timeout_s: floa
         info = launcher_env()
         local = info["local_rank"] if info["world_size"] == world else rank
         dev = _rank_device(device, local, world)
-        return DistContext(rank, world, local, dist.get_backend(), dev, info["launcher"], owns_group=False)
+        cpus = cpus_per_rank()
+        _limit_threads(cpus)
+        return DistContext(rank, world, local, dist.get_backend(), dev, info["launcher"], owns_group=False,
+                           cpus=cpus)
 
     info = launcher_env()
     dev = _rank_device(device, info["local_rank"], info["world_size"])
+    cpus = cpus_per_rank()
+    _limit_threads(cpus)
     if info["world_size"] == 1:
-        return DistContext(device=dev, launcher=info["launcher"])
+        return DistContext(device=dev, launcher=info["launcher"], cpus=cpus)
     if not dist.is_available():
         raise DistributedError("this torch build has no torch.distributed support")
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -147,7 +189,7 @@ def init_from_env(device: str | torch.device | None = "auto", *, timeout_s: floa
         timeout=_dt.timedelta(seconds=timeout_s),
     )
     return DistContext(info["rank"], info["world_size"], info["local_rank"], backend, dev,
-                       info["launcher"], owns_group=True)
+                       info["launcher"], owns_group=True, cpus=cpus)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -4,7 +4,9 @@ A method only computes one step's loss (``mixacm.methods``); this loop owns the 
 
 * data: the training split minus a class-balanced holdout (``dataset.holdout``, taken first so
   it does not depend on the fraction), then a class-balanced ``dataset.fraction`` of the rest;
-  the order of each epoch is a function of (seed, epoch) (``mixacm.data.make_train_loader``);
+  the loader is built once (``mixacm.loader.make_train_loader``: cached images batched and
+  augmented on the device, image folders decoded by worker processes) and each epoch's batches
+  are a function of (seed, epoch, rank);
 * SGD over the model's and the method's extra parameters (MixACM's transformations), with the
   learning rate set every optimiser step by one of torch's schedulers (``make_lr_scheduler``:
   MultiStepLR / CosineAnnealingLR / CyclicLR / ConstantLR, optional LinearLR warmup);
@@ -35,6 +37,7 @@ scheduler); ``TrainState`` is the progress that ``state.pt`` saves and ``restore
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -53,7 +56,8 @@ from mixacm import distributed as ddp
 from mixacm.checkpoint import load_model_file, model_spec, save_model_file
 from mixacm.config import (ConfigError, load_run_config, method_class, method_knobs, recipe_record, resolve_recipe,
                            run_config_hash)
-from mixacm.data import balanced_subset, dataset_labels, dataset_source, holdout_split, load_dataset, make_train_loader
+from mixacm.data import balanced_subset, dataset_labels, dataset_source, holdout_split, load_dataset
+from mixacm.loader import TrainLoader, make_train_loader
 from mixacm.models import build_model
 from mixacm.provenance import provenance
 from mixacm.utils import atomic_json_dump, atomic_torch_save, atomic_write, rng_state, seed_everything, set_rng_state, sha256_file
@@ -296,6 +300,7 @@ class Run:
     extra: nn.ModuleDict
     recipe: dict
     local_batch_size: int
+    loader: TrainLoader  # this rank's batches, on the device; ``set_epoch`` before each epoch
     steps_per_epoch: int  # minibatches an epoch (each replayed ``method.replays`` times)
     memory_format: torch.memory_format
     optimizer: torch.optim.Optimizer
@@ -360,11 +365,15 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
     if recipe["batch_size"] % world:
         raise ConfigError(f"optim.batch_size: {recipe['batch_size']} does not split evenly over {world} processes")
     local_bs = recipe["batch_size"] // world
+    workers = max(0, ctx.cpus - 1) if tcfg["num_workers"] == "auto" else tcfg["num_workers"]
     try:
-        n_batches = len(make_train_loader(train_set, local_bs, cfg["seed"], 0, rank=ctx.rank, world_size=world))
+        loader = make_train_loader(train_set, local_bs, cfg["seed"], rank=ctx.rank, world_size=world, device=device,
+                                   num_workers=workers)
     except ValueError as err:
         raise ConfigError(f"optim.batch_size: {err}") from None
-    steps_per_epoch = min(n_batches, tcfg["max_steps_per_epoch"] or n_batches)
+    except TypeError as err:  # an augmentation the device loader has no batched version of
+        raise ConfigError(f"dataset.augment: {err}") from None
+    steps_per_epoch = min(len(loader), tcfg["max_steps_per_epoch"] or len(loader))
     if recipe.get("steps"):  # a budget in steps: as many epochs of this training set as that takes
         recipe["epochs"] = max(1, round(recipe["steps"] / steps_per_epoch))
         method.recipe["epochs"] = recipe["epochs"]
@@ -377,7 +386,7 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg["amp"] == "fp16")
     return Run(cfg=cfg, cfg_hash=run_config_hash(cfg), ctx=ctx, out=out, train_set=train_set, holdout=holdout,
                source=dataset_source(full), spec=spec, model=model, net=net, method=method, extra=extra,
-               recipe=recipe, local_batch_size=local_bs, steps_per_epoch=steps_per_epoch,
+               recipe=recipe, local_batch_size=local_bs, loader=loader, steps_per_epoch=steps_per_epoch,
                memory_format=memory_format, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
 
@@ -461,9 +470,7 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
     """
     cfg, ctx, device, epoch = run.cfg, run.ctx, run.ctx.device, state.epoch
     run.method.begin_epoch(epoch, run.recipe["epochs"])  # per-epoch knobs (AWP warm-up, FAT's tau, ...)
-    loader = make_train_loader(run.train_set, run.local_batch_size, cfg["seed"], epoch, rank=ctx.rank,
-                               world_size=ctx.world_size, num_workers=cfg["train"]["num_workers"],
-                               pin_memory=device.type == "cuda")
+    run.loader.set_epoch(epoch)
     run.net.train()
     meter, log_every = StepMeter(device), cfg["train"]["log_every"]
     totals: dict[str, float] = defaultdict(float)
@@ -473,11 +480,8 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
                disable=not show, leave=False)
     step0, t_loop = state.global_step, time.perf_counter()
     try:
-        for i, (x, y) in enumerate(loader):
-            if i >= run.steps_per_epoch:
-                break
-            x = x.to(device, non_blocking=True).contiguous(memory_format=run.memory_format)
-            y = y.to(device, non_blocking=True)
+        for x, y in itertools.islice(run.loader, run.steps_per_epoch):  # batches already on the device
+            x = x.contiguous(memory_format=run.memory_format)
             for _ in range(run.replays):
                 loss, metrics = training_step(run.method, run.optimizer, run.scaler, x, y, amp=cfg["train"]["amp"],
                                               extra_params=run.extra_params, ctx=ctx)

@@ -1,4 +1,4 @@
-"""Data: subsets, the decoded-image cache, augmentations, the train loader, error messages."""
+"""Data: subsets, the decoded-image cache, augmentations, error messages (the loader: test_loader.py)."""
 from __future__ import annotations
 
 import urllib.error
@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Subset
 from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png, write_file
 
 from mixacm import data
+from mixacm.loader import make_train_loader
 
 # The helpers write and read images with torchvision.io, which warns about TorchCodec on every call.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -256,63 +257,6 @@ def test_imagenet_folder_streams_large_images(tmp_path, cache_dir):
     assert not cache_dir.exists()  # large images are never cached
 
 
-# ----------------------------------------------------------------------------- loader
-
-
-def order(loader) -> list[int]:
-    return torch.cat([batch[0] for batch in loader]).tolist()
-
-
-def test_loader_order_is_a_function_of_seed_and_epoch_only():
-    ds = TensorDataset(torch.arange(103))
-    torch.manual_seed(1)
-    first = order(data.make_train_loader(ds, 10, seed=5, epoch=2))
-    torch.manual_seed(999)  # another global RNG state (e.g. a resumed process) changes nothing
-    assert order(data.make_train_loader(ds, 10, seed=5, epoch=2)) == first
-    assert order(data.make_train_loader(ds, 10, seed=5, epoch=3)) != first
-    assert order(data.make_train_loader(ds, 10, seed=6, epoch=2)) != first
-    assert len(first) == 100 and len(set(first)) == 100  # drop_last: 10 full batches, no repeats
-
-
-def test_loader_does_not_consume_the_global_rng():
-    ds = TensorDataset(torch.arange(20))
-    torch.manual_seed(0)
-    order(data.make_train_loader(ds, 4, seed=0, epoch=0))
-    after = torch.rand(1)
-    torch.manual_seed(0)
-    assert torch.equal(after, torch.rand(1))
-
-
-def test_ranks_get_disjoint_shards_of_one_permutation():
-    n, ws = 103, 4
-    ds = TensorDataset(torch.arange(n))
-    shards = [order(data.make_train_loader(ds, 5, seed=1, epoch=0, rank=r, world_size=ws)) for r in range(ws)]
-    assert all(len(s) == 25 for s in shards)
-    flat = [i for s in shards for i in s]
-    assert len(set(flat)) == len(flat)
-    perm = data.epoch_permutation(n, 1, 0).tolist()
-    assert shards[1][:5] == perm[1:20:4]
-    with pytest.raises(ValueError, match="rank"):
-        data.make_train_loader(ds, 5, seed=1, epoch=0, rank=4, world_size=4)
-    with pytest.raises(ValueError, match="cannot fill one batch"):
-        data.make_train_loader(ds, 200, seed=1, epoch=0)
-
-
-def test_epoch_sampler_keeps_distributed_samplers_contract():
-    from torch.utils.data import DistributedSampler
-
-    n, ws = 103, 4
-    for rank in range(ws):
-        ours = data.EpochSampler(n, seed=1, epoch=0, rank=rank, world_size=ws)
-        theirs = DistributedSampler(range(n), num_replicas=ws, rank=rank, shuffle=True, seed=1, drop_last=True)
-        assert isinstance(ours, DistributedSampler)
-        assert len(ours) == len(theirs) == 25 and len(list(ours)) == 25
-        ours.set_epoch(3)
-        assert list(ours) == data.epoch_permutation(n, 1, 3).tolist()[rank:100:ws]
-    # Unlike seed + epoch, (seed 0, epoch 1) and (seed 1, epoch 0) are different orders.
-    assert not torch.equal(data.epoch_permutation(n, 0, 1), data.epoch_permutation(n, 1, 0))
-
-
 # ----------------------------------------------------------------------------- the shared JPEG copy
 
 
@@ -330,7 +274,7 @@ def test_shared_jpeg_copy_test_split(cifar10_jpeg_root):
 def test_shared_jpeg_copy_train_split_and_an_augmented_epoch(cifar10_jpeg_root):
     ds = data.load_dataset("cifar10", "train", root=cifar10_jpeg_root, augment=True)
     assert len(ds) == 50_000 and np.bincount(data.dataset_labels(ds)).tolist() == [5000] * 10
-    n = sum(len(y) for _, y in data.make_train_loader(ds, 500, seed=0, epoch=0))
+    n = sum(len(y) for _, y in make_train_loader(ds, 500, seed=0))
     assert n == 50_000
 
 

@@ -5,8 +5,9 @@ Why the two runs can agree: each rank reads a disjoint half of every global batc
 (seed, epoch) permutation), the per-rank mean losses' gradients are averaged, which is the
 gradient of the mean over the global batch, and every rank starts from the same weights. The
 student is ``resnet2b``, which has no BatchNorm (per-rank batch statistics would differ from the
-global batch's), augmentation is off (each rank draws its own crops), and MixACM runs its
-``acm+kd`` ablation (without mixup, whose partners are permuted within each rank's shard).
+global batch's), augmentation is on (an image's crop and flip are drawn from (seed, epoch) by its
+position in the dataset, whichever rank reads it), and MixACM runs its ``acm+kd`` ablation
+(without mixup, whose partners are permuted within each rank's shard).
 What remains is float summation order, hence a tolerance.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mixacm.distributed import DistributedError, launcher_env
+from mixacm import distributed as ddp
+from mixacm.distributed import DistributedError, cpus_per_rank, launcher_env
 from mixacm.models import build_model
 from mixacm.train import train
 from mixacm.utils import seed_everything
@@ -52,6 +54,34 @@ def test_slurm_multi_node_needs_a_master_address():
         launcher_env({"RANK": "5", "WORLD_SIZE": "2"})
 
 
+def test_each_rank_gets_its_share_of_the_jobs_cores():
+    # torchrun's 4 ranks share the 32 cores of the one SLURM task that runs torchrun.
+    torchrun = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "n", "MASTER_PORT": "1"}
+    assert cpus_per_rank({**torchrun, "SLURM_CPUS_PER_TASK": "32"}, available=128) == 8
+    # The CPU affinity counts when SLURM says nothing (or more).
+    assert cpus_per_rank(torchrun, available=32) == 8
+    assert cpus_per_rank({**torchrun, "SLURM_CPUS_PER_TASK": "64"}, available=32) == 8
+    # Two nodes: the ranks on this node share it.
+    assert cpus_per_rank({**torchrun, "WORLD_SIZE": "8"}, available=32) == 8
+    # srun: each task has its own --cpus-per-task; without it the node's tasks share the cores.
+    srun = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_NNODES": "1"}
+    assert cpus_per_rank({**srun, "SLURM_CPUS_PER_TASK": "8"}, available=8) == 8
+    assert cpus_per_rank({**srun, "SLURM_NTASKS_PER_NODE": "4"}, available=64) == 16
+    assert cpus_per_rank({}, available=2) == 2 and cpus_per_rank(torchrun, available=2) == 1
+
+
+def test_a_rank_runs_no_more_threads_than_its_cores(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(ddp, "cpus_per_rank", lambda: 1)
+        assert ddp.init_from_env("cpu").cpus == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(ddp, "cpus_per_rank", lambda: 8)  # never raises a lower setting
+        assert ddp.init_from_env("cpu").cpus == 8 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,7 +99,7 @@ def _worker(rank: int, world_size: int, jobs: list[tuple[dict, str, int]]) -> No
 def _config(data_root, method, teacher=None, lr=0.05) -> dict:
     return {
         "seed": 5, "device": "cpu", "teacher": str(teacher) if teacher else None,
-        "dataset": {"name": "cifar10", "root": str(data_root), "cache": False, "augment": False},
+        "dataset": {"name": "cifar10", "root": str(data_root), "cache": False, "augment": True},
         "model": {"name": "resnet2b"}, "method": method,
         "optim": {"epochs": 1, "batch_size": 16, "lr": lr},
         "train": {"progress": False},

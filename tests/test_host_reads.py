@@ -2,7 +2,8 @@
 the loop's own ``train_epoch`` while ``mixacm.hostreads.HostReadCounter`` counts every operation
 that would make the host wait for a GPU (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``,
 ``nonzero``, boolean-mask indexing, ...). The loop reads the metrics once per logging interval
-(``train.log_every``), so 20 steps with ``log_every: 10`` allow 2 reads in all."""
+(``train.log_every``), so 20 steps with ``log_every: 10`` allow 2 reads in all. The batches are
+counted too: the loader makes them on the device (``mixacm.loader.DeviceBatchLoader``)."""
 from __future__ import annotations
 
 import math
@@ -12,11 +13,11 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-import mixacm.train as train_mod
 from mixacm import distributed as ddp
 from mixacm.checkpoint import model_spec, save_model_file
 from mixacm.config import load_run_config
 from mixacm.hostreads import HostReadCounter
+from mixacm.loader import DeviceBatchLoader
 from mixacm.methods import METHODS
 from mixacm.models import build_model
 from mixacm.train import TrainState, setup, train_epoch
@@ -60,7 +61,7 @@ _PENDING = {"fat": "early stop by boolean-mask indexing", "mixacm": "mixup lam r
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=_PENDING[n], strict=True))
                                   if n in _PENDING else n for n in sorted(METHODS.names())])
-def test_twenty_steps_read_the_host_once_per_logging_interval(name, data_root, teacher_file, tmp_path, monkeypatch):
+def test_twenty_steps_read_the_host_once_per_logging_interval(name, data_root, teacher_file, tmp_path):
     torch.set_num_threads(1)
     cls = METHODS.get(name)
     cfg = load_run_config({
@@ -73,21 +74,8 @@ def test_twenty_steps_read_the_host_once_per_logging_interval(name, data_root, t
     run = setup(cfg, tmp_path, ddp.DistContext())
     run.steps_per_epoch = math.ceil(STEPS / run.replays)  # 20 optimiser steps whatever the replays
     state = TrainState(epoch=1)  # the second epoch: AWP's and FAT's epoch-dependent parts are on
-    real_loader = train_mod.make_train_loader
-    counter = HostReadCounter()
-
-    def loader_outside_the_count(*args, **kwargs):  # a CPU loader never waits on the device
-        with counter.paused():
-            batches = iter(real_loader(*args, **kwargs))
-        while True:
-            with counter.paused():
-                batch = next(batches, None)
-            if batch is None:
-                return
-            yield batch
-
-    monkeypatch.setattr(train_mod, "make_train_loader", loader_outside_the_count)
-    with counter:
+    assert isinstance(run.loader, DeviceBatchLoader)  # the batches are made inside the count
+    with HostReadCounter() as counter:
         line = train_epoch(run, state)
     steps = run.steps_per_epoch * run.replays
     assert line["step"] == steps and math.isfinite(line["loss"])

@@ -413,3 +413,52 @@ def test_a_nan_between_two_reads_is_named_at_its_own_step(tmp_path, data_root, m
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, step 3 .*optimiser step 3\)"):
         train(cfg, tmp_path / "run")
     assert calls["n"] == 4 and not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the loader in the loop
+
+
+def test_the_loader_is_built_once_per_run(tmp_path, data_root, monkeypatch):
+    import mixacm.train as train_mod
+
+    built = []
+    real = train_mod.make_train_loader
+    monkeypatch.setattr(train_mod, "make_train_loader", lambda *a, **k: built.append(1) or real(*a, **k))
+    summary = train(run_config(data_root, {"name": "standard"}, epochs=3), tmp_path / "run")
+    assert summary["epochs"] == 3 and len(built) == 1
+
+
+def test_a_folder_run_resumed_with_other_workers_ends_on_the_same_weights(tmp_path):
+    """Images decoded on the fly (larger than the cache limit): a run killed with the loader in
+    the training process (num_workers 0) and resumed with two worker processes ends on the weights
+    of an uninterrupted run; the worker count is not part of the config hash."""
+    g = torch.Generator().manual_seed(0)
+    for c in range(2):
+        folder = tmp_path / "data" / "train" / f"n{c}"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            write_png((torch.rand(3, 72, 80, generator=g) * 100 + 100 * c).to(torch.uint8), str(folder / f"{i}.png"))
+    cfg = run_config(tmp_path / "data", {"name": "standard"}, epochs=2, batch_size=4)
+    cfg["dataset"]["name"] = "imagenet"
+    cfg["train"].update(max_steps_per_epoch=2, num_workers=0)
+    full = train(cfg, tmp_path / "full")
+    assert train(cfg, tmp_path / "killed", stop_after_steps=3)["completed"] is False
+    resumed = train({**cfg, "train": {**cfg["train"], "num_workers": 2}}, tmp_path / "killed")
+    assert resumed["resumed_from_epoch"] == 1 and resumed["config_hash"] == full["config_hash"]
+    a, b = weights(tmp_path / "full" / "model.pt"), weights(tmp_path / "killed" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_augmentation_the_device_loader_cannot_batch_is_a_config_error(tmp_path):
+    # Cached images that are not square: cifar_transform crops a square the batched crop cannot make.
+    for c in range(10):
+        folder = tmp_path / "data" / "train" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            write_png(torch.full((3, 24, 32), 10 * c, dtype=torch.uint8), str(folder / f"{i}.png"))
+    cfg = run_config(tmp_path / "data", {"name": "standard"}, batch_size=4)
+    with pytest.raises(ConfigError, match=r"dataset.augment: .*RandomCrop.*\(24, 32\)"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    cfg["dataset"]["augment"] = False
+    assert train({**cfg, "optim": {**cfg["optim"], "epochs": 1}}, tmp_path / "plain")["steps"] == 5

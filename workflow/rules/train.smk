@@ -43,6 +43,8 @@ rule train_student:
     params:
         out_dir=lambda w, output: Path(output.model).parent,
         launch=lambda w, resources: launcher(resources.gpu),
+        # torchrun's ranks share the job's cores: OpenMP threads per rank, not per job.
+        threads_per_rank=lambda w, threads, resources: max(1, threads // max(1, int(resources.gpu))),
     threads: res("train", "threads")
     resources:
         mem_mb=res("train", "mem_mb"),
@@ -55,5 +57,5 @@ rule train_student:
     conda:
         "../../environment.yml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} train --config {input.config}"
+        "OMP_NUM_THREADS={params.threads_per_rank} {params.launch} train --config {input.config}"
         " --out-dir {params.out_dir} > {log} 2>&1"
