@@ -64,8 +64,8 @@ def _tf32_enabled(kind: str) -> bool:
     torch has two APIs for the flag: the per-backend ``fp32_precision`` ("tf32" / "ieee" / "none"
     = inherit) and the older ``allow_tf32``; the newer one wins where it is set, and reading the
     older one raises when the two were mixed, so it is read last."""
-    backend = torch.backends.cudnn.conv if kind == "conv" else torch.backends.cuda.matmul
-    value = getattr(backend, "fp32_precision", "none")
+    backend = getattr(torch.backends.cudnn, "conv", None) if kind == "conv" else torch.backends.cuda.matmul
+    value = getattr(backend, "fp32_precision", "none")  # absent before torch 2.9
     if value in ("tf32", "ieee"):
         return value == "tf32"
     try:
