@@ -343,12 +343,16 @@ def robust_model(args, device: torch.device) -> tuple[torch.nn.Module | None, di
     data = load_dataset("cifar10", "train", root=args.data_root, augment=True, cache=True)
     batch = 16 if args.dry_run else 128
     t0, steps, epoch = time.perf_counter(), 0, 0
-    while steps < args.aa_train_steps:
+
+    def done() -> bool:  # the step budget, or the time budget (the evaluations need the rest)
+        return steps >= args.aa_train_steps or time.perf_counter() - t0 > args.aa_train_seconds
+
+    while not done():
         for x, y in make_train_loader(data, min(batch, len(data)), 1, epoch):
             training_step(method, opt, scaler, x.to(device, memory_format=fmt), y.to(device), amp="bf16" if gpu else "none")
             sched.step()
             steps += 1
-            if steps >= args.aa_train_steps:
+            if done():
                 break
         epoch += 1
     _sync(device)
@@ -564,6 +568,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--aa-n", type=int, default=200, help="AutoAttack points")
     p.add_argument("--aa-model", default=None, help="a robust CIFAR-10 model file to time AutoAttack on")
     p.add_argument("--aa-train-steps", type=int, default=400, help="AT steps of the briefly trained model")
+    p.add_argument("--aa-train-seconds", type=float, default=100.0, help="at most this long (the lr schedule is cut short)")
     p.add_argument("--ddp-steps", type=int, default=20)
     p.add_argument("--data-root", default=None, help="CIFAR-10 root (train/ and test/): loader and AutoAttack")
     p.add_argument("--time-limit-s", type=float, default=480.0)
