@@ -634,7 +634,7 @@ def main(argv=None) -> int:
     def on_alarm(signum, frame):
         raise TimeUp
 
-    signal.signal(signal.SIGALRM, on_alarm)
+    previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(max(1, int(args.time_limit_s)))
     try:
         run_phases(pipeline, args, device, report)
@@ -643,6 +643,7 @@ def main(argv=None) -> int:
         report.data["stopped"] = f"time limit of {args.time_limit_s:.0f} s reached"
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
         try:
             rows = report.data["train"] + report.data["imagenet"]
             report.data["estimate"] = estimate_config_hours(pipeline, rows, per_point_seconds(report))

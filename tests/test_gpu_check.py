@@ -90,11 +90,13 @@ def test_without_cuda_it_says_so(capsys, tmp_path):
 def test_it_stops_itself_at_the_time_limit_and_keeps_what_finished(tmp_path):
     out = tmp_path / "g.json"
     t0 = time.perf_counter()
-    rc = gpu_check.main(["--device", "cpu", "--dry-run", "--time-limit-s", "2", "--steps", "100000",
-                         "--max-seconds-per-row", "0.5", "--out", str(out)])
+    # Rows of 1.5 s: the MixACM row finishes, the goals phase's next timings are cut off at 4 s.
+    rc = gpu_check.main(["--device", "cpu", "--dry-run", "--time-limit-s", "4", "--steps", "100000",
+                         "--max-seconds-per-row", "1.5", "--out", str(out)])
     data = json.loads(out.read_text())
-    assert rc == 1 and data["stopped"] == "time limit of 2 s reached" and not data["completed"]
-    assert time.perf_counter() - t0 < 15 and data["train"] and data["estimate"]["jobs"]
+    assert rc == 1 and data["stopped"] == "time limit of 4 s reached" and not data["completed"]
+    assert time.perf_counter() - t0 < 15 and data["estimate"]["jobs"]
+    assert [r["recipe"] for r in data["train"]] == ["mixacm"] and "ratios" not in data["goals"]
 
 
 def _image_folder(root: Path) -> Path:
