@@ -176,8 +176,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         build_attack(name, eps)
     if args.n is not None and args.n < 1:
         raise UsageError(f"--n {args.n}: must be at least 1")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.batch_size != "auto" and args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1 (or auto)")
     extra = _parse_run_info(args.run_info)
     threads = args.threads if args.threads is not None else default_threads()
     if threads < 1:
@@ -193,6 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate(
             model, dataset, attacks, eps=args.eps, n=args.n, batch_size=args.batch_size,
             seed=args.seed, device=device, state_path=args.state_file, progress=args.progress,
+            precision=args.precision,
         )
     finally:
         torch.set_num_threads(previous)  # main() is also called in-process (tests, notebooks)
@@ -467,6 +468,15 @@ def _add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="L-inf radius as a fraction of the [0, 1] range: 8/255 or 0.031")
 
 
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or auto") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -502,7 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "autoattack-rand (default: %(default)s)")
     p.add_argument("--n", type=int, default=None,
                    help="number of test points, class-balanced (default: the whole test split)")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_or_auto, default="auto",
+                   help="evaluation batch size, or auto: 256 on the CPU, sized to the free memory on a GPU "
+                        "(mixacm.evaluate.resolve_batch_size) (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="arithmetic of the attacks: fp32 (autocast off; TF32 where torch allows it on "
+                        "Ampere+ GPUs, recorded) or bf16 autocast (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N",

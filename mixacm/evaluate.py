@@ -10,11 +10,18 @@ never a silent mix. The state file is removed once the evaluation completes. (Th
 packages' own ``state_path`` resume is broken, hence this.)
 
 Robust accuracy of an attack = 100 * #{i : argmax f(attack(x_i)) = y_i} / n.
+
+On a GPU (``resolve_batch_size``): the batch size ``"auto"`` is sized to the device by one rule,
+and ``cudnn.benchmark`` is on for the evaluation. Attacks run in fp32 (autocast off) unless
+``precision="bf16"`` asks for bf16 autocast; the result records what really ran
+(``precision``: fp32, tf32 or bf16, and ``precision_detail``, ``mixacm.provenance.compute_precision``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -28,13 +35,23 @@ from tqdm.auto import tqdm
 
 from mixacm.attacks import build_attack
 from mixacm.data import balanced_first_n, dataset_labels
-from mixacm.provenance import provenance
+from mixacm.provenance import compute_precision, provenance
 from mixacm.utils import atomic_json_dump, format_eps, parse_eps, resolve_device
 
 STATE_FORMAT = "mixacm-eval-state"
-# Recorded in every result: evaluation never runs under autocast.
+# Evaluation runs with autocast off unless asked (``precision``); the result records the real
+# arithmetic (TF32 on Ampere and newer GPUs included). PRECISION is the default's name.
 PRECISION = "fp32"
+PRECISIONS = ("fp32", "bf16")
 RESULT_SCHEMA = 1
+
+# The batch-size rule of ``resolve_batch_size``: on the CPU ``DEFAULT_BATCH_SIZE``; on a GPU as
+# many images as fit in ``BATCH_MEMORY_FRACTION`` of the free device memory at the measured
+# memory of one attack step per image, rounded down to a multiple of 8, capped at ``BATCH_CAP``.
+DEFAULT_BATCH_SIZE = 256
+BATCH_CAP = 1024
+BATCH_MEMORY_FRACTION = 0.5
+PROBE_IMAGES = 16
 
 
 class EvaluationStateError(ValueError):
@@ -165,27 +182,129 @@ def _read_state(path: Path, key: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _attack_step_bytes_per_image(model: nn.Module, x: Tensor) -> float:
+    """Peak CUDA memory of one attack step (fp32 forward + input gradient, the model in eval
+    mode) on the probe batch ``x``, above what was allocated before, per image."""
+    dev = x.device
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), torch.autocast(device_type="cuda", enabled=False):
+        out = model(x)
+        logits = out if isinstance(out, torch.Tensor) else _select_logits(out)[0]
+        torch.autograd.grad(logits.float().logsumexp(1).sum(), x)
+    torch.cuda.synchronize(dev)
+    return (torch.cuda.max_memory_allocated(dev) - base) / len(x)
+
+
+def check_batch_and_precision(batch_size: int | str, precision: str = PRECISION) -> None:
+    """ValueError unless ``batch_size`` is an integer >= 1 or "auto" and ``precision`` one of PRECISIONS."""
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                 or int(batch_size) < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1 or 'auto'")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: valid: {', '.join(PRECISIONS)}")
+
+
+def resolve_batch_size(batch_size: int | str, model: nn.Module, dataset: Dataset, indices: np.ndarray,
+                       device: torch.device, state_file: Path | None = None) -> tuple[int, dict[str, Any]]:
+    """The evaluation batch size and how it was chosen: ``(size, record)``.
+
+    An integer is used as given (``>= 1``, else ValueError). ``"auto"``: the batch size of the
+    state file being resumed (so a resumed evaluation keeps its batches and seeds); else, on the
+    CPU, ``DEFAULT_BATCH_SIZE``; on a GPU, the rule of the module constants:
+    ``min(BATCH_CAP, floor(BATCH_MEMORY_FRACTION * free / per_image))`` rounded down to a multiple
+    of 8 (at least 1), where ``free`` is ``torch.cuda.mem_get_info``'s free memory with the model
+    on the device and ``per_image`` the peak memory of one attack step (forward + input gradient
+    in fp32) measured once on ``PROBE_IMAGES`` points. AutoAttack's attacks hold a handful of
+    image-sized tensors per point beside the same activations (FAB-T and Square no more than
+    APGD), so one rule serves PGD and AutoAttack; the half of free memory left covers those and
+    the allocator's fragmentation.
+    """
+    check_batch_and_precision(batch_size)
+    if batch_size != "auto":
+        return int(batch_size), {"rule": "given"}
+    if state_file is not None and state_file.exists():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return int(json.loads(state_file.read_text())["key"]["batch_size"]), {"rule": "auto: the resumed state file's"}
+    if device.type != "cuda":
+        return DEFAULT_BATCH_SIZE, {"rule": f"auto: {DEFAULT_BATCH_SIZE} on the {device.type}"}
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        probe = torch.stack([dataset[int(i)][0] for i in indices[:PROBE_IMAGES]]).to(device)
+        per_image = _attack_step_bytes_per_image(model, probe)
+    finally:
+        model.train(was_training)
+    free, total = torch.cuda.mem_get_info(device)
+    fit = math.floor(BATCH_MEMORY_FRACTION * free / max(per_image, 1.0))
+    size = max(1, min(BATCH_CAP, fit // 8 * 8 or fit))
+    return size, {"rule": f"auto: min({BATCH_CAP}, {BATCH_MEMORY_FRACTION} x free memory / attack-step memory "
+                          "per image), a multiple of 8",
+                  "per_image_mib": per_image / 2**20, "free_gib": free / 2**30, "total_gib": total / 2**30}
+
+
+@contextlib.contextmanager
+def evaluation_backend(device: torch.device) -> Any:
+    """cuDNN picks its fastest convolution algorithms for the evaluation's shapes
+    (``cudnn.benchmark``, restored afterwards); nothing changes on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+class AutocastLogits(nn.Module):
+    """``model`` run under autocast of ``dtype``, its logits returned in fp32: what ``precision``
+    ``"bf16"`` attacks (the attacks themselves, AutoAttack's included, then see fp32 logits)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+def precision_record(device: torch.device, precision: str) -> tuple[str, dict[str, Any]]:
+    """``(label, detail)`` of an evaluation in ``precision`` ("fp32" or "bf16") on ``device``:
+    label "fp32", "tf32" (fp32 convolutions or matrix products in TF32, Ampere+) or "bf16"."""
+    check_batch_and_precision("auto", precision)
+    detail = compute_precision(device, None if precision == "fp32" else precision)
+    return str(detail["label"]), {**detail, "requested": precision}
+
+
 def evaluate(
     model: nn.Module,
     dataset: Dataset,
     attacks: Sequence[str],
     eps: float | str,
     n: int | None = None,
-    batch_size: int = 256,
+    batch_size: int | str = "auto",
     seed: int = 0,
     device: str | torch.device = "auto",
     state_path: str | os.PathLike | None = None,
     progress: bool = True,
     num_workers: int = 0,
     attack_kwargs: dict[str, dict[str, Any]] | None = None,
+    precision: str = PRECISION,
 ) -> dict[str, Any]:
     """Accuracy of ``model`` under each attack on the first ``n`` balanced points of ``dataset``.
 
     ``dataset[i]`` must give ``([0, 1] image tensor, label)``. The model is moved to ``device`` and
     put in eval mode for the evaluation (its previous mode is restored afterwards).
     ``attack_kwargs`` maps an attack name to extra factory keywords (e.g.
-    ``{"autoattack": {"backend": "autoattack"}}``). Returns the result dict of
-    docs/architecture.md (without the ``run`` section, which the caller knows).
+    ``{"autoattack": {"backend": "autoattack"}}``). ``batch_size`` is a number or ``"auto"``
+    (``resolve_batch_size``: the CPU's default, sized to the device on a GPU); ``precision``
+    "fp32" (autocast off) or "bf16" (the attacks and the scoring under bf16 autocast). Returns the
+    result dict of docs/architecture.md (without the ``run`` section, which the caller knows).
     """
     eps_value = parse_eps(eps)
     attacks = list(attacks)
@@ -194,8 +313,7 @@ def evaluate(
     dupes = sorted({a for a in attacks if attacks.count(a) > 1})
     if dupes:
         raise ValueError(f"attack(s) listed twice: {dupes}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    check_batch_and_precision(batch_size, precision)
     attack_kwargs = attack_kwargs or {}
     # Build every attack first: an unknown name fails before any work or state file.
     built = {name: build_attack(name, eps_value, **attack_kwargs.get(name, {})) for name in attacks}
@@ -208,6 +326,9 @@ def evaluate(
     dev = resolve_device(device)
 
     indices = balanced_first_n(dataset_labels(dataset), n)
+    state_file = Path(state_path) if state_path is not None else None
+    batch_size, batch_rule = resolve_batch_size(batch_size, model, dataset, indices, dev, state_file)
+    precision_label, precision_detail = precision_record(dev, precision)
     batches = [indices[i:i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
     key = {
         "attacks": attacks,
@@ -218,8 +339,8 @@ def evaluate(
         "batch_size": int(batch_size),
         "seed": int(seed),
         "model_sha256": model_sha256(model),
+        "precision": precision,
     }
-    state_file = Path(state_path) if state_path is not None else None
     if state_file is not None and state_file.exists():
         state = _read_state(state_file, key)
     else:
@@ -240,13 +361,15 @@ def evaluate(
     except ModelCheckError:
         model.train(was_training)
         raise
+    if precision != "fp32":
+        attacked = AutocastLogits(attacked, torch.bfloat16)
     loader = DataLoader(dataset, batch_sampler=[batches[b] for b in pending], num_workers=num_workers)
     # One step = one attack on one batch; the postfix names the step running now (one AutoAttack
     # step can take minutes on a CPU), then the accuracy of the step just finished.
     bar = tqdm(total=total, initial=total - sum(str(b) not in done[a] for b in pending for a in attacks),
                desc="evaluate (attack x batch)", unit="step", disable=not progress)
-    # fp32 whatever autocast context the caller is in: the recorded PRECISION.
-    with torch.autocast(device_type=dev.type, enabled=False):
+    # Autocast off whatever context the caller is in (bf16 comes only from AutocastLogits).
+    with torch.autocast(device_type=dev.type, enabled=False), evaluation_backend(dev):
         try:
             for b, (x, y) in zip(pending, loader):
                 x, y = x.to(dev), torch.as_tensor(y).to(dev)
@@ -281,9 +404,11 @@ def evaluate(
         "subset": {"selection": "balanced_first_n", "indices_sha256": key["indices_sha256"]},
         "seed": int(seed),
         "batch_size": int(batch_size),
+        "batch_size_rule": batch_rule,
         "model_sha256": key["model_sha256"],
         "model_check": model_check,
-        "precision": PRECISION,
+        "precision": precision_label,
+        "precision_detail": precision_detail,
         "metrics": metrics,
         "provenance": {**provenance(dev), "wall_time_s": prior_wall + time.perf_counter() - t0},
     }

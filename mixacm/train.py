@@ -12,11 +12,14 @@ A method only computes one step's loss (``mixacm.methods``); this loop owns the 
   MultiStepLR / CosineAnnealingLR / CyclicLR / ConstantLR, optional LinearLR warmup);
 * Free-AT's replays: each minibatch is stepped ``method.replays`` times, ``after_backward``
   after each backward;
-* optional autocast (bf16, or fp16 with a GradScaler) and channels_last;
+* optional autocast (bf16, or fp16 with a GradScaler) and channels_last; the training attacks
+  follow a bf16 autocast unless ``train.attack_precision: fp32`` (``mixacm.attacks.attack_autocast``);
 * every epoch: one JSON line in ``metrics.jsonl`` and ``state.pt`` written atomically (model,
   extra modules, method state, optimiser, scheduler, RNG states, config hash, best-so-far);
   a run restarted on the same ``out_dir`` resumes from it and, on the CPU, ends with exactly the
-  weights of an uninterrupted run;
+  weights of an uninterrupted run. The two files are written on a background thread from a CPU
+  copy taken at the end of the epoch, so the next epoch does not wait for the disk; each write
+  waits for the previous one, and the run waits for the last before it ends (or fails);
 * a step reads nothing back to the host: its loss and metrics are summed on the device
   (``StepMeter``) and read once every ``train.log_every`` optimiser steps and at the end of the
   epoch; a NaN or inf loss raises ``TrainingDiverged`` at that read, before anything is written,
@@ -59,8 +62,10 @@ from mixacm.config import (ConfigError, load_run_config, method_class, method_kn
 from mixacm.data import balanced_subset, dataset_labels, dataset_source, holdout_split, load_dataset
 from mixacm.loader import TrainLoader, make_train_loader
 from mixacm.models import build_model
-from mixacm.provenance import provenance
-from mixacm.utils import atomic_json_dump, atomic_torch_save, atomic_write, rng_state, seed_everything, set_rng_state, sha256_file
+from mixacm.attacks import attack_precision, resolve_attack_precision
+from mixacm.provenance import compute_precision, provenance
+from mixacm.utils import (BackgroundWriter, atomic_json_dump, atomic_torch_save, atomic_write, cpu_snapshot,
+                          remove_stale_temporaries, rng_state, seed_everything, set_rng_state, sha256_file)
 
 log = logging.getLogger("mixacm.train")
 
@@ -408,6 +413,7 @@ class TrainState:
     best: dict | None = None  # the best holdout epoch so far (best_pgd selection), with its weights
     totals: dict = field(default_factory=_new_totals)
     resumed_from: int = 0  # the epoch this process started from
+    _writer: BackgroundWriter | None = field(default=None, repr=False, compare=False)  # rank 0's file writes
 
     @staticmethod
     def read(path: Path, cfg_hash: str) -> dict:
@@ -439,18 +445,38 @@ class TrainState:
                    best=state["best"], totals=state["totals"], resumed_from=state["epoch"])
 
     def save(self, run: Run) -> None:
-        """``state.pt`` and ``metrics.jsonl``, each replaced atomically (rank 0 only)."""
+        """Write ``state.pt`` and ``metrics.jsonl`` (rank 0 only), each replaced atomically, on a
+        background thread from a CPU copy of everything taken now: the next epoch trains while
+        they are written. Waits first for the previous epoch's write (and re-raises its error).
+        A process killed mid-write leaves the previous ``state.pt`` (the rename is atomic), and
+        the temporary file it leaves is removed by the next run's first save."""
         if not run.ctx.is_main:
             return
-        atomic_torch_save({
+        if self._writer is None:
+            remove_stale_temporaries(run.state_path)
+            remove_stale_temporaries(run.out / "metrics.jsonl")
+            self._writer = BackgroundWriter("mixacm-checkpoint")
+        self._writer.wait()  # the previous write is complete before this copy is taken
+        snapshot = cpu_snapshot({
             "format": STATE_FORMAT, "version": STATE_VERSION, "config_hash": run.cfg_hash, "name": run.cfg["name"],
-            "epoch": self.epoch, "global_step": self.global_step, "model": _cpu_copy(run.model),
-            "extra": _cpu_copy(run.extra), "method": run.method.state_dict(),
+            "epoch": self.epoch, "global_step": self.global_step, "model": run.model.state_dict(),
+            "extra": run.extra.state_dict(), "method": run.method.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "rng": rng_state(),
             "history": self.history, "best": self.best, "totals": self.totals,
-        }, run.state_path)
-        _write_metrics(run.out / "metrics.jsonl", self.history)
+        })
+        self._writer.submit(_write_state, snapshot, run.state_path, run.out / "metrics.jsonl")
+
+    def finish_writes(self) -> None:
+        """Wait for the file writes in flight (re-raising their error); call before the run ends."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+
+def _write_state(snapshot: dict, state_path: Path, metrics_path: Path) -> None:
+    atomic_torch_save(snapshot, state_path)
+    _write_metrics(metrics_path, snapshot["history"])  # after state.pt: the log never runs ahead of it
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -600,7 +626,8 @@ def train(cfg: Mapping[str, Any], out_dir: str | Path, *, stop_after_steps: int 
     out = Path(out_dir)
     ctx = ddp.init_from_env(cfg["device"])
     try:
-        return _train(cfg, out, ctx, stop_after_steps)
+        with attack_precision(cfg["train"]["attack_precision"]):
+            return _train(cfg, out, ctx, stop_after_steps)
     finally:
         ddp.shutdown(ctx)
 
@@ -619,12 +646,30 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
 
     show = cfg["train"]["progress"] and ctx.is_main
     steps_left = stop_after_steps
+    try:
+        _epochs(run, state, steps_left, show)
+    except _Stopped:
+        state.finish_writes()
+        return {"completed": False, "epoch": state.epoch, "global_step": state.global_step}
+    except BaseException:
+        # The last good epoch's write still completes; its own error would hide this one.
+        try:
+            state.finish_writes()
+        except Exception:  # noqa: BLE001 - logged; the error in flight is the one raised
+            log.exception("writing the training state failed as well")
+        raise
+    state.finish_writes()
+    summary = _finish(run, state)
+    ddp.barrier(ctx)
+    return summary
+
+
+def _epochs(run: Run, state: TrainState, steps_left: int | None, show: bool) -> None:
+    """Train the remaining epochs, saving the state after each; ``_Stopped`` at the step budget."""
+    cfg, ctx = run.cfg, run.ctx
     while state.epoch < run.recipe["epochs"]:
         t_epoch, step0 = time.perf_counter(), state.global_step
-        try:
-            line = train_epoch(run, state, step_budget=steps_left, show=show)
-        except _Stopped:
-            return {"completed": False, "epoch": state.epoch, "global_step": state.global_step}
+        line = train_epoch(run, state, step_budget=steps_left, show=show)
         if steps_left is not None:
             steps_left -= state.global_step - step0
         images = line.pop("images")
@@ -641,9 +686,13 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
             (tqdm.write if show else log.info)(msg)
         ddp.barrier(ctx)
 
-    summary = _finish(run, state)
-    ddp.barrier(ctx)
-    return summary
+
+def _precision_record(tcfg: Mapping[str, Any], device: torch.device) -> dict:
+    """What the run computed in: the training step (autocast dtype; fp32 convolutions and matrix
+    products in TF32 or not, ``mixacm.provenance.compute_precision``) and its attacks."""
+    amp = None if tcfg["amp"] == "none" else tcfg["amp"]
+    return {**compute_precision(device, amp), "attack_precision": tcfg["attack_precision"],
+            "attacks": resolve_attack_precision(tcfg["amp"], tcfg["attack_precision"])}
 
 
 def _finish(run: Run, state: TrainState) -> dict:
@@ -666,6 +715,7 @@ def _finish(run: Run, state: TrainState) -> dict:
         "device": str(ctx.device), "world_size": ctx.world_size,
         "device_hours": totals["wall_time_s"] * ctx.world_size / 3600.0,
         "amp": tcfg["amp"], "channels_last": tcfg["channels_last"],
+        "precision": _precision_record(tcfg, ctx.device),
         "selection": selection, "provenance": prov,
     }
     if ctx.is_main:

@@ -19,6 +19,8 @@ from mixacm.checkpoint import (
 )
 from mixacm.models import build_model
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture()
 def tiny_file(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
@@ -224,3 +226,139 @@ def test_shared_teachers_convert_to_model_files(shared_models: Path, tmp_path: P
     with pytest.raises(CheckpointError, match=r"resnet4b\.pth: weights do not match architecture 'resnet2b'"):
         load_foreign_state_dict(shared_models / "resnet4b.pth", "resnet2b")
 
+
+
+# --- the training state, written in the background ---------------------------------------------
+
+def test_cpu_snapshot_shares_nothing_and_keeps_mapping_types() -> None:
+    from collections import Counter
+
+    from mixacm.utils import cpu_snapshot
+
+    model = build_model("tiny")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [3, 5])
+    original = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+    snap = cpu_snapshot(original)
+    before = {k: v.clone() for k, v in snap["model"].items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    opt.step()
+    opt.param_groups[0]["lr"] = 7.0
+    assert all(torch.equal(snap["model"][k], before[k]) for k in before)
+    assert snap["opt"]["param_groups"][0]["lr"] == 0.1
+    # MultiStepLR keeps its milestones in a Counter: rebuilt from pairs it would count the pairs.
+    assert isinstance(snap["sched"]["milestones"], Counter) and snap["sched"]["milestones"] == Counter([3, 5])
+    assert snap["model"]._metadata == original["model"]._metadata
+
+
+def test_background_writer_writes_in_order_and_reraises_errors(tmp_path: Path) -> None:
+    import threading
+
+    from mixacm.utils import BackgroundWriter
+
+    order, release = [], threading.Event()
+
+    def slow(i):
+        release.wait(5)
+        order.append(i)
+
+    writer = BackgroundWriter()
+    writer.submit(slow, 1)
+    assert order == []  # submit returned while the write waits
+    release.set()
+    writer.submit(slow, 2)  # waits for write 1 first
+    assert order == [1]
+    writer.wait()
+    assert order == [1, 2]
+
+    def broken():
+        raise OSError("disk full")
+
+    writer.submit(broken)
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+
+
+def test_a_kill_during_background_writes_leaves_a_complete_state(tmp_path: Path) -> None:
+    """SIGKILL at several moments of a loop of 16 MB state writes: ``state.pt`` always loads and
+    holds one whole version (the atomic rename), and the next run removes the temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mixacm.utils import remove_stale_temporaries
+
+    path = tmp_path / "state.pt"
+    child = (
+        "import sys, torch\n"
+        "from mixacm.utils import BackgroundWriter, atomic_torch_save\n"
+        "w = BackgroundWriter()\n"
+        "for i in range(1, 10**6):\n"
+        "    w.submit(atomic_torch_save, {'version': i, 'data': torch.full((4_000_000,), float(i))}, sys.argv[1])\n"
+    )
+    versions, mid_write = [], 0
+    for delay in (0.05, 0.2):
+        proc = subprocess.Popen([sys.executable, "-c", child, str(path)], cwd=REPO)
+        try:
+            deadline = time.monotonic() + 60
+            while not path.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert path.exists(), "the child wrote nothing in 60 s"
+            time.sleep(delay)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        state = torch.load(path, weights_only=True)
+        assert torch.equal(state["data"], torch.full((4_000_000,), float(state["version"])))
+        versions.append(state["version"])
+        mid_write += bool(remove_stale_temporaries(path))  # the kill hit a write in flight
+        assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+        path.unlink()
+    assert all(v >= 1 for v in versions) and mid_write >= 1, (versions, mid_write)
+
+
+def test_training_goes_on_while_the_state_is_written(tmp_path: Path, monkeypatch) -> None:
+    """``TrainState.save`` returns while its write is still blocked; the run waits for it at the
+    end, and the files then hold the last epoch."""
+    import threading
+
+    import mixacm.train as train_mod
+
+    real_save, gate, returned = train_mod.atomic_torch_save, threading.Event(), []
+
+    def gated_save(obj, path):
+        gate.wait(30)
+        return real_save(obj, path)
+
+    real_epochs = train_mod.train_epoch
+
+    def watching_epoch(run, state, **kw):
+        # Epoch 2 starts while epoch 1's state write is still blocked.
+        if state.epoch == 1:
+            returned.append(not (run.state_path).exists())
+            gate.set()
+        return real_epochs(run, state, **kw)
+
+    monkeypatch.setattr(train_mod, "atomic_torch_save", gated_save)
+    monkeypatch.setattr(train_mod, "train_epoch", watching_epoch)
+    from torchvision.io import write_png
+
+    data = tmp_path / "data"
+    for split, n in (("train", 4), ("test", 1)):
+        for c in range(10):
+            (data / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                write_png((torch.rand(3, 32, 32) * 255).to(torch.uint8), str(data / split / f"c{c}" / f"{i}.png"))
+    cfg = {"device": "cpu", "dataset": {"name": "cifar10", "root": str(data), "cache": False},
+           "model": {"name": "tiny"}, "method": {"name": "standard"},
+           "optim": {"epochs": 2, "batch_size": 20, "lr": 0.05}, "train": {"progress": False}}
+    summary = train_mod.train(cfg, tmp_path / "run")
+    assert returned == [True] and summary["epochs"] == 2
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["epoch"] == 2
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "metrics.jsonl", "model.pt", "state.pt", "train_summary.json"]

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 import mixacm
 from mixacm.attacks.autoattack import AutoAttackAdapter
-from mixacm.attacks.pgd import ATTACK_PRECISION, fp32_attack, pgd_linf, project_linf
+from mixacm.attacks.pgd import (ATTACK_PRECISION, ATTACK_PRECISIONS, attack_autocast, attack_dtype, attack_precision,
+                                fp32_attack, pgd_linf, project_linf, resolve_attack_precision)
 from mixacm.registry import Registry
 
 
@@ -112,6 +113,7 @@ def build_attack(name: str, eps: float, **kw: Any) -> Attack:
 
 
 __all__ = [
-    "ATTACK_PRECISION", "ATTACKS", "Attack", "fp32_attack", "AutoAttackAdapter", "CleanAttack", "PGDAttack",
-    "attack_names", "build_attack", "pgd_linf", "project_linf",
+    "ATTACK_PRECISION", "ATTACK_PRECISIONS", "ATTACKS", "Attack", "AutoAttackAdapter", "CleanAttack", "PGDAttack",
+    "attack_autocast", "attack_dtype", "attack_names", "attack_precision", "build_attack", "fp32_attack", "pgd_linf",
+    "project_linf", "resolve_attack_precision",
 ]

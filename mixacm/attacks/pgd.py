@@ -12,15 +12,21 @@ The model's train/eval mode is never changed here (the caller decides, visibly),
 gradient is taken with ``torch.autograd.grad`` w.r.t. the input only, so parameter ``.grad``
 buffers are left as they were.
 
-Mixed precision changes speed, never attack strength: the attack's forward and backward passes
-run with autocast switched off (``fp32_attack``), whatever context the caller (a training step
-under ``train.amp: fp16``) set. Under fp16 autocast the input gradient of a confident model's
-small cross-entropy underflows to zero without loss scaling, and ``sign(0) = 0`` leaves the
-example unperturbed. Methods that write their own attack loop use ``fp32_attack`` the same way.
+Precision (``attack_autocast``, the one switch every attack pass goes through, the methods' own
+attack loops included): under the caller's bf16 autocast the attack runs in bf16 too, unless
+``attack_precision("fp32")`` is in force (run config ``train.attack_precision: fp32``); under
+fp16 autocast it always runs with autocast off, in the model's fp32. The reasons: the attack is
+about 90 % of an adversarial-training step, so an fp32 attack would leave bf16 nothing to speed
+up; bf16 keeps fp32's exponent range, so the small input gradients of a confident model do not
+underflow, and a sign-gradient step only needs their sign (tests/test_amp_attacks.py measures
+equal attack success on a robust model). fp16 has no such range: without loss scaling the
+gradient underflows to zero and ``sign(0) = 0`` leaves the example unperturbed. Evaluation
+(``mixacm.evaluate``) switches autocast off itself, so its attacks run in fp32.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, Iterator
 
 import torch
@@ -44,15 +50,60 @@ def _uniform_like(x: Tensor, eps: float, generator: torch.Generator | None) -> T
     return (2 * u - 1).mul_(eps).to(x.device)
 
 
+# Policies of ``attack_precision``: follow a bf16 autocast (the default), or always fp32.
+ATTACK_PRECISIONS = ("autocast", "fp32")
+_POLICY: ContextVar[str] = ContextVar("mixacm_attack_precision", default="autocast")
+
+
 @contextmanager
-def fp32_attack(device: torch.device | str) -> Iterator[None]:
-    """Switch autocast off on ``device`` for the block: attack gradients in the model's own
-    precision (fp32 weights under AMP), so ``train.amp`` cannot weaken an attack."""
+def attack_precision(policy: str) -> Iterator[None]:
+    """Set the attack precision policy for the block (the training loop sets the run config's
+    ``train.attack_precision``): ``"autocast"`` lets attacks run in the caller's bf16 autocast,
+    ``"fp32"`` switches autocast off in every attack pass. Raises ValueError on another name."""
+    if policy not in ATTACK_PRECISIONS:
+        raise ValueError(f"attack precision {policy!r}: valid: {', '.join(ATTACK_PRECISIONS)}")
+    token = _POLICY.set(policy)
+    try:
+        yield
+    finally:
+        _POLICY.reset(token)
+
+
+def attack_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype an attack pass on ``device`` runs in here: ``torch.bfloat16`` under a
+    bf16 autocast with the ``"autocast"`` policy, else ``None`` (autocast off: fp32)."""
     device_type = torch.device(device).type
-    with torch.autocast(device_type=device_type, enabled=False):
+    if (_POLICY.get() == "autocast" and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.bfloat16):
+        return torch.bfloat16
+    return None
+
+
+def resolve_attack_precision(amp: str, policy: str) -> str:
+    """What a training run's attacks run in: ``"bf16"`` for ``train.amp: bf16`` with the
+    ``"autocast"`` policy, else ``"fp32"`` (no autocast, fp16 autocast, or the ``"fp32"`` policy)."""
+    if policy not in ATTACK_PRECISIONS:
+        raise ValueError(f"attack precision {policy!r}: valid: {', '.join(ATTACK_PRECISIONS)}")
+    return "bf16" if amp == "bf16" and policy == "autocast" else "fp32"
+
+
+@contextmanager
+def attack_autocast(device: torch.device | str) -> Iterator[None]:
+    """The precision of an attack pass on ``device`` (wrap the forward and ``autograd.grad`` of
+    every attack step in it): the caller's bf16 autocast is kept under the ``"autocast"`` policy;
+    otherwise autocast is switched off, so fp16 (which underflows without loss scaling) and the
+    ``"fp32"`` policy give attack gradients in the model's fp32."""
+    if attack_dtype(device) is not None:
+        yield
+        return
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
         yield
 
 
+# The earlier name, kept for the methods that call it: it now follows the policy above.
+fp32_attack = attack_autocast
+
+# Evaluation attacks: ``mixacm.evaluate`` and ``mixacm.audit`` run with autocast off.
 ATTACK_PRECISION = "fp32 (autocast off inside attacks)"
 
 
@@ -120,7 +171,7 @@ def pgd_linf(
     replaces the random start of the first restart.
     """
     _check_args(x, eps, steps, step_size, restarts)
-    with fp32_attack(x.device):
+    with attack_autocast(x.device):
         return _pgd_linf(model, x, y, eps, steps, step_size, random_start, restarts, loss_fn, generator, x_init)
 
 
