@@ -52,7 +52,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from mixacm.config import check_pipeline_recipe, method_class, method_knobs, resolve_recipe, validate  # noqa: E402
-from mixacm.data import load_dataset, make_train_loader  # noqa: E402
+from mixacm.data import load_dataset  # noqa: E402
+from mixacm.distributed import cpus_per_rank  # noqa: E402
+from mixacm.loader import make_train_loader  # noqa: E402
 from mixacm.models import build_model  # noqa: E402
 from mixacm.provenance import compute_precision, provenance  # noqa: E402
 from mixacm.train import training_step  # noqa: E402
@@ -268,19 +270,21 @@ def time_loader(job: dict, args, device: torch.device) -> dict:
         return {"skipped": "no --data-root"}
     data = load_dataset("cifar10", "train", root=args.data_root, augment=True, cache=True)
     batch = _per_gpu_batch(job["resolved"]["batch_size"], job["gpus"], args)
-    loader = make_train_loader(data, batch, 0, 0, num_workers=job["cfg"]["train"]["num_workers"],
-                               pin_memory=device.type == "cuda")
+    workers = job["cfg"]["train"]["num_workers"]
+    workers = max(0, cpus_per_rank() - 1) if workers == "auto" else workers
+    t_build = time.perf_counter()
+    loader = make_train_loader(data, batch, 0, epoch=0, device=device, num_workers=workers)  # built once a run
+    _sync(device)
     t0, images = time.perf_counter(), 0
-    for i, (x, y) in enumerate(loader):
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+    for i, (x, y) in enumerate(loader):  # batches arrive on the device, augmented, as the loop gets them
+        x = x.contiguous(memory_format=torch.channels_last)
         images += len(x)
         if i + 1 >= args.loader_batches:
             break
     _sync(device)
     seconds = time.perf_counter() - t0
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds, "batch": batch,
-            "num_workers": job["cfg"]["train"]["num_workers"], "training_images": len(data)}
+            "build_s": t0 - t_build, "num_workers": workers, "training_images": len(data)}
 
 
 def goal_ratios(goals: dict) -> dict:
@@ -347,9 +351,11 @@ def robust_model(args, device: torch.device) -> tuple[torch.nn.Module | None, di
     def done() -> bool:  # the step budget, or the time budget (the evaluations need the rest)
         return steps >= args.aa_train_steps or time.perf_counter() - t0 > args.aa_train_seconds
 
+    loader = make_train_loader(data, min(batch, len(data)), 1, device=device)
     while not done():
-        for x, y in make_train_loader(data, min(batch, len(data)), 1, epoch):
-            training_step(method, opt, scaler, x.to(device, memory_format=fmt), y.to(device), amp="bf16" if gpu else "none")
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            training_step(method, opt, scaler, x.contiguous(memory_format=fmt), y, amp="bf16" if gpu else "none")
             sched.step()
             steps += 1
             if done():

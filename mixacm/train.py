@@ -666,7 +666,7 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
 
 def _epochs(run: Run, state: TrainState, steps_left: int | None, show: bool) -> None:
     """Train the remaining epochs, saving the state after each; ``_Stopped`` at the step budget."""
-    cfg, ctx = run.cfg, run.ctx
+    ctx = run.ctx
     while state.epoch < run.recipe["epochs"]:
         t_epoch, step0 = time.perf_counter(), state.global_step
         line = train_epoch(run, state, step_budget=steps_left, show=show)
