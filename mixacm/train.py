@@ -316,8 +316,8 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
         recipe["epochs"] = max(1, round(recipe["steps"] / steps_per_epoch))
         method.recipe["epochs"] = recipe["epochs"]
     optimizer = torch.optim.SGD(
-        [*model.parameters(), *extra.parameters()], lr=recipe["lr"], momentum=recipe["momentum"],
-        weight_decay=recipe["weight_decay"], nesterov=recipe["nesterov"],
+        sgd_param_groups([model, extra], recipe["weight_decay_exempt"]), lr=recipe["lr"],
+        momentum=recipe["momentum"], weight_decay=recipe["weight_decay"], nesterov=recipe["nesterov"],
     )
     replays = int(getattr(method, "replays", 1))
     scheduler = make_lr_scheduler(optimizer, recipe, steps_per_epoch * replays)
@@ -326,6 +326,30 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
                source=dataset_source(full), spec=spec, model=model, net=net, method=method, extra=extra,
                recipe=recipe, local_batch_size=local_bs, steps_per_epoch=steps_per_epoch,
                memory_format=memory_format, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+
+def sgd_param_groups(modules: list[nn.Module], exempt: list[str]) -> list[dict]:
+    """The parameters of ``modules`` as SGD parameter groups: one group when ``exempt`` is empty
+    (everything decays, PyTorch's ``SGD(model.parameters())``), else the decayed parameters and a
+    group with ``weight_decay`` 0 holding those ``exempt`` names: ``"batchnorm"`` (parameters of
+    BatchNorm layers, as Fast-AT's ImageNet code groups them by module type) and ``"bias"``
+    (every parameter named ``bias``; with ``batchnorm`` this is the TensorFlow codes' decay of
+    convolution and linear kernels only)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in modules:
+        for sub in module.modules():
+            batchnorm = isinstance(sub, nn.modules.batchnorm._BatchNorm)
+            for name, p in sub.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                skip = ("batchnorm" in exempt and batchnorm) or ("bias" in exempt and name == "bias")
+                (no_decay if skip else decay).append(p)
+    if not exempt:
+        return [{"params": decay}]
+    return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
 # ----------------------------------------------------------------------------- training state
