@@ -122,15 +122,15 @@ def rslad_loss(logits_adv: Tensor, logits_nat: Tensor, teacher_logits: Tensor,
 def mixup(x: Tensor, y: Tensor, lam: float | Tensor, perm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mix each example with its partner ``perm[i]``: returns ``(x~, y, y[perm])``.
 
-    ``lam`` is one number in [0, 1] for the whole batch (Zhang et al. 2018, the paper's mixup) or
-    a tensor of shape (B,) with one value per example (broadcast over x's other dimensions).
+    ``lam`` is one value in [0, 1] for the whole batch (Zhang et al. 2018, the paper's mixup), a
+    number or a 0-d tensor, or a tensor of shape (B,) with one value per example (broadcast over
+    x's other dimensions). A tensor's values are not checked (that would read them back to the
+    host inside a training step): they must lie in [0, 1], as Beta draws do.
     """
     if isinstance(lam, Tensor):
-        if lam.shape != (x.shape[0],):
-            raise ValueError(f"lam of shape {tuple(lam.shape)}: expected one value per example, ({x.shape[0]},)")
-        if bool(((lam < 0) | (lam > 1)).any()):
-            raise ValueError("lam: every value must be in [0, 1]")
-        w = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        if lam.shape not in ((), (x.shape[0],)):
+            raise ValueError(f"lam of shape {tuple(lam.shape)}: expected one value, or one per example ({x.shape[0]},)")
+        w = lam.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) if lam.dim() else lam.to(x.dtype)
         return w * x + (1.0 - w) * x[perm], y, y[perm]
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam={lam!r} must be in [0, 1]")
@@ -140,8 +140,8 @@ def mixup(x: Tensor, y: Tensor, lam: float | Tensor, perm: Tensor) -> tuple[Tens
 def mixup_ce(logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float | Tensor) -> Tensor:
     """Mixup cross-entropy ``lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b)`` (batch mean);
     with a per-example ``lam`` of shape (B,) each example's two CEs are weighted by its own lam
-    before the mean."""
-    if isinstance(lam, Tensor):
+    before the mean (a number or a 0-d tensor weighs the two batch means)."""
+    if isinstance(lam, Tensor) and lam.dim():
         ce_a = F.cross_entropy(logits, y_a, reduction="none")
         ce_b = F.cross_entropy(logits, y_b, reduction="none")
         w = lam.to(logits.dtype)

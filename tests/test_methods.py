@@ -62,6 +62,11 @@ def params(module: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
 
 
+def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's metrics (device tensors) read back as numbers, as the loop does per interval."""
+    return {k: v.item() for k, v in metrics.items()}
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_method_takes_one_step(name):
     method = make(name)
@@ -80,8 +85,12 @@ def test_every_method_takes_one_step(name):
     method.after_backward()
     opt.step()
 
-    assert metrics["loss"] == pytest.approx(loss.item())
-    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+    assert metrics["loss"].item() == pytest.approx(loss.item())
+    # Metrics are detached 0-d float32 tensors on the step's device (the loop reads them back
+    # once per logging interval), never Python floats read inside the step.
+    for key, v in metrics.items():
+        assert isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad, key
+        assert v.dtype == torch.float32 and v.device == loss.device and math.isfinite(v.item()), key
     changed = [not torch.equal(a, b) for a, b in zip(before, params(model))]
     assert any(changed), f"{name}: no parameter changed"
     if teacher is not None:
@@ -228,6 +237,7 @@ def test_knob_listing_and_resolved_values():
     method = make("at", eps="4/255", steps="5")
     assert method.resolved_knobs() == {
         "eps": 4 / 255, "steps": 5, "step_size": 2 / 255, "random_start": True, "attack_mode": "train",
+        "clean_bn_forward": True,
     }
 
 
@@ -313,6 +323,7 @@ def test_mixacm_ablation_presets_switch_terms(preset, on):
     model, teacher = method.model.train(), method.teacher
     x, y = batch()
     loss, m = method.loss(x, y)
+    m = floats(m)
 
     assert loss.item() == pytest.approx(m["ce"] + beta * m["kd"] + gamma * m["acm"], rel=1e-6)
     for term in ("acm", "kd"):
@@ -541,6 +552,7 @@ def test_mixacm_ce_weight_scales_only_the_hard_label_term():
         method = make("mixacm", ce_weight=w, beta=0.5, gamma=3.0)
         torch.manual_seed(5)
         loss, m = method.loss(x, y)
+        m = floats(m)
         assert loss.item() == pytest.approx(w * m["ce"] + 0.5 * m["kd"] + 3.0 * m["acm"], rel=1e-6)
         losses[w] = m
     # Same seed, same mixup: the unweighted terms agree; only the total changed.
