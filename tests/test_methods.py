@@ -450,7 +450,7 @@ def test_at_attacks_the_model_in_training_mode_by_default():
 
 def test_docs_recipe_table_matches_the_registry():
     """docs/recipes.md has one row per (method, dataset) recipe, with the code's epochs, batch,
-    lr and weight decay."""
+    lr, weight decay and weight-decay exemptions."""
     from pathlib import Path
 
     from mixacm.config import load_run_config, resolve_recipe
@@ -459,7 +459,7 @@ def test_docs_recipe_table_matches_the_registry():
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 9 and cells[0] in METHODS:
+        if len(cells) == 11 and cells[0] in METHODS:
             rows[(cells[0], cells[1])] = cells
     expected = set()
     for name in METHODS.names():
@@ -472,6 +472,7 @@ def test_docs_recipe_table_matches_the_registry():
             assert cells is not None, f"docs/recipes.md has no row for {name} on {dataset}"
             assert (int(cells[2]), int(cells[3]), float(cells[4]), float(cells[5])) == (
                 r["epochs"], r["batch_size"], r["lr"], r["weight_decay"]), (name, dataset)
+            assert cells[6] == (", ".join(r["weight_decay_exempt"]) or "none"), (name, dataset)
     assert set(rows) == expected
 
 

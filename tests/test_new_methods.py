@@ -317,8 +317,13 @@ def test_bench_methods_covers_every_new_method(capsys):
     spec = importlib.util.spec_from_file_location("bench_methods", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    new = {"awp_at", "awp_trades", "fat", "igam", "ard", "rslad"}
+    new = {"awp_at", "awp_trades", "fat", "fat_trades", "igam", "ard", "rslad"}
     assert new <= set(bench.DEFAULT_METHODS) and new <= set(bench.EXPECTED)
+    # Timed in the last epoch of the recipe: AWP-TRADES' perturbation (after its warm-up) and
+    # IGAM's phase (after its CE-only 87.5 %) are on, FAT for TRADES at its last tau.
+    assert bench.MethodStep("awp_trades", tiny(), None, 1e-3, "none").method._active
+    assert bench.MethodStep("igam", tiny(), tiny(1), 1e-3, "none").method._active
+    assert bench.MethodStep("fat_trades", tiny(), None, 1e-3, "none").method.tau == 3
     bench.main(["--model", "resnet2b", "--teacher", "resnet4b", "--batch-size", "2", "--rounds", "1",
                 "--iters", "1", "--warmup", "0", "--methods", "standard", "mixacm", *sorted(new)])
     out = capsys.readouterr().out

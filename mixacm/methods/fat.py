@@ -89,6 +89,22 @@ def early_stopped_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, ste
     return x_adv.detach(), taken
 
 
+class DynamicTau:
+    """FAT's tau as a method attribute: the knob ``tau``, or with ``dynamic_tau`` the official
+    schedule, a step up at each of the class's ``TAU_STEPS`` (fractions of the epochs)."""
+
+    TAU_STEPS: tuple[float, ...] = ()
+    knobs: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tau = 0 if self.knobs.dynamic_tau else self.knobs.tau
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        if self.knobs.dynamic_tau:
+            self.tau = dynamic_tau(epoch, epochs, self.TAU_STEPS)
+
+
 @dataclass(frozen=True)
 class FATKnobs:
     eps: float = knob(0.031, "L-inf radius of the training attack", kind="eps", unit="fraction of [0, 1]")
@@ -104,7 +120,7 @@ class FATKnobs:
 
 
 @register_method("fat")
-class FAT(Method):
+class FAT(DynamicTau, Method):
     """FAT (for AT; the paper's FAT row is FAT for TRADES, ``fat_trades``). Knobs: eps (0.031),
     steps (10), step_size (0.007), tau (0), dynamic_tau (true), random_start (true), omega
     (0.001), attack_mode (eval). Recipe (CIFAR-10): SGD lr 0.1, momentum 0.9, weight decay 2e-4,
@@ -112,15 +128,8 @@ class FAT(Method):
     Metrics: loss, ce, term_ce, tau, pgd_steps (mean steps taken per example)."""
 
     Knobs = FATKnobs
+    TAU_STEPS = DYNAMIC_TAU_STEPS
     recipes = {"cifar10": sgd_recipe(source="Zhang et al. 2020; github.com/zjfheart/Friendly-Adversarial-Training, FAT.py defaults (CIFAR-10)", weight_decay=2e-4, epochs=120, milestones=[59 / 120, 89 / 120])}
-
-    def __init__(self, model, teacher=None, **knobs: Any) -> None:
-        super().__init__(model, teacher, **knobs)
-        self.tau = 0 if self.knobs.dynamic_tau else self.knobs.tau
-
-    def begin_epoch(self, epoch: int, epochs: int) -> None:
-        if self.knobs.dynamic_tau:
-            self.tau = dynamic_tau(epoch, epochs, DYNAMIC_TAU_STEPS)
 
     def attack(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Friendly adversarial inputs and the steps each took, in the mode of ``attack_mode``."""

@@ -21,14 +21,13 @@ reached); the checkpoint of the last epoch. Officially supported dataset here: C
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from mixacm.losses import trades_kl
 from mixacm.methods.base import attack_mode, detach_metrics, knob, register_method, sgd_recipe
-from mixacm.methods.fat import dynamic_tau, early_stopped_pgd
+from mixacm.methods.fat import DynamicTau, early_stopped_pgd
 from mixacm.methods.trades import TRADES
 
 # Official dynamic tau of FAT_for_TRADES.py (85 epochs): tau 1, 2, 3 from 1-based epochs 31, 51, 71.
@@ -53,7 +52,7 @@ class FATTRADESKnobs:
 
 
 @register_method("fat_trades")
-class FATTRADES(TRADES):
+class FATTRADES(DynamicTau, TRADES):
     """FAT for TRADES (the paper's FAT row). Knobs: beta (6), eps (0.062), steps (10), step_size
     (0.007), init_std (0.001), tau (0), dynamic_tau (true), omega (0), attack_mode (eval).
     Recipe (CIFAR-10): SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch 128, 85 epochs,
@@ -61,18 +60,11 @@ class FATTRADES(TRADES):
     ce, kl (unweighted), term_ce, term_kl (beta x kl), tau, pgd_steps (mean steps taken)."""
 
     Knobs = FATTRADESKnobs
+    TAU_STEPS = DYNAMIC_TAU_STEPS
     recipes = {"cifar10": sgd_recipe(
         source="Zhang et al. 2020; github.com/zjfheart/Friendly-Adversarial-Training, FAT_for_TRADES.py "
                "(CIFAR-10; eps 0.062 as the README's run behind RobustBench Zhang2020Attacks)",
         weight_decay=2e-4, epochs=85, milestones=[74 / 85])}
-
-    def __init__(self, model, teacher=None, **knobs: Any) -> None:
-        super().__init__(model, teacher, **knobs)
-        self.tau = 0 if self.knobs.dynamic_tau else self.knobs.tau
-
-    def begin_epoch(self, epoch: int, epochs: int) -> None:
-        if self.knobs.dynamic_tau:
-            self.tau = dynamic_tau(epoch, epochs, DYNAMIC_TAU_STEPS)
 
     def friendly_attack(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The early-stopped KL ascent's inputs and the steps each took (``attack_mode``)."""
