@@ -258,9 +258,10 @@ class MixACM(Method):
 
     def _mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # lam is drawn on the batch's device (a fill, no copy) and stays a tensor: nothing is
-        # read back to the host. On the CPU these are the same draws as a host-side float.
+        # read back to the host (argument validation would read alpha > 0 back: the knob is
+        # checked already). On the CPU these are the same draws as a host-side float.
         alpha = torch.full((), float(self.knobs.mixup_alpha), device=x.device)
-        beta = torch.distributions.Beta(alpha, alpha)
+        beta = torch.distributions.Beta(alpha, alpha, validate_args=False)
         lam = beta.sample((x.shape[0],)) if self.knobs.mixup_lambda == "sample" else beta.sample()
         perm = torch.randperm(x.shape[0], device=x.device)
         x_mix, y_a, y_b = mixup(x, y, lam, perm)
