@@ -270,3 +270,45 @@ def test_term_metrics_sum_to_the_loss(name, knobs):
     assert terms, f"{name} reports no term_*"
     assert sum(v.item() for v in terms.values()) == pytest.approx(loss.item(), rel=1e-5, abs=1e-6), terms
     assert all(not v.requires_grad for v in terms.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+@pytest.mark.parametrize("name", METHODS.names())
+def test_step_reads_nothing_back_on_the_gpu(name, amp):
+    """On CUDA, ``loss``, its backward and ``after_backward`` (attacks included) never
+    synchronise with the host (``torch.cuda.set_sync_debug_mode("error")`` raises on any
+    .item(), bool(tensor), copy to the host or boolean-mask indexing), in fp32 and under bf16
+    autocast; the metrics stay on the device and their term_* sum to the loss."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    dev = torch.device("cuda")
+    knobs = {"igam": {"ce_only_fraction": 0}, "awp_trades": {"warmup_fraction": 0}}.get(name, {})
+    method = make(name, student="tiny", **knobs)
+    method.model.to(dev, memory_format=torch.channels_last).train()
+    if method.teacher is not None:
+        method.teacher.to(dev, memory_format=torch.channels_last)
+    extra = method.extra_modules().to(dev)  # in place: IGAM's discriminator, MixACM's maps
+    opt = torch.optim.SGD([*method.model.parameters(), *extra.parameters()], lr=0.01, momentum=0.9)
+    x, y = (t.to(dev) for t in learnable_batch(32))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp == "bf16")
+
+    def step(check: bool):
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.set_sync_debug_mode("error" if check else 0)
+        try:
+            with autocast:
+                loss, metrics = method.loss(x, y)
+            loss.backward()
+            method.after_backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        opt.step()
+        return loss, metrics
+
+    step(check=False)  # lazy initialisation (cuDNN, the CUDA generator) may synchronise once
+    torch.cuda.synchronize()
+    loss, metrics = step(check=True)
+    assert all(v.device.type == "cuda" for v in metrics.values())
+    terms = sum(v.item() for k, v in metrics.items() if k.startswith("term_"))
+    assert terms == pytest.approx(loss.item(), rel=1e-4, abs=1e-5)
