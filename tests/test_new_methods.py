@@ -135,6 +135,13 @@ def test_early_stopped_pgd_stops_misclassified_examples_after_tau_steps():
     assert x_adv[0].item() == pytest.approx(0.5 - 0.005)
 
 
+def test_fat_tau_with_the_dynamic_schedule_on_is_an_error():
+    for name in ("fat", "fat_trades"):
+        with pytest.raises(ValueError, match="'tau'.*dynamic_tau"):
+            build_method(name, tiny(), tau=2)
+        assert build_method(name, tiny(), tau=2, dynamic_tau=False).tau == 2
+
+
 def test_fat_dynamic_tau_schedule():
     method = build_method("fat", tiny())
     got = []

@@ -26,6 +26,7 @@ keeps lr 0.001 for the last 11 epochs.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -99,6 +100,17 @@ class DynamicTau:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tau = 0 if self.knobs.dynamic_tau else self.knobs.tau
+
+    @classmethod
+    def resolve(cls, given: dict[str, Any], dataset: str | None = None) -> Any:
+        """The knobs; a ``tau`` other than the default given with ``dynamic_tau`` on is an error
+        (the schedule sets tau; a run's recorded knobs, default tau included, rebuild it)."""
+        knobs = super().resolve(given, dataset)  # type: ignore[misc]
+        default = next(f.default for f in dataclasses.fields(cls.Knobs) if f.name == "tau")
+        if knobs.dynamic_tau and knobs.tau != default:
+            raise ValueError(f"knob 'tau' of method {cls.name!r} is not read while 'dynamic_tau' is true "
+                             "(the official schedule sets tau); set dynamic_tau: false to fix tau")
+        return knobs
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         if self.knobs.dynamic_tau:
