@@ -17,7 +17,7 @@ spec.loader.exec_module(gpu_check)
 def test_estimate_of_the_paper_config_from_measured_speeds():
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     speeds = {"mixacm": 2000.0, "at": 500.0, "trades": 450.0, "free_at": 2400.0, "awp_trades": 400.0,
-              "awp_at": 450.0, "fat": 600.0, "igam": 900.0, "ard": 480.0, "rslad": 470.0}
+              "awp_at": 450.0, "fat": 600.0, "fat_trades": 550.0, "igam": 900.0, "ard": 480.0, "rslad": 470.0}
     est = gpu_check.estimate_config_hours(config, speeds, {"pgd20": 0.001, "autoattack": 0.01})
     jobs = {j["run"]: j for j in est["jobs"]}
     # Runs shared by tables are trained once: cifar10 (10 recipes), less_data (2 x 4 fractions,
