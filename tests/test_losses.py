@@ -189,3 +189,14 @@ def test_gradcheck_kd_kl_float64():
     t = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: kd_kl(a, b, T=2.0), (s, t))
     assert torch.autograd.gradcheck(trades_kl, (s, t))
+
+
+def test_kd_kl_is_computed_in_float32_from_low_precision_logits():
+    # Under the CPU's bf16 autocast logits arrive in bf16; T^2 = 900 times a bf16 KL of
+    # near-equal distributions went negative. The KL is taken in fp32 of the same values.
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(16, 10, generator=g).to(torch.bfloat16)
+    t = (s.float() + 0.01 * torch.randn(16, 10, generator=g)).to(torch.bfloat16)
+    got = kd_kl(s, t, T=30.0)
+    assert got.dtype == torch.float32 and got.item() >= 0
+    assert torch.equal(got, kd_kl(s.float(), t.float(), T=30.0))
