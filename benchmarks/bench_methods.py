@@ -19,15 +19,19 @@ weight-gradient work, about 1 unit, so 10 x 2 + 3 = 23 units -> ~7.7x (11x if ev
 step cost a full step); TRADES = 10 KL steps (20) + clean target forward (1) + the loss's two
 forwards and backwards (6) -> ~9x; Free-AT: one replay is one full step -> ~1x per optimiser step
 (m replays per minibatch); Fast-AT: one FGSM step (2) + 3 -> ~1.67x.
-AWP adds one forward and backward of the outer loss on the proxy copy: AT-AWP = 23 + 3 = 26
-units -> ~8.7x, TRADES-AWP = 27 + 6 (the TRADES loss has two forwards) = 33 -> 11x. FAT stops
-each example early, so it costs at most AT's 7.7x (on random labels, where an untrained
-model misclassifies almost everything at once, close to a standard step). ARD = AT + a teacher
+AT's clean training-mode forward after the step (Rice et al.) adds 1 unit: AT = 24 units -> 8x.
+AWP adds one forward and backward of the outer loss on the proxy copy: AT-AWP = 24 + 3 = 27
+units -> 9x, TRADES-AWP = 27 + 6 (the TRADES loss has two forwards) = 33 -> 11x; every method is
+timed in the last epoch of its recipe, so AWP's perturbation is on (after its warm-up), IGAM is
+in its IGAM phase and FAT at its last tau. FAT's early stop is a mask: every example runs every
+iteration, so FAT costs AT's 23 units (without the clean forward) -> ~7.7x, and FAT for TRADES
+TRADES' 27 -> 9x, whatever the number of steps the examples take. ARD = AT + a teacher
 forward (24 units with a teacher of the student's size) -> 8x; RSLAD = 10 KL steps (20) + two
 forwards and backwards (6) + a teacher forward (1) -> 9x. IGAM: a student forward (1), the
 input-gradient backward with its graph kept (2), the backward through it (double
 back-propagation, ~4), the teacher's forward and input backward (2) and the small
-discriminator -> ~9 units, 3x: "two to three standard steps plus a teacher pass".
+discriminator (0.5 M multiply-adds per gradient) -> ~9 units, 3x: "two to three standard steps
+plus a teacher pass".
 
     python benchmarks/bench_methods.py                       # tiny student, batch 128, CPU
     python benchmarks/bench_methods.py --model wrn-34-10 --device cuda --amp bf16 --channels-last
@@ -52,11 +56,12 @@ from mixacm.utils import resolve_device, seed_everything
 # Cost in units of the bare step (forward 1 + backward 2 = 3 units), from the module docstring.
 EXPECTED = {
     "bare": 1.0, "fwd-only": 1 / 3, "teacher-fwd": float("nan"), "pgd-step": 2 / 3, "standard": 1.0,
-    "mixacm": 4 / 3, "at": 23 / 3, "trades": 27 / 3, "free_at": 1.0, "fast_at": 5 / 3,
-    "awp_at": 26 / 3, "awp_trades": 33 / 3, "fat": 23 / 3, "ard": 24 / 3, "rslad": 27 / 3, "igam": 9 / 3,
+    "mixacm": 4 / 3, "at": 24 / 3, "trades": 27 / 3, "free_at": 1.0, "fast_at": 5 / 3,
+    "awp_at": 27 / 3, "awp_trades": 33 / 3, "fat": 23 / 3, "fat_trades": 27 / 3, "ard": 24 / 3, "rslad": 27 / 3,
+    "igam": 9 / 3,
 }
 DEFAULT_METHODS = ("standard", "mixacm", "at", "trades", "free_at", "fast_at",
-                   "awp_at", "awp_trades", "fat", "igam", "ard", "rslad")
+                   "awp_at", "awp_trades", "fat", "fat_trades", "igam", "ard", "rslad")
 
 
 def _sync(device: torch.device) -> None:
@@ -100,11 +105,16 @@ class AttackStep:
 
 
 class MethodStep:
-    """One optimiser step of a registered method through the training loop's ``training_step``."""
+    """One optimiser step of a registered method through the training loop's ``training_step``,
+    in the last epoch of its recipe (``begin_epoch``), so every epoch-dependent part is on: AWP's
+    weight perturbation (after its warm-up), IGAM's discriminator and input-gradient terms (after
+    its CE-only phase), FAT's final tau."""
 
     def __init__(self, name: str, model, teacher, lr: float, amp: str) -> None:
         cls = METHODS.get(name)
         self.method = cls(model, teacher=teacher if cls.needs_teacher else None)
+        epochs = int(self.method.recipe["epochs"])
+        self.method.begin_epoch(epochs - 1, epochs)
         extra = self.method.extra_modules().to(next(model.parameters()).device)
         self.extra = list(extra.parameters())
         self.opt = torch.optim.SGD([*model.parameters(), *self.extra], lr=lr, momentum=0.9, weight_decay=5e-4)

@@ -256,7 +256,24 @@ def resolve_recipe(cfg: Mapping[str, Any], method: Any = None) -> dict:
                 "optim.lr_points: the piecewise schedule needs [fraction, lr factor] points with fractions "
                 f"increasing from 0 to 1, got {merged['lr_points']!r}"
             )
+    _check_method_recipe(cfg, method, merged)
     return merged
+
+
+def _check_method_recipe(cfg: Mapping[str, Any], method: Any, recipe: Mapping[str, Any]) -> None:
+    """The method's own check of its knobs against the resolved recipe (``Method.check_recipe``:
+    e.g. a phase that would start after the last epoch), as a ConfigError naming the knob. A
+    budget in ``steps`` fixes the epochs only once the data is known: the method checks again
+    when training starts."""
+    cls = type(method) if method is not None else method_class(cfg)
+    check = getattr(cls, "check_recipe", None)
+    if not callable(check) or recipe.get("steps"):
+        return
+    try:
+        knobs = method.knobs if method is not None else cls.resolve(method_knobs(cfg), dataset=cfg["dataset"]["name"])
+        check(knobs, dict(recipe))
+    except ValueError as err:
+        raise ConfigError(f"method: {err}") from None
 
 
 def recipe_record(cfg: Mapping[str, Any], method: Any, recipe: Mapping[str, Any]) -> dict:

@@ -383,8 +383,8 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
         recipe["epochs"] = max(1, round(recipe["steps"] / steps_per_epoch))
         method.recipe["epochs"] = recipe["epochs"]
     optimizer = torch.optim.SGD(
-        [*model.parameters(), *extra.parameters()], lr=recipe["lr"], momentum=recipe["momentum"],
-        weight_decay=recipe["weight_decay"], nesterov=recipe["nesterov"],
+        sgd_param_groups([model, extra], recipe["weight_decay_exempt"]), lr=recipe["lr"],
+        momentum=recipe["momentum"], weight_decay=recipe["weight_decay"], nesterov=recipe["nesterov"],
     )
     replays = int(getattr(method, "replays", 1))
     scheduler = make_lr_scheduler(optimizer, recipe, steps_per_epoch * replays)
@@ -393,6 +393,30 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
                source=dataset_source(full), spec=spec, model=model, net=net, method=method, extra=extra,
                recipe=recipe, local_batch_size=local_bs, loader=loader, steps_per_epoch=steps_per_epoch,
                memory_format=memory_format, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+
+def sgd_param_groups(modules: list[nn.Module], exempt: list[str]) -> list[dict]:
+    """The parameters of ``modules`` as SGD parameter groups: one group when ``exempt`` is empty
+    (everything decays, PyTorch's ``SGD(model.parameters())``), else the decayed parameters and a
+    group with ``weight_decay`` 0 holding those ``exempt`` names: ``"batchnorm"`` (parameters of
+    BatchNorm layers, as Fast-AT's ImageNet code groups them by module type) and ``"bias"``
+    (every parameter named ``bias``; with ``batchnorm`` this is the TensorFlow codes' decay of
+    convolution and linear kernels only)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in modules:
+        for sub in module.modules():
+            batchnorm = isinstance(sub, nn.modules.batchnorm._BatchNorm)
+            for name, p in sub.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                skip = ("batchnorm" in exempt and batchnorm) or ("bias" in exempt and name == "bias")
+                (no_decay if skip else decay).append(p)
+    if not exempt:
+        return [{"params": decay}]
+    return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
 # ----------------------------------------------------------------------------- training state
@@ -488,8 +512,8 @@ class _Stopped(Exception):
 
 def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, show: bool = False) -> dict:
     """One epoch of optimiser steps; advances ``state.global_step`` and returns the epoch's
-    metrics line (averages over every step of every rank, and ``share_<term>`` = mean of
-    ``term_<term>`` / mean loss for each weighted loss term a method reports). The host reads
+    metrics line (averages over every step of every rank, and ``share_<term>`` for each weighted
+    loss term a method reports: ``term_shares``). The host reads
     the metrics once every ``train.log_every`` optimiser steps and at the end of the epoch.
     Raises ``TrainingDiverged`` on a NaN / inf loss (at that read) and ``_Stopped`` after
     ``step_budget`` steps, both before anything is written.
@@ -529,10 +553,18 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
     images_all = images * ctx.world_size  # every rank takes the same number of full batches
     steps_all = max(totals.pop("steps"), 1)
     means = {k: v / steps_all for k, v in totals.items()}
-    shares = {f"share_{k[5:]}": means[k] / means["loss"] for k in means if k.startswith("term_") and means["loss"]}
-    return {"epoch": epoch + 1, "step": state.global_step, "lr": lr, **means, **shares,
+    return {"epoch": epoch + 1, "step": state.global_step, "lr": lr, **means, **term_shares(means),
             "images_per_s": images_all / train_time if train_time > 0 else None,
             "train_time_s": train_time, "images": images_all}
+
+
+def term_shares(means: Mapping[str, float]) -> dict[str, float]:
+    """``share_<name>`` = |mean of ``term_<name>``| / sum over the terms of |mean term|: each
+    weighted loss term's part of the loss, in [0, 1] even where a term is negative (IGAM's
+    student maximises its discriminator's loss), so a term of size 1e-6 shows as ~0."""
+    terms = {k[len("term_"):]: abs(v) for k, v in means.items() if k.startswith("term_")}
+    total = sum(terms.values())
+    return {f"share_{k}": v / total for k, v in terms.items()} if total > 0 else {}
 
 
 def _read_meter(run: Run, meter: StepMeter, totals: dict[str, float], step0: int, epoch: int, bar: tqdm) -> None:

@@ -111,7 +111,8 @@ def test_recipe_keys_nobody_sets_take_the_schemas_defaults(monkeypatch):
     defaults = {k: v["default"] for k, v in run_config_schema()["$defs"]["recipe"]["properties"].items()}
     assert recipe == {**bare, **defaults, "nesterov": True}
     assert defaults == {"momentum": 0.9, "weight_decay": 0.0, "nesterov": False, "schedule": "step",
-                        "milestones": [], "gamma": 0.1, "lr_peak": 0.5, "lr_points": [], "warmup_epochs": 0}
+                        "milestones": [], "gamma": 0.1, "lr_peak": 0.5, "lr_points": [], "warmup_epochs": 0,
+                        "weight_decay_exempt": []}
     with pytest.raises(ConfigError, match=r"^optim\.momentum: 1 is greater than or equal to the maximum of 1"):
         resolve_recipe(load_run_config({"method": {"name": "standard"}, "optim": {"momentum": 1}}))
 

@@ -146,7 +146,7 @@ def mixacm_loss(**knobs):
     method.model.train()
     torch.manual_seed(5)  # the same mixup draw for every call
     loss, metrics = method.loss(*batch())
-    return method, loss, {k: float(v) for k, v in metrics.items()}  # metrics stay on the device: read here
+    return method, loss, {k: v.item() for k, v in metrics.items()}  # device tensors, read back here
 
 
 def test_paper_default_equals_its_explicit_term_list():
@@ -165,7 +165,8 @@ def test_any_term_list_sums_weighted_terms():
              {"term": "fitnet", "weight": 0.5, "blocks": [["layer3", "layer3"]]}, {"term": "kd", "weight": 1.5, "T": 2},
              {"term": "sp", "weight": 1.0, "blocks": [["layer1", "layer1"]]}]
     method, loss, m = mixacm_loss(terms=terms, mixup=False)
-    assert set(m) == {"loss", "ce", "lam", "acm", "kd", "sp", "at", "fitnet", "sp_2"}
+    assert set(m) == {"loss", "ce", "lam", "acm", "kd", "sp", "at", "fitnet", "sp_2",
+                      "term_ce", "term_sp", "term_at", "term_fitnet", "term_kd", "term_sp_2"}
     assert m["acm"] == 0.0 and m["lam"] == 1.0
     expected = m["ce"] + 2 * m["sp"] + 3 * m["at"] + 0.5 * m["fitnet"] + 1.5 * m["kd"] + m["sp_2"]
     assert loss.item() == pytest.approx(expected, rel=1e-6)

@@ -32,7 +32,7 @@ def test_every_student_of_the_paper_config_is_timed_in_bf16_with_channels_last(p
 
 def test_estimate_of_the_paper_config_from_measured_speeds(pipeline):
     speeds = {"mixacm": 3000.0, "at": 600.0, "trades": 500.0, "free_at": 2400.0, "awp_trades": 420.0,
-              "awp_at": 520.0, "fat": 800.0, "igam": 1100.0, "ard": 580.0, "rslad": 500.0,
+              "awp_at": 520.0, "fat_trades": 800.0, "igam": 1100.0, "ard": 580.0, "rslad": 500.0,
               "mixacm_acm": 3100.0, "mixacm_acm_kd": 3050.0, "mixacm_acm_mixup": 3050.0, "mixacm_kd": 3050.0}
     rows = [{"recipe": r, "dataset": "cifar10", **BF16, "images_per_s": v} for r, v in speeds.items()]
     rows += [{"recipe": r, "dataset": "imagenet", **BF16, "images_per_s": 700.0}

@@ -16,12 +16,6 @@ from mixacm.models import build_model
 from mixacm.models.base import FeatureClassifier
 
 
-
-def floats(result):
-    """``(loss, metrics)`` of ``Method.loss`` with the metrics read back as Python floats."""
-    loss, metrics = result
-    return loss, {k: float(v) for k, v in metrics.items()}
-
 def batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
@@ -68,6 +62,11 @@ def params(module: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
 
 
+def floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's metrics (device tensors) read back as numbers, as the loop does per interval."""
+    return {k: v.item() for k, v in metrics.items()}
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_method_takes_one_step(name):
     method = make(name)
@@ -86,11 +85,12 @@ def test_every_method_takes_one_step(name):
     method.after_backward()
     opt.step()
 
-    assert metrics["loss"] == pytest.approx(loss.item())
-    # Metrics stay on the device (0-dim tensors, detached) or are Python numbers: no host read.
-    for k, v in metrics.items():
-        assert isinstance(v, float) or (isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad), k
-        assert math.isfinite(float(v)), k
+    assert metrics["loss"].item() == pytest.approx(loss.item())
+    # Metrics are detached 0-d float32 tensors on the step's device (the loop reads them back
+    # once per logging interval), never Python floats read inside the step.
+    for key, v in metrics.items():
+        assert isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad, key
+        assert v.dtype == torch.float32 and v.device == loss.device and math.isfinite(v.item()), key
     changed = [not torch.equal(a, b) for a, b in zip(before, params(model))]
     assert any(changed), f"{name}: no parameter changed"
     if teacher is not None:
@@ -237,6 +237,7 @@ def test_knob_listing_and_resolved_values():
     method = make("at", eps="4/255", steps="5")
     assert method.resolved_knobs() == {
         "eps": 4 / 255, "steps": 5, "step_size": 2 / 255, "random_start": True, "attack_mode": "train",
+        "clean_bn_forward": True,
     }
 
 
@@ -321,7 +322,8 @@ def test_mixacm_ablation_presets_switch_terms(preset, on):
     assert {s for s in ("acm", "kd", "mixup") if knobs[s]} == on and knobs["ablation"] == preset
     model, teacher = method.model.train(), method.teacher
     x, y = batch()
-    loss, m = floats(method.loss(x, y))
+    loss, m = method.loss(x, y)
+    m = floats(m)
 
     assert loss.item() == pytest.approx(m["ce"] + beta * m["kd"] + gamma * m["acm"], rel=1e-6)
     for term in ("acm", "kd"):
@@ -448,7 +450,7 @@ def test_at_attacks_the_model_in_training_mode_by_default():
 
 def test_docs_recipe_table_matches_the_registry():
     """docs/recipes.md has one row per (method, dataset) recipe, with the code's epochs, batch,
-    lr and weight decay."""
+    lr, weight decay and weight-decay exemptions."""
     from pathlib import Path
 
     from mixacm.config import load_run_config, resolve_recipe
@@ -457,7 +459,7 @@ def test_docs_recipe_table_matches_the_registry():
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 9 and cells[0] in METHODS:
+        if len(cells) == 11 and cells[0] in METHODS:
             rows[(cells[0], cells[1])] = cells
     expected = set()
     for name in METHODS.names():
@@ -470,6 +472,7 @@ def test_docs_recipe_table_matches_the_registry():
             assert cells is not None, f"docs/recipes.md has no row for {name} on {dataset}"
             assert (int(cells[2]), int(cells[3]), float(cells[4]), float(cells[5])) == (
                 r["epochs"], r["batch_size"], r["lr"], r["weight_decay"]), (name, dataset)
+            assert cells[6] == (", ".join(r["weight_decay_exempt"]) or "none"), (name, dataset)
     assert set(rows) == expected
 
 
@@ -549,7 +552,8 @@ def test_mixacm_ce_weight_scales_only_the_hard_label_term():
     for w in (1.0, 0.25):
         method = make("mixacm", ce_weight=w, beta=0.5, gamma=3.0)
         torch.manual_seed(5)
-        loss, m = floats(method.loss(x, y))
+        loss, m = method.loss(x, y)
+        m = floats(m)
         assert loss.item() == pytest.approx(w * m["ce"] + 0.5 * m["kd"] + 3.0 * m["acm"], rel=1e-6)
         losses[w] = m
     # Same seed, same mixup: the unweighted terms agree; only the total changed.

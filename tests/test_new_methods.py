@@ -15,7 +15,9 @@ from mixacm.losses import ard_loss, kd_kl, kl_class_mean, rslad_loss
 from mixacm.methods import METHODS, build_method
 from mixacm.methods.awp import _weights, weight_perturbation
 from mixacm.methods.fat import early_stopped_pgd
-from mixacm.methods.igam import discriminator_ce, gradient_matching, input_gradient
+from mixacm.methods.igam import (
+    GradientDiscriminator, discriminator_ce, gradient_matching, input_gradient, standardize_gradient,
+)
 from mixacm.models import build_model
 
 
@@ -126,12 +128,18 @@ def test_early_stopped_pgd_stops_misclassified_examples_after_tau_steps():
     x = torch.tensor([[0.5], [0.1]]).reshape(2, 1, 1, 1)
     y = torch.tensor([0, 1])
     for tau, expected_steps in [(0, [0, 5]), (2, [2, 5]), (10, [5, 5])]:
-        x_adv, taken = early_stopped_pgd(Lin(), x, y, eps=0.01, steps=5, step_size=0.001, tau=tau,
-                                         random_start=False)
+        x_adv, taken = early_stopped_pgd(Lin(), x, y, eps=0.01, steps=5, step_size=0.001, tau=tau)
         assert taken.tolist() == expected_steps
         assert (x_adv - x).abs().max() <= 0.01 + 1e-7
     # Example 0 ascends CE of class 0: its x[0] decreases by the step size per step taken.
     assert x_adv[0].item() == pytest.approx(0.5 - 0.005)
+
+
+def test_fat_tau_with_the_dynamic_schedule_on_is_an_error():
+    for name in ("fat", "fat_trades"):
+        with pytest.raises(ValueError, match="'tau'.*dynamic_tau"):
+            build_method(name, tiny(), tau=2)
+        assert build_method(name, tiny(), tau=2, dynamic_tau=False).tau == 2
 
 
 def test_fat_dynamic_tau_schedule():
@@ -220,41 +228,92 @@ def test_input_gradient_of_a_linear_model_is_analytic():
 
 def test_igam_loss_with_the_student_as_teacher():
     student, teacher = twins()
-    method = build_method("igam", student, teacher)
+    method = build_method("igam", student, teacher, ce_only_fraction=0)
     x, y = batch()
     loss, m = method.loss(x, y)
-    assert m["grad_l2"] == pytest.approx(0.0, abs=1e-12)  # identical input gradients
+    assert m["grad_l2"].item() == pytest.approx(0.0, abs=1e-12)  # identical input gradients
     with torch.no_grad():
         ce = F.cross_entropy(student(x), y).item()
-    assert m["ce"] == pytest.approx(ce, rel=1e-6)
-    # D sees the same gradient twice, once labelled 0 and once 1: mean of -log p0 and -log p1.
+    assert m["ce"].item() == pytest.approx(ce, rel=1e-6)
+    # D sees the same gradients twice (one batch, BatchNorm over both halves), once labelled 0
+    # and once 1: equal logits, so its CE is the mean of -log p0 and -log p1 of the same logits.
     j = input_gradient(teacher, x, y, create_graph=False)
     with torch.no_grad():
-        d = method.disc(j)
-        expected_d = discriminator_ce(d, d).item()
-        logp = F.log_softmax(d, dim=1)
+        d_s, d_t = method.disc.pair(j, j)
+        expected_d = discriminator_ce(d_s, d_t).item()
+        logp = F.log_softmax(d_s, dim=1)
+    assert torch.allclose(d_s, d_t)
     assert expected_d == pytest.approx(-(logp[:, 0].mean() + logp[:, 1].mean()).item() / 2, rel=1e-6)
-    assert m["disc_ce"] == pytest.approx(expected_d, rel=1e-5)
-    assert loss.item() == pytest.approx(ce - 1.0 * expected_d + 0.001 * 0.0, rel=1e-5)
+    assert m["disc_ce"].item() == pytest.approx(expected_d, rel=1e-5)
+    assert loss.item() == pytest.approx(ce - 5.0 * expected_d, rel=1e-5)  # beta 5, gamma x 0
     assert gradient_matching(torch.ones(2, 3), torch.zeros(2, 3)).item() == 6.0
 
 
-def test_igam_trains_its_discriminator_every_disc_every_steps():
-    method = build_method(METHODS.get("igam").name, tiny(), tiny(1), disc_every=2)
+def test_igam_discriminator_input_is_centred_and_unit_length():
+    g = torch.randn(4, 3, 32, 32) * 1e-6 + 3e-7  # raw input gradients are tiny and off-centre
+    z = standardize_gradient(g)
+    assert torch.allclose(z.mean(dim=(1, 2, 3)), torch.zeros(4), atol=1e-6)
+    assert torch.allclose(z.flatten(1).norm(dim=1), torch.ones(4), atol=1e-5)
+    # Scale-free: D's logits do not change when the gradients are multiplied by 1e6.
+    disc = GradientDiscriminator().train()
+    torch.testing.assert_close(disc(g), disc(g * 1e6), rtol=1e-4, atol=1e-4)
+    # The official shape: 4 convolutions (8, 16, 32, 64 channels) of stride 2 -> 64 x 2 x 2 -> 2 logits.
+    convs = [m for m in disc.body if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride, c.bias is not None) for c in convs] == [
+        (c, (4, 4), (2, 2), True) for c in (8, 16, 32, 64)]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in disc.body) == 4 and disc.fc.in_features == 64 * 2 * 2
+
+
+def test_igam_trains_its_discriminator_every_disc_every_steps_on_grad_ce_d():
+    method = build_method(METHODS.get("igam").name, tiny(), tiny(1), disc_every=2, ce_only_fraction=0)
+    disc = method.extra_modules()["disc"]
+    assert disc is method.disc
+    opt = torch.optim.SGD([*method.model.parameters(), *disc.parameters()], lr=0.1)
     x, y = batch()
     method.model.train()
     history = []
-    for _ in range(3):
-        d_before = params(method.disc)
-        loss, _ = method.loss(x, y)
+    for step in range(3):
+        d_before = params(disc)
+        opt.zero_grad(set_to_none=True)
+        loss, m = method.loss(x, y)
         loss.backward()
         method.after_backward()
-        history.append(any(not torch.equal(a, b) for a, b in zip(d_before, params(method.disc))))
+        if step == 0:
+            # D's gradient is grad CE_D at the step's gradients (not the student's -beta * grad CE_D).
+            method.teacher.train()  # official: the teacher's gradients with BatchNorm on batch statistics
+            j_t = input_gradient(method.teacher, x, y, create_graph=False)
+            method.teacher.eval()
+            j_s = input_gradient(method.model, x, y, create_graph=False)
+            want = torch.autograd.grad(discriminator_ce(*disc.pair(j_s, j_t)), list(disc.parameters()))
+            for p, w in zip(disc.parameters(), want):
+                torch.testing.assert_close(p.grad, w, rtol=1e-3, atol=1e-4)  # conv biases before BN: ~0
+        opt.step()
+        history.append(any(not torch.equal(a, b) for a, b in zip(d_before, params(disc))))
     assert history == [True, False, True]
-    state = method.state_dict()
-    other = build_method("igam", tiny(), tiny(1), disc_every=2)
-    other.load_state_dict(state)
-    assert other.steps == 3 and all(torch.equal(a, b) for a, b in zip(params(other.disc), params(method.disc)))
+    other = build_method("igam", tiny(), tiny(1), disc_every=2, ce_only_fraction=0)
+    other.load_state_dict(method.state_dict())
+    assert other.steps == 3
+
+
+def test_igam_trains_with_ce_alone_before_its_phase_and_refuses_an_empty_phase():
+    from mixacm.config import ConfigError, load_run_config, resolve_recipe
+
+    method = build_method("igam", tiny(), tiny(1))  # official: the IGAM loss from 87.5 % of training
+    method.begin_epoch(178, 205)
+    x, y = batch()
+    loss, m = method.loss(x, y)
+    assert m["igam_on"].item() == 0 and "disc_acc" not in m
+    with torch.no_grad():
+        assert loss.item() == pytest.approx(F.cross_entropy(method.model(x), y).item(), rel=1e-6)
+    method.begin_epoch(179, 205)
+    assert method.loss(x, y)[1]["igam_on"].item() == 1
+    cfg = {"method": {"name": "igam"}, "teacher": "t.pt", "optim": {"epochs": 3}}
+    with pytest.raises(ConfigError, match="ce_only_fraction"):
+        resolve_recipe(load_run_config(cfg))
+    with pytest.raises(ValueError, match="ce_only_fraction"):
+        method.begin_epoch(0, 3)
+    cfg["method"]["ce_only_fraction"] = 2 / 3  # the IGAM loss in the last of 3 epochs
+    assert resolve_recipe(load_run_config(cfg))["epochs"] == 3
 
 
 def test_bench_methods_covers_every_new_method(capsys):
@@ -265,8 +324,13 @@ def test_bench_methods_covers_every_new_method(capsys):
     spec = importlib.util.spec_from_file_location("bench_methods", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    new = {"awp_at", "awp_trades", "fat", "igam", "ard", "rslad"}
+    new = {"awp_at", "awp_trades", "fat", "fat_trades", "igam", "ard", "rslad"}
     assert new <= set(bench.DEFAULT_METHODS) and new <= set(bench.EXPECTED)
+    # Timed in the last epoch of the recipe: AWP-TRADES' perturbation (after its warm-up) and
+    # IGAM's phase (after its CE-only 87.5 %) are on, FAT for TRADES at its last tau.
+    assert bench.MethodStep("awp_trades", tiny(), None, 1e-3, "none").method._active
+    assert bench.MethodStep("igam", tiny(), tiny(1), 1e-3, "none").method._active
+    assert bench.MethodStep("fat_trades", tiny(), None, 1e-3, "none").method.tau == 3
     bench.main(["--model", "resnet2b", "--teacher", "resnet4b", "--batch-size", "2", "--rounds", "1",
                 "--iters", "1", "--warmup", "0", "--methods", "standard", "mixacm", *sorted(new)])
     out = capsys.readouterr().out

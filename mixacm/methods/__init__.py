@@ -13,6 +13,7 @@ from mixacm.methods import fast_at  # noqa: E402,F401
 from mixacm.methods import mixacm  # noqa: E402,F401
 from mixacm.methods import awp  # noqa: E402,F401
 from mixacm.methods import fat  # noqa: E402,F401
+from mixacm.methods import fat_trades  # noqa: E402,F401
 from mixacm.methods import igam  # noqa: E402,F401
 from mixacm.methods import ard  # noqa: E402,F401
 from mixacm.methods import rslad  # noqa: E402,F401

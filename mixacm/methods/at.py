@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,6 +26,11 @@ class ATKnobs:
         "attack sees batch statistics and updates BatchNorm's running ones; eval: running "
         "statistics, untouched by adversarial passes)", kind="choice", choices=("eval", "train"),
     )
+    clean_bn_forward: bool = knob(
+        True, "after each step a clean training-mode forward without gradients, as Rice et al.'s "
+        "train_cifar.py and AT-AWP's train_cifar10.py log training accuracy with it: it updates "
+        "BatchNorm's running statistics with the clean batch's", kind="bool",
+    )
 
 
 @register_method("at")
@@ -39,8 +45,16 @@ class AT(Method):
     weight decay 5e-4, batch 128, 200 epochs, lr / 10 at 50 % and lr / 100 at 75 % of training
     (their schedule is evaluated at ``epoch + (i + 1) / len``, i.e. each drop one step earlier
     than here); PGD-10 of 2/255 within 8/255 from a random start; the paper keeps the best
-    checkpoint by PGD accuracy (``train.selection: best_pgd``). No ImageNet recipe: the sources
-    give none, so an AT run on ImageNet is a config error."""
+    checkpoint by PGD accuracy (``train.selection: best_pgd``; the code keeps ``model_best.pth``
+    by test PGD-10 accuracy). Weight decay on every parameter (``--l2`` 0, the default, leaves
+    ``SGD(model.parameters(), weight_decay=5e-4)``). BatchNorm: the attack's forwards and the
+    loss's run in training mode, and after the optimiser step the code runs the clean batch
+    through the model in training mode (``output = model(normalize(X))``, for the logged
+    training accuracy), so the running statistics also see clean batches: knob
+    ``clean_bn_forward`` (default true) does that forward in ``after_backward``, before the
+    optimiser step (the loop has no hook after it), i.e. on the step's starting weights. No
+    ImageNet recipe: the sources give none, so an AT run on ImageNet is a config error.
+    Metrics: loss, ce, term_ce."""
 
     Knobs = ATKnobs
     recipes = {
@@ -60,10 +74,22 @@ class AT(Method):
     def objective(self, net: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The outer loss of ``net`` given the adversarial inputs (AWP evaluates it on a copy)."""
         loss = F.cross_entropy(net(x_adv), y)
-        return loss, {"ce": loss}
+        return loss, {"ce": loss, "term_ce": loss}
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        self._clean = x
         x_adv = self.attack(x, y)
         # Back in the mode the loop set (train) for the loss itself.
         loss, terms = self.objective(self.model, x, x_adv, y)
         return loss, detach_metrics(loss=loss, **terms)
+
+    def after_backward(self) -> None:
+        self.clean_bn_forward()
+
+    def clean_bn_forward(self) -> None:
+        """The official clean training-mode forward (knob ``clean_bn_forward``): no gradient,
+        only BatchNorm's running statistics change."""
+        x, self._clean = getattr(self, "_clean", None), None
+        if self.knobs.clean_bn_forward and x is not None:
+            with torch.no_grad():
+                self.model(x)

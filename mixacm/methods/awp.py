@@ -15,13 +15,23 @@ One deliberate difference from the official code: it restores the weights after
 ``optimizer.step()`` (momentum and weight decay then see ``w + v``); here they are restored
 between backward and step (the loop's ``after_backward``), so weight decay acts on ``w``.
 The official proxy takes one SGD step from ``w`` and keeps the normalised difference: the same
-direction as ``g_l`` above, its learning rate cancels in the normalisation.
+direction as ``g_l`` above, its learning rate cancels in the normalisation. Metric
+``awp_rel_norm`` = ||v|| / ||w|| over the perturbed layers (gamma while AWP is on, 0 before).
 
-Sources (CIFAR-10): github.com/csdongxian/AWP, ``trades_AWP/train_trades_cifar.py`` (TRADES-AWP:
-gamma 0.005, warm-up 10 of 200 epochs, WRN-34-10, SGD lr 0.1 momentum 0.9 weight decay 5e-4,
-lr / 10 at epochs 100 and 150, eps 8/255, 10 steps of 2/255, beta 6) and its README (AT-AWP on
-the robust-overfitting code: PreAct ResNet-18, 200 epochs, lr 0.1 / 0.01 / 0.001 at epochs 100
-and 150, weight decay 5e-4; gamma 0.01, no warm-up, as reproduced in MTandHJ/PyTorch-Robust).
+Sources (CIFAR-10), github.com/csdongxian/AWP:
+- TRADES-AWP, ``trades_AWP/train_trades_cifar.py`` defaults: gamma 0.005, AWP from epoch 10 of
+  200 (``--awp-warmup 10``, epochs counted from 1), WRN-34-10, SGD lr 0.1, momentum 0.9, weight
+  decay 5e-4 on every parameter, lr / 10 at epochs 100 and 150, eps 8/255, 10 steps of 2/255,
+  beta 6; a checkpoint every epoch, the last one released. Its loss forwards the clean batch
+  twice (the KL target and the CE) in training mode; here once (the same gradient; BatchNorm's
+  running statistics see the clean batch once instead of twice).
+- AT-AWP, ``AT_AWP/train_cifar10.py`` defaults (Rice et al.'s ``train_cifar.py`` with AWP):
+  gamma 0.01 (``--awp-gamma``), no warm-up (``--awp-warmup 0``), PreAct ResNet-18 (the README's
+  WRN-34-10 run: ``--model WideResNet``), SGD lr 0.1 momentum 0.9 weight decay 5e-4 on every
+  parameter, batch 128, 200 epochs, piecewise lr 0.1 / 0.01 / 0.001 at 50 % and 75 %, PGD-10 of
+  2/255 within 8/255 in training mode; after the step and the restore a clean training-mode
+  forward (knob ``clean_bn_forward`` of ``at``); the checkpoint with the best test PGD accuracy
+  (``model_best.pth``, as Rice et al.): ``train.selection: best_pgd``.
 Officially supported dataset here: CIFAR-10 (the paper also reports CIFAR-100 and SVHN).
 """
 from __future__ import annotations
@@ -34,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from mixacm.methods.at import AT, ATKnobs
-from mixacm.methods.base import detach_metrics, knob, register_method, sgd_recipe
+from mixacm.methods.base import check_phase_starts, detach_metrics, knob, phase_start, register_method, sgd_recipe
 from mixacm.methods.trades import TRADES, TRADESKnobs
 
 _EPS = 1e-20  # the official code's guard against a zero gradient norm
@@ -50,6 +60,13 @@ def weight_perturbation(weights: list[Tensor], grads: list[Tensor], gamma: float
     return [gamma * w.detach().norm() / (g.norm() + _EPS) * g for w, g in zip(weights, grads)]
 
 
+def relative_norm(delta: list[Tensor], weights: list[Tensor]) -> Tensor:
+    """``||v|| / ||w||`` over all perturbed layers together (a 0-d tensor)."""
+    v = torch.stack([d.pow(2).sum() for d in delta]).sum()
+    w = torch.stack([p.pow(2).sum() for p in weights]).sum()
+    return (v / w).sqrt()
+
+
 class AWPMixin:
     """Wraps a base method with ``attack(x, y)`` and ``objective(net, x, x_adv, y)``."""
 
@@ -62,9 +79,16 @@ class AWPMixin:
         self._saved: list[Tensor] | None = None
         self._active = self.knobs.warmup_fraction == 0
 
+    @classmethod
+    def check_recipe(cls, knobs: Any, recipe: dict[str, Any]) -> None:
+        if knobs.gamma > 0:
+            check_phase_starts(cls.name, "warmup_fraction", knobs.warmup_fraction, recipe["epochs"],
+                               "the weight perturbation")
+
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         # Official: AWP from epoch `warmup` on (1-based); 10 of 200 -> 0-based epoch 9.
-        self._active = epoch >= round(self.knobs.warmup_fraction * epochs)
+        self.check_recipe(self.knobs, {"epochs": epochs})
+        self._active = epoch >= phase_start(self.knobs.warmup_fraction, epochs)
 
     def _net(self) -> nn.Module:
         return getattr(self.model, "module", self.model)  # the network inside a DDP wrapper
@@ -95,22 +119,26 @@ class AWPMixin:
                 p.copy_(w)
         self._saved = None
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         if self._delta is not None:
             raise RuntimeError(f"{self.name}: loss() called twice without after_backward(); weights still perturbed")
+        self._clean = x
         x_adv = self.attack(x, y)
         on = self._active and self.knobs.gamma > 0
+        rel_norm: Tensor | float = 0.0
         if on:
             self._delta = self._perturbation(x, x_adv, y)
             self._perturb(self._delta)
+            rel_norm = relative_norm(self._delta, self._saved)
         loss, terms = self.objective(self.model, x, x_adv, y)
-        return loss, detach_metrics(loss=loss, **terms, awp=float(on))
+        return loss, detach_metrics(loss=loss, **terms, awp=float(on), awp_rel_norm=rel_norm)
 
     def after_backward(self) -> None:
         # The gradient was taken at w + v; the step is applied to w.
         if self._delta is not None:
             self._restore()
             self._delta = None
+        super().after_backward()  # AT-AWP: the clean training-mode forward, on w
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -128,12 +156,13 @@ class AWPATKnobs(ATKnobs):
 class AWPAT(AWPMixin, AT):
     """AT-AWP. Knobs: those of ``at`` (eps 8/255, 10 steps of 2/255, random start, attack_mode)
     plus gamma (0.01) and warmup_fraction (0). Recipe (CIFAR-10): SGD lr 0.1, momentum 0.9,
-    weight decay 5e-4, batch 128, 200 epochs, lr / 10 at epochs 100 and 150. Cost: one AT step
-    plus one forward/backward of the copy. Metrics: loss, ce, awp (1 when the weights were
-    perturbed)."""
+    weight decay 5e-4, batch 128, 200 epochs, lr / 10 at epochs 100 and 150; the official code
+    keeps the best checkpoint by test PGD accuracy (run it with ``train.selection: best_pgd``).
+    Cost: one AT step plus one forward/backward of the copy and the clean forward. Metrics:
+    loss, ce, term_ce, awp (1 when the weights were perturbed), awp_rel_norm."""
 
     Knobs = AWPATKnobs
-    recipes = {"cifar10": sgd_recipe(source="Wu et al. 2020; github.com/csdongxian/AWP README: AT-AWP on the robust-overfitting code (CIFAR-10)", weight_decay=5e-4, epochs=200, milestones=[0.5, 0.75])}
+    recipes = {"cifar10": sgd_recipe(source="Wu et al. 2020; github.com/csdongxian/AWP, AT_AWP/train_cifar10.py defaults (CIFAR-10; best checkpoint by PGD)", weight_decay=5e-4, epochs=200, milestones=[0.5, 0.75])}
 
     def __init__(self, model, teacher=None, **knobs: Any) -> None:
         super().__init__(model, teacher, **knobs)
@@ -157,7 +186,8 @@ class AWPTRADES(AWPMixin, TRADES):
     6, 10 steps, Gaussian start 0.001, eval-mode attack), plus gamma (0.005) and
     warmup_fraction (9/200: AWP from epoch 10 of 200). Recipe (CIFAR-10): SGD lr 0.1, momentum
     0.9, weight decay 5e-4, batch 128, 200 epochs, lr / 10 at epochs 100 and 150 (1-based:
-    from epoch 100, i.e. after 99). Metrics: loss, ce, kl, awp."""
+    from epoch 100, i.e. after 99); the last epoch's checkpoint. Metrics: loss, ce, kl, term_ce,
+    term_kl, awp, awp_rel_norm."""
 
     Knobs = AWPTRADESKnobs
     recipes = {"cifar10": sgd_recipe(source="Wu et al. 2020; github.com/csdongxian/AWP, trades_AWP/train_trades_cifar.py defaults (CIFAR-10)", weight_decay=5e-4, epochs=200, milestones=[99 / 200, 149 / 200])}

@@ -123,7 +123,7 @@ def attack_mode(model: nn.Module, mode: str) -> Iterator[None]:
 
 RECIPE_KEYS = (
     "epochs", "batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma",
-    "lr_peak", "lr_points",
+    "lr_peak", "lr_points", "weight_decay_exempt",
 )
 # Keys of a recipe that are not optimiser settings.
 RECIPE_META_KEYS = ("source", "knobs", "replays", "drop_every_budget_epochs")
@@ -139,10 +139,13 @@ def sgd_recipe(source: str = "", knobs: dict[str, Any] | None = None, **kw: Any)
 
     ``source`` names where the values come from (paper section or official script and its
     defaults); ``knobs`` are the method's knob defaults for the dataset (e.g. eps 4/255).
+    ``weight_decay_exempt`` lists the parameters the official code leaves out of weight decay:
+    ``"batchnorm"`` (BatchNorm scales and shifts) and ``"bias"`` (every parameter named bias); ``[]``
+    (PyTorch's ``SGD(model.parameters(), weight_decay=...)``) decays all of them.
     """
     recipe = {
         "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-        "nesterov": False, "schedule": "step", "milestones": [0.5, 0.75], "gamma": 0.1,
+        "nesterov": False, "schedule": "step", "milestones": [0.5, 0.75], "gamma": 0.1, "weight_decay_exempt": [],
     }
     unknown = set(kw) - set(RECIPE_KEYS) - set(RECIPE_META_KEYS)
     if unknown:
@@ -249,6 +252,12 @@ class Method:
         names of the student and the teacher, before any job; errors are ValueErrors naming the
         knob and the valid names. Most methods name no features."""
 
+    @classmethod
+    def check_recipe(cls, knobs: Any, recipe: dict[str, Any]) -> None:
+        """Check resolved ``knobs`` against the run's resolved ``recipe`` before any job (e.g. a
+        phase that starts at a fraction of the epochs and so would never start); ValueError
+        naming the knob. ``mixacm.config.resolve_recipe`` calls it; most methods check nothing."""
+
     def adjust_recipe(self, recipe: dict[str, Any]) -> dict[str, Any]:
         """Hook for recipes that depend on knobs (Free-AT: epochs = budget / replays)."""
         return recipe
@@ -258,9 +267,10 @@ class Method:
         """Trainable parts outside the model (trained and checkpointed, not exported)."""
         return nn.ModuleDict()
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor | float]]:
-        """One step's loss and its metrics (``detach_metrics``), with no host read: no
-        ``.item()``, ``float(t)``, ``if t:`` or boolean-mask indexing (``mixacm.hostreads``)."""
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One step's loss and its metrics (``detach_metrics``: raw values and the ``term_*``
+        that sum to the loss). No host read: no ``.item()``, ``float(t)``, ``bool(t)``,
+        ``if tensor`` or boolean-mask indexing here, in ``after_backward`` or in an attack."""
         raise NotImplementedError
 
     def after_backward(self) -> None:
@@ -278,14 +288,36 @@ class Method:
             raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
 
 
+def phase_start(fraction: float, epochs: int) -> int:
+    """The first (0-based) epoch of a phase that starts at ``fraction`` of ``epochs`` training
+    epochs (rounded to the nearest epoch, so a shortened recipe keeps the proportion)."""
+    return round(fraction * epochs)
+
+
+def check_phase_starts(method: str, knob_name: str, fraction: float, epochs: int, what: str) -> None:
+    """ValueError when a phase starting at ``fraction`` of ``epochs`` would never start."""
+    start = phase_start(fraction, epochs)
+    if start >= epochs:
+        raise ValueError(
+            f"knob {knob_name!r}={fraction:g} of method {method!r} leaves no epoch of the {epochs} with {what} "
+            f"(it would start at epoch round({fraction:g} x {epochs}) + 1 = {start + 1}); lower it or train longer"
+        )
+
+
 def build_method(name: str, model: nn.Module, teacher: nn.Module | None = None, **knobs: Any) -> Method:
     """Look ``name`` up in METHODS and construct it (unknown names list the valid ones)."""
     return METHODS.get(name)(model, teacher, **knobs)
 
 
-def detach_metrics(**values: Tensor | float) -> dict[str, Tensor | float]:
-    """Metrics for the loop: tensors detached and left on their device (reading them back would
-    stall the device every step; the loop sums them there and reads once per logging interval),
-    Python numbers as floats. Keys ``term_<name>`` are the weighted loss terms, which sum to the
-    loss; the loop records each one's share of the loss per epoch."""
-    return {k: v.detach() if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
+def detach_metrics(**values: Tensor | float) -> dict[str, Tensor]:
+    """Metrics as detached float32 tensors on the step's device; nothing is read back to the host
+    (the loop sums them on the device and reads them once per logging interval). Python numbers
+    that never were tensors (an epoch-level tau, a 0/1 flag) become 0-d tensors on that device
+    through a fill, not a host-to-device copy.
+
+    Keys ``term_<name>`` are the weighted loss terms whose sum is the loss (the loop turns them
+    into each term's share of the loss); the other keys are raw diagnostics.
+    """
+    device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    return {k: v.detach().to(torch.float32) if isinstance(v, torch.Tensor)
+            else torch.full((), float(v), device=device, dtype=torch.float32) for k, v in values.items()}

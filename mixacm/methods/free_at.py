@@ -43,14 +43,19 @@ class FreeAT(Method):
 
     Recipe, CIFAR-10 and CIFAR-100 (source: Shafahi et al., NeurIPS 2019, ashafahi/free_adv_train
     ``config.py`` defaults, the same for both datasets): m = 8, eps 8/255, SGD lr 0.1, momentum
-    0.9, weight decay 2e-4, batch 128, 80,000 minibatch steps with lr / 10 at steps 40,000 and
+    0.9, weight decay 2e-4 on convolution and linear kernels only (TensorFlow: ``total_loss =
+    mean_xent + weight_decay * weight_decay_loss`` over the ``DW`` variables, so BatchNorm and
+    biases are exempt), batch 128, 80,000 minibatch steps with lr / 10 at steps 40,000 and
     60,000, i.e. at 50 % and 75 % of the (replayed) steps; the 80,000 steps are about 205
     epochs of images, kept here as a budget of 200 epochs: ceil(200 / 8) = 25 epochs of replays.
+    The last checkpoint.
 
     Recipe, ImageNet (source: mahyarnajibi/FreeAdversarialTraining ``configs.yml`` and
     ``main_free.py``): ResNet-50, m = 4, eps = FGSM step = 4/255, SGD lr 0.1, momentum 0.9,
-    weight decay 1e-4, batch 256, a budget of 90 epochs: ceil(90 / 4) = 23 epochs, lr / 10 every
-    ceil(30 / m) = 8 epochs (``adjust_learning_rate``: epochs 8 and 16)."""
+    weight decay 1e-4 on every parameter, batch 256, a budget of 90 epochs: ceil(90 / 4) = 23
+    epochs, lr / 10 every ceil(30 / m) = 8 epochs (``adjust_learning_rate``: epochs 8 and 16);
+    the last checkpoint (the code also keeps the best by clean validation accuracy). Metrics:
+    loss, ce, term_ce."""
 
     Knobs = FreeATKnobs
     replays = 8
@@ -59,7 +64,7 @@ class FreeAT(Method):
             source="Shafahi et al. 2019, ashafahi/free_adv_train config.py defaults (80k steps, lr drops "
                    "at 40k/60k, m 8, wd 2e-4, batch 128)",
             knobs={"eps": "8/255", "replays": 8, "budget_epochs": 200},
-            weight_decay=2e-4, epochs=200, milestones=[0.5, 0.75])
+            weight_decay=2e-4, epochs=200, milestones=[0.5, 0.75], weight_decay_exempt=["batchnorm", "bias"])
         for ds in ("cifar10", "cifar100")
     }
     recipes["imagenet"] = sgd_recipe(
@@ -104,11 +109,11 @@ class FreeAT(Method):
         # A smaller (last) batch uses the leading part of the full-size perturbation.
         return self.delta[: x.shape[0]]
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # A leaf with requires_grad: the loop's loss.backward() fills its .grad for after_backward.
         self._leaf = self._carried_delta(x).detach().requires_grad_(True)
         loss = F.cross_entropy(self.model((x + self._leaf).clamp(0.0, 1.0)), y)
-        return loss, detach_metrics(loss=loss, ce=loss)
+        return loss, detach_metrics(loss=loss, ce=loss, term_ce=loss)
 
     def after_backward(self) -> None:
         leaf = self._leaf

@@ -130,7 +130,9 @@ class MixACM(Method):
     The teacher is frozen: eval mode, no gradients, forward under ``torch.no_grad()``; it sees
     the same (mixup) batch as the student. Metrics: loss, ce, kd, acm (unweighted terms, so
     loss = ce_weight * ce + beta * kd + gamma * acm), one per further term of ``terms`` (sp, at, fitnet,
-    sp_2, ...) and lam (1 without mixup; the batch mean with one lam per example).
+    sp_2, ...), lam (1 without mixup; the batch mean with one lam per example), and the weighted
+    terms that sum to the loss: term_mixup_ce (term_ce without mixup) and term_<name> for each
+    distillation term (term_acm, term_kd, ...).
     Recipe, CIFAR-10 (source: method.md section 1, the paper's CIFAR-10 setting): SGD lr 0.1,
     momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr / 10 at epochs 100 and 150.
     ImageNet (source: method.md section 1): SGD lr 0.1 at batch 256 (scale it by batch / 256),
@@ -254,23 +256,24 @@ class MixACM(Method):
         are compared as unit vectors (a no-op for the identity)."""
         return normalize_acm(self.transforms[f"{s}_to_{t}"](self.channel_map(feat)), self.knobs.normalize)
 
-    def _mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, float | Tensor]:
-        alpha = torch.tensor(float(self.knobs.mixup_alpha))
-        beta = torch.distributions.Beta(alpha, alpha)
-        if self.knobs.mixup_lambda == "sample":
-            lam: float | Tensor = beta.sample((x.shape[0],)).to(x.device)
-        else:
-            lam = float(beta.sample())
+    def _mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # lam is drawn on the batch's device (a fill, no copy) and stays a tensor: nothing is
+        # read back to the host (argument validation would read alpha > 0 back: the knob is
+        # checked already). On the CPU these are the same draws as a host-side float.
+        alpha = torch.full((), float(self.knobs.mixup_alpha), device=x.device)
+        beta = torch.distributions.Beta(alpha, alpha, validate_args=False)
+        lam = beta.sample((x.shape[0],)) if self.knobs.mixup_lambda == "sample" else beta.sample()
         perm = torch.randperm(x.shape[0], device=x.device)
         x_mix, y_a, y_b = mixup(x, y, lam, perm)
         return x_mix, y_a, y_b, lam
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         k = self.knobs
+        lam: Tensor | float = 1.0
         if k.mixup:
             x_in, y_a, y_b, lam = self._mix(x, y)
         else:
-            x_in, y_a, y_b, lam = x, y, y, 1.0
+            x_in, y_a, y_b = x, y, y
         if k.input_noise > 0:
             x_in = (x_in + torch.empty_like(x_in).uniform_(-k.input_noise, k.input_noise)).clamp(0.0, 1.0)
 
@@ -283,6 +286,7 @@ class MixACM(Method):
         zero = logits.new_zeros(())
         values = {"kd": zero, "acm": zero}
         loss = k.ce_weight * ce
+        terms = {("term_mixup_ce" if k.mixup else "term_ce"): loss}
         if self.bound:
             # Guard against a loop that switched every module to train mode.
             self.teacher.eval()
@@ -294,9 +298,10 @@ class MixACM(Method):
             for b, name in zip(self.bound, self.metric_names):
                 value = evaluate_term(b, self.transforms, logits, t_logits, s_feats, t_feats)
                 values[name] = value
-                loss = loss + b.weight * value
-        lam_mean = float(lam.mean()) if isinstance(lam, Tensor) else lam
-        return loss, detach_metrics(loss=loss, ce=ce, **values, lam=lam_mean)
+                terms[f"term_{name}"] = b.weight * value
+                loss = loss + terms[f"term_{name}"]
+        lam_mean = lam.mean() if isinstance(lam, Tensor) else lam
+        return loss, detach_metrics(loss=loss, ce=ce, **values, lam=lam_mean, **terms)
 
 
 def default_terms(k: MixACMKnobs) -> list[dict[str, Any]]:

@@ -12,7 +12,10 @@ with ``KL_mean`` averaged over batch and classes as in the official code
 Source: github.com/zibojia/RSLAD, ``rslad_loss.py`` and ``resnet18_rslad_cifar10.py`` (CIFAR-10,
 ResNet-18 student, WRN-34-10 TRADES teacher): eps 8/255, 10 steps of 2/255 from x + 0.001 N(0, 1),
 the attack in eval mode, weights 5/6 and 1/6, SGD lr 0.1, momentum 0.9, weight decay 2e-4,
-batch 128, 300 epochs, lr / 10 after epochs 215, 260 and 285. Officially supported dataset
+batch 128, 300 epochs, lr / 10 after epochs 215, 260 and 285, weight decay on every parameter.
+The official script saves the student after each evaluated epoch (every 20th before epoch 215,
+then every epoch) under its test PGD-20 accuracy and the paper does not say which it reports;
+the last is kept here. Officially supported dataset
 here: CIFAR-10 (the paper also reports CIFAR-100). The official KL is written out as
 ``sum p_t (log(p_t + 1e-5) - log p_s)``; the exact KL is used here (the 1e-5 only shifts it by
 less than 1e-4 per class).
@@ -48,14 +51,15 @@ class RSLAD(_FrozenTeacher):
     init_std (0.001), attack_mode (eval). Recipe (CIFAR-10): SGD lr 0.1, momentum 0.9, weight
     decay 2e-4, batch 128, 300 epochs, lr / 10 after epochs 215, 260 and 285. Cost: TRADES'
     step with the teacher's clean logits as targets, plus one teacher forward. Metrics: loss,
-    kl_adv, kl_nat (unweighted class-mean KLs)."""
+    kl_adv, kl_nat (unweighted class-mean KLs), term_kl_adv (w_adv x kl_adv), term_kl_nat
+    (w_nat x kl_nat)."""
 
     Knobs = RSLADKnobs
     recipes = {"cifar10": sgd_recipe(
         source="Zi et al. 2021; github.com/zibojia/RSLAD, resnet18_rslad_cifar10.py (CIFAR-10)",
         weight_decay=2e-4, epochs=300, milestones=[215 / 300, 260 / 300, 285 / 300])}
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         k = self.knobs
         t_logits = self.teacher_logits(x)
         with attack_mode(self.model, k.attack_mode):
@@ -64,5 +68,6 @@ class RSLAD(_FrozenTeacher):
                              random_start=False, loss_fn=kd_kl, x_init=x_init)
         logits_adv, logits_nat = self.model(x_adv), self.model(x)
         loss = rslad_loss(logits_adv, logits_nat, t_logits, w_adv=k.w_adv, w_nat=k.w_nat)
-        return loss, detach_metrics(loss=loss, kl_adv=kl_class_mean(logits_adv, t_logits),
-                                    kl_nat=kl_class_mean(logits_nat, t_logits))
+        kl_adv, kl_nat = kl_class_mean(logits_adv, t_logits), kl_class_mean(logits_nat, t_logits)
+        return loss, detach_metrics(loss=loss, kl_adv=kl_adv, kl_nat=kl_nat, term_kl_adv=k.w_adv * kl_adv,
+                                    term_kl_nat=k.w_nat * kl_nat)

@@ -24,6 +24,6 @@ class Standard(Method):
                                lr=0.1, weight_decay=1e-4, milestones=[1 / 3, 2 / 3]),
     }
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         loss = F.cross_entropy(self.model(x), y)
-        return loss, detach_metrics(loss=loss, ce=loss)
+        return loss, detach_metrics(loss=loss, ce=loss, term_ce=loss)

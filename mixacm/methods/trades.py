@@ -37,7 +37,10 @@ class TRADES(Method):
     ``train_trades_cifar10.py`` defaults): SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch
     128, 76 epochs; ``adjust_learning_rate`` gives lr / 10 from 1-based epoch 75 on
     (``if epoch >= 75``, epochs counted from 1), so epochs 75 and 76 train at 0.01: the drop is
-    at 74 / 76 of training. No ImageNet or CIFAR-100 recipe in the source."""
+    at 74 / 76 of training; weight decay on every parameter; the official script saves every
+    epoch and does not say which epoch the released ``model_cifar_wrn.pt`` is: the last is kept
+    here. No ImageNet or CIFAR-100 recipe in the
+    source. Metrics: loss, ce, kl (unweighted), term_ce, term_kl (beta x kl)."""
 
     Knobs = TRADESKnobs
     recipes = {
@@ -63,9 +66,10 @@ class TRADES(Method):
         logits_nat = net(x)
         ce = F.cross_entropy(logits_nat, y)
         kl = trades_kl(net(x_adv), logits_nat)
-        return ce + self.knobs.beta * kl, {"ce": ce, "kl": kl}
+        term_kl = self.knobs.beta * kl
+        return ce + term_kl, {"ce": ce, "kl": kl, "term_ce": ce, "term_kl": term_kl}
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         x_adv = self.attack(x, y)
         # Back in training mode: both terms are trained, gradients reach f(x) through both.
         loss, terms = self.objective(self.model, x, x_adv, y)

@@ -36,7 +36,7 @@ TABLE_KINDS = ("cifar10", "imagenet", "less_data", "ablation", "transfer")
 # Tables without the paper's numbers (no paper, difference or reference columns).
 NO_PAPER_KINDS = ("less_data", "transfer")
 # Names of methods that no paper table row names (the transfer table's peers and the teacher).
-EXTRA_LABELS = {"teacher": "Teacher", "ard": "ARD", "rslad": "RSLAD", "awp_at": "AT-AWP"}
+EXTRA_LABELS = {"teacher": "Teacher", "ard": "ARD", "rslad": "RSLAD", "awp_at": "AT-AWP", "fat": "FAT-AT"}
 RESULT_SCHEMA = 1
 
 # Table column -> metric keys of a result file, in order of preference. AutoAttack has two columns
