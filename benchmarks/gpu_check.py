@@ -45,7 +45,7 @@ from mixacm.methods import METHODS  # noqa: E402
 from mixacm.models import build_model  # noqa: E402
 from mixacm.provenance import provenance  # noqa: E402
 from mixacm.train import training_step  # noqa: E402
-from mixacm.utils import atomic_json_dump, parse_eps, seed_everything  # noqa: E402
+from mixacm.utils import atomic_json_dump, load_yaml, parse_eps, seed_everything  # noqa: E402
 
 PRECISIONS = ({"amp": "bf16", "channels_last": True}, {"amp": "none", "channels_last": False})
 CIFAR_TRAIN_IMAGES = 50_000
@@ -348,8 +348,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    import yaml
-
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -403,7 +401,7 @@ def main(argv=None) -> int:
         if "pgd20" in per_point and "clean" in aa:
             per_point["pgd20"] += aa["clean"]["seconds"] / aa["clean"]["n"]
         try:
-            config = yaml.safe_load(Path(args.config).read_text())
+            config = load_yaml(args.config)
             report.data["estimate"] = estimate_config_hours(config, fast, per_point)
         except Exception as exc:  # noqa: BLE001 - the estimate must not lose the measured figures
             report.data["estimate"] = {"error": f"{type(exc).__name__}: {exc}"}

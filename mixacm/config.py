@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jsonschema
-import yaml
 
-from mixacm.utils import config_hash, parse_eps
+from mixacm.utils import YAMLFileError, config_hash, load_yaml, parse_eps
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_config.schema.yaml"
 
@@ -44,8 +43,7 @@ class ConfigError(ValueError):
 
 @lru_cache(maxsize=1)
 def run_config_schema() -> dict:
-    with open(SCHEMA_PATH) as f:
-        return yaml.safe_load(f)
+    return load_yaml(SCHEMA_PATH)
 
 
 def _with_defaults(validator_class: type) -> type:
@@ -107,9 +105,9 @@ def _read(source: str | os.PathLike | Mapping[str, Any]) -> dict:
 def parse_run_config(text: str, where: str) -> dict:
     """The mapping in a run config's YAML text; ``where`` names its origin in errors."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"run config {where} is not valid YAML: {err}") from None
+        data = load_yaml(where, text=text)
+    except YAMLFileError as err:  # a syntax error, or a key given twice (line numbers of both)
+        raise ConfigError(f"run config {err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
