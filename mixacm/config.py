@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -236,6 +237,7 @@ def resolve_recipe(cfg: Mapping[str, Any], method: Any = None) -> dict:
     defs = run_config_schema()["$defs"]
     recipe = {k: v for k, v in _method_recipe(cfg, method).items() if k in defs["recipe_keys"]["properties"]}
     merged = {**recipe, **cfg["optim"]}
+    _check_optim_is_used(cfg["optim"], merged.get("schedule", "step"))
     missing = [k for k in RECIPE_REQUIRED if k not in merged]
     if missing:
         raise ConfigError(
@@ -254,6 +256,22 @@ def resolve_recipe(cfg: Mapping[str, Any], method: Any = None) -> dict:
                 f"increasing from 0 to 1, got {merged['lr_points']!r}"
             )
     return merged
+
+
+# Optimiser settings only one schedule reads (mixacm.train.make_lr_scheduler).
+_SCHEDULE_KEYS = {"milestones": "step", "gamma": "step", "lr_peak": "cyclic", "lr_points": "piecewise"}
+
+
+def _check_optim_is_used(optim: Mapping[str, Any], schedule: str) -> None:
+    """``optim`` (what the user wrote) must not hold a setting the run would drop: a schedule
+    setting another schedule reads, or ``epochs`` beside ``steps`` (the budget decides)."""
+    if optim.get("steps") is not None and "epochs" in optim:
+        raise ConfigError("optim.epochs: optim.steps is set too, and a budget in steps decides the epochs; "
+                          "give one of them")
+    for key, reader in _SCHEDULE_KEYS.items():
+        if key in optim and schedule != reader:
+            raise ConfigError(f"optim.{key}: only the {reader} schedule reads it, and this run's schedule is "
+                              f"{schedule!r}; drop it, or set optim.schedule: {reader}")
 
 
 def recipe_record(cfg: Mapping[str, Any], method: Any, recipe: Mapping[str, Any]) -> dict:
@@ -375,6 +393,25 @@ def check_recipe_block(pipeline: Mapping[str, Any], recipe: str) -> None:
             parse_eps(eps)
         except ValueError as err:
             raise ConfigError(f"recipes.{recipe}.train.selection_eps: {err}") from None
+
+
+def check_recipe_label(pipeline: Mapping[str, Any], recipe: str) -> None:
+    """A recipe's ``variant`` (the label its rows carry) must not contradict its ``knobs.ablation``
+    preset: ``variant: full`` over ``ablation: acm`` would put an ACM-only run in the full method's
+    row. ``ConfigError`` naming ``recipes.<name>.variant``."""
+    from mixacm.methods.mixacm import ABLATIONS
+
+    block = pipeline["recipes"][recipe]
+    variant, ablation = block.get("variant"), (block.get("knobs") or {}).get("ablation")
+    if variant is None or block["method"] != "mixacm" or ablation == "custom":
+        return
+    squash = {re.sub(r"[^a-z0-9]", "", k): k for k in ABLATIONS}
+    named = squash.get(re.sub(r"[^a-z0-9]", "", str(variant).lower()))
+    trained = ablation or "full"
+    if (named is not None and named != trained) or (named is None and trained != "full"):
+        raise ConfigError(
+            f"recipes.{recipe}.variant: {variant!r} labels its rows, but knobs.ablation is {trained!r} "
+            f"(the loss actually trained); drop the variant or make them agree")
 
 
 # The pipeline's teachers.<dataset>.source -> the key that names the source in

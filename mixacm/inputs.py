@@ -120,3 +120,30 @@ def check_pipeline_inputs(cfg: Mapping, env: Mapping[str, str] | None = None,
     errors = pipeline_input_errors(cfg, env, datasets)
     if errors:
         raise PipelineInputError(errors)
+
+
+def pipeline_data_errors(cfg: Mapping, datasets: Iterable[str] | None = None) -> list[str]:
+    """What the data folders of a (schema-valid) pipeline config say against themselves, one
+    sentence each naming ``data.<dataset>.root``: :func:`mixacm.data.verify_dataset` on each
+    dataset the jobs read (every image of a folder of small images decoded and checked once, into
+    the cache the jobs then read; class folders; images shared by the splits). Call it once
+    :func:`pipeline_input_errors` finds the data; it reads it."""
+    from mixacm.data import DataError, verify_dataset
+
+    wanted = set(datasets_used(cfg)) if datasets is None else set(datasets) & set(datasets_used(cfg))
+    errors = []
+    for ds in sorted(wanted):
+        section = cfg.get("data", {}).get(ds) or {}
+        try:
+            verify_dataset(ds, section.get("root") or None, download=bool(section.get("download", False)),
+                           cache=bool(section.get("cache", True)))
+        except (DataError, ValueError) as err:
+            errors.append(f"data.{ds}.root: {' '.join(str(err).split())}")
+    return errors
+
+
+def check_pipeline_data(cfg: Mapping, datasets: Iterable[str] | None = None) -> None:
+    """Raise :class:`PipelineInputError` listing what :func:`pipeline_data_errors` finds."""
+    errors = pipeline_data_errors(cfg, datasets)
+    if errors:
+        raise PipelineInputError(errors)

@@ -12,12 +12,13 @@ from torchvision.io import write_png
 
 from mixacm.checkpoint import CheckpointError, load_model_file, model_spec, save_model_file
 from mixacm.config import ConfigError
-from mixacm.data import DataError
+from mixacm.data import CIFAR_CLASSES, DataError
 from mixacm.methods import METHODS
 from mixacm.models import build_model
 from mixacm.train import ResumeError, TrainingDiverged, make_lr_scheduler, train
 
 N_CLASSES, PER_CLASS = 10, 8  # 80 training images: 5 batches of 16
+CIFAR10_CLASSES = CIFAR_CLASSES["cifar10"]  # a CIFAR-10 folder's class folders carry these names
 
 
 def make_image_folder(root: Path, per_class: int = PER_CLASS, seed: int = 0) -> Path:
@@ -25,7 +26,7 @@ def make_image_folder(root: Path, per_class: int = PER_CLASS, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     for split, n in (("train", per_class), ("test", 2)):
         for c in range(N_CLASSES):
-            folder = root / split / f"class{c}"
+            folder = root / split / CIFAR10_CLASSES[c]
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 # Class-dependent brightness, so a few steps can learn something.
@@ -357,6 +358,7 @@ def test_a_budget_in_steps_trains_as_many_steps_on_less_data(tmp_path, data_root
     runs = {}
     for fraction in (1.0, 0.5):
         cfg = run_config(data_root, {"name": "standard"}, steps=10, schedule="constant")
+        del cfg["optim"]["epochs"]  # the budget in steps decides them (both set is refused)
         cfg["dataset"]["fraction"] = fraction
         runs[fraction] = train(cfg, tmp_path / f"frac{fraction}")
     assert runs[1.0]["epochs"] == 2 and runs[0.5]["epochs"] == 5

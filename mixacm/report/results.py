@@ -171,7 +171,7 @@ def _classes_problem(doc: Mapping[str, Any]) -> str | None:
     if dataset not in DATASET_CLASSES:
         return None
     source = run.get("data_source")
-    if isinstance(source, str) and not source.startswith(DATASET_PRETTY[dataset]):
+    if isinstance(source, str) and source.split(" (")[0] != DATASET_PRETTY[dataset]:
         return f"run.data_source = {source!r} is not {DATASET_PRETTY[dataset]}, but run.dataset = {dataset!r}"
     check = doc.get("model_check")
     if isinstance(check, dict) and check.get("num_classes") not in (None, DATASET_CLASSES[dataset]):
