@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import jsonschema
 
-from mixacm.utils import YAMLFileError, config_hash, load_yaml, parse_eps
+from mixacm.utils import YAMLFileError, config_hash, load_yaml, parse_linf_eps
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_config.schema.yaml"
 
@@ -36,6 +36,10 @@ RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
 # Keys that do not change what is trained: left out of the config hash so that renaming a run,
 # silencing progress bars or moving it to another device does not block its resume.
 _HASH_EXCLUDED = (("name",), ("device",), ("train", "progress"))
+
+
+# How a config gets past the eps sanity bound (mixacm.utils.parse_linf_eps): it does not.
+_EPS_IN_CONFIGS = "configs stay within it (write eps as a fraction of the pixel range, e.g. 8/255)"
 
 
 class ConfigError(ValueError):
@@ -121,7 +125,7 @@ def load_run_config(source: str | os.PathLike | Mapping[str, Any]) -> dict:
     cfg = _read(source)
     validate(cfg, run_config_schema())
     try:
-        cfg["train"]["selection_eps"] = parse_eps(cfg["train"]["selection_eps"])
+        cfg["train"]["selection_eps"] = parse_linf_eps(cfg["train"]["selection_eps"], beyond=_EPS_IN_CONFIGS)
     except ValueError as err:
         raise ConfigError(f"train.selection_eps: {err}") from None
     if cfg["train"]["selection"] == "best_pgd" and cfg["dataset"]["holdout"] < 1:
@@ -390,7 +394,7 @@ def check_recipe_block(pipeline: Mapping[str, Any], recipe: str) -> None:
     eps = block.get("train", {}).get("selection_eps")
     if eps is not None:
         try:
-            parse_eps(eps)
+            parse_linf_eps(eps, beyond=_EPS_IN_CONFIGS)
         except ValueError as err:
             raise ConfigError(f"recipes.{recipe}.train.selection_eps: {err}") from None
 

@@ -641,17 +641,20 @@ def verify_dataset(name: str, root: str | os.PathLike | None = None, *, download
 
     Loads the train and test splits (a folder of small images is decoded once into the cache,
     every image checked by ``decode_files``; class folders are checked by
-    ``check_class_folders``), then compares the splits pixel for pixel: test images that also
-    appear in train/, and images that appear under two labels, are refused when they are more
-    than ``MAX_SHARED_FRACTION`` of the test split (a copied or leaked split; the CIFAR-10 JPEG copy
-    has none of either). Streamed folders (ImageNet) get the folder checks only. Returns, per
-    split, the image and class counts and the ``data_digest``, and the counts found.
+    ``check_class_folders``; CIFAR's classes must be balanced within 1 %), then compares the
+    splits pixel for pixel: test images that also appear in train/, and images that appear under
+    two labels, are refused when they are more than ``MAX_SHARED_FRACTION`` of the test split (a
+    copied or leaked split; the CIFAR-10 JPEG copy has none of either). Streamed folders
+    (ImageNet) get the folder checks only. Returns, per split, the image and class counts and
+    the ``data_digest``, and the counts found.
     """
     splits = {s: load_dataset(name, s, root=root, download=download, cache=cache, cache_dir=cache_dir)
               for s in ("train", "test")}
     report: dict[str, Any] = {s: {"images": len(d), "classes": getattr(d, "num_classes", None)}
                               for s, d in splits.items()}
     train, test = splits["train"], splits["test"]
+    for split, d in splits.items():
+        _check_balance(name, split, d, resolve_root(name, root)[0])
     if not (isinstance(train, CachedImageDataset) and isinstance(test, CachedImageDataset)):
         return report
     keys = {s: _pixel_keys(d) for s, d in splits.items()}
@@ -677,6 +680,21 @@ def verify_dataset(name: str, root: str | os.PathLike | None = None, *, download
         raise DataError(f"{where}: {relabelled} images appear under two labels, pixel for pixel: a class "
                         "folder holds copies of another's images; fix the folders")
     return report
+
+
+def _check_balance(name: str, split: str, dataset: Dataset, root: Path) -> None:
+    """CIFAR's classes hold equally many images in each split (5,000 / 1,000 for CIFAR-10, 500 /
+    100 for CIFAR-100): a folder whose classes differ by more than 1 % is not CIFAR (the balanced
+    test subsets would silently not be balanced)."""
+    if name not in CIFAR_CLASSES:
+        return
+    counts = np.bincount(dataset_labels(dataset), minlength=len(CIFAR_CLASSES[name]))
+    lo, hi = int(counts.argmin()), int(counts.argmax())
+    if counts[hi] > 1.01 * counts[lo]:
+        classes = CIFAR_CLASSES[name]
+        raise DataError(f"{root}: the {split} split holds {counts[lo]} {classes[lo]} images but {counts[hi]} "
+                        f"{classes[hi]} images; {_PRETTY[name]}'s classes are balanced (images missing or "
+                        "copied into the wrong class folder?)")
 
 
 def _image_name(dataset: CachedImageDataset, split: str, root: Path, i: int) -> str:

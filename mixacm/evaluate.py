@@ -102,7 +102,8 @@ def check_model(model: nn.Module, x: Tensor, num_classes: int, *,
 
     Checks, each failing with one ``ModelCheckError`` line: the output is a logits tensor, or a
     tuple/list/dict from which OUTPUT_RULE picks one; it is floating point, of shape
-    ``len(x) x num_classes`` (the dataset's classes), finite. Then two passes over the same batch:
+    ``len(x) x num_classes`` (the dataset's classes), finite, not probabilities (a softmax output
+    masks the attacks' gradients). Then two passes over the same batch:
     when they differ the model is randomised (noise on the input, dropout left on), which is
     refused unless ``allow_random`` (the attacks are all meant for it, ``RANDOMNESS_ATTACKS``:
     PGD without expectation over the randomness overestimates robustness); a deterministic model
@@ -128,8 +129,12 @@ def check_model(model: nn.Module, x: Tensor, num_classes: int, *,
         if not bool(torch.isfinite(logits).all()):
             bad = int((~torch.isfinite(logits)).any(1).sum())
             raise ModelCheckError(f"model logits are not finite (NaN or inf) for {bad} of {len(x)} images")
-        wrapped = model if how == "tensor" else LogitsOf(model)
         ref = logits.float()
+        if bool(((ref >= 0) & (ref <= 1)).all()) and float((ref.sum(1) - 1).abs().max()) < 1e-4:
+            raise ModelCheckError(
+                "model outputs are probabilities (every row in [0, 1], summing to 1): cross-entropy and DLR "
+                "attacks on a softmax output see vanishing gradients; return the logits (drop the final softmax)")
+        wrapped = model if how == "tensor" else LogitsOf(model)
         # Float sums in another batch order or size differ by rounding only.
         tol = 1e-3 * max(1.0, float(ref.abs().max()))
         randomness = _max_abs(wrapped(x), ref)

@@ -60,12 +60,12 @@ def _whole_number(value: str | float | int) -> int | None:
 
 
 def parse_linf_eps(value: str | float | int, *, allow_large: bool = False,
-                   allow_with: str = "pass --allow-large-eps") -> float:
+                   beyond: str = "to attack at it anyway, pass --allow-large-eps") -> float:
     """``parse_eps`` for an L-inf budget a user gives, with a sanity bound.
 
-    Above ``MAX_LINF_EPS`` (64/255) the budget is refused unless ``allow_large`` (the flag
-    ``allow_with`` says how, e.g. "pass --allow-large-eps"); a whole number such as ``1`` is
-    255/255 and is reported as probably meaning ``1/255``. Raises ValueError in one line.
+    Above ``MAX_LINF_EPS`` (64/255) the budget is refused unless ``allow_large`` (``beyond`` ends
+    the message: how to get past the bound, if at all); a whole number such as ``1`` is 255/255
+    and is reported as probably meaning ``1/255``. Raises ValueError in one line.
     """
     eps = parse_eps(value)
     if eps <= MAX_LINF_EPS + 1e-12 or allow_large:
@@ -74,7 +74,7 @@ def parse_linf_eps(value: str | float | int, *, allow_large: bool = False,
     hint = f" (did you mean {whole}/255?)" if whole is not None else ""
     raise ValueError(
         f"eps {value!r} is {format_eps(eps)} of the pixel range, above the sane L-inf bound "
-        f"{MAX_LINF_EPS_TEXT}{hint}; to attack at it anyway, {allow_with}"
+        f"{MAX_LINF_EPS_TEXT}{hint}; {beyond}"
     )
 
 

@@ -39,6 +39,7 @@ from mixacm.evaluate import EvaluationStateError, ModelCheckError, evaluate
 from mixacm.models import build_model
 from mixacm.report import ResultFileError, collect_costs, collect_results, load_paper_numbers
 from mixacm.utils import MAX_LINF_EPS, WriteFailed, YAMLFileError, load_yaml, parse_linf_eps
+from test_model_check import Blobs, trained_net  # the tests' 10-class blobs and a net trained on them
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
@@ -288,18 +289,26 @@ def test_verify_dataset_refuses_a_test_split_leaked_into_training(tmp_path):
     report = data.verify_dataset("cifar10", root)
     assert report["test_images_in_train"] == 0 and report["images_under_two_labels"] == 0
     assert report["test"]["images"] == 20 and len(report["test"]["data"]["sha256"]) == 64
-    # one test image copied into train/: 1 of 20 is above 1 %
-    shutil.copy(root / "test" / "dog" / "0001.png", root / "train" / "dog" / "9999.png")
+    # one test image copied over a train image: 1 of 20 is above 1 %
+    shutil.copy(root / "test" / "dog" / "0001.png", root / "train" / "dog" / "0000.png")
     data._MEMORY.clear()
     with pytest.raises(data.DataError, match=r"1 of 20 test images are also in the train split, pixel for pixel "
-                                             r"\(e\.g\. test/dog/0001\.png = train/dog/9999\.png\)"):
+                                             r"\(e\.g\. test/dog/0001\.png = train/dog/0000\.png\)"):
         data.verify_dataset("cifar10", root)
 
 
 def test_verify_dataset_refuses_one_image_under_two_labels(tmp_path):
     root = cifar_folder(tmp_path / "d", per_class=2)
-    shutil.copy(root / "train" / "cat" / "0000.png", root / "train" / "dog" / "9999.png")
+    shutil.copy(root / "train" / "cat" / "0000.png", root / "train" / "dog" / "0001.png")
     with pytest.raises(data.DataError, match=r"1 images appear under two labels"):
+        data.verify_dataset("cifar10", root)
+
+
+def test_verify_dataset_refuses_unbalanced_cifar_classes(tmp_path):
+    root = cifar_folder(tmp_path / "d", per_class=3)
+    (root / "test" / "frog" / "0002.png").unlink()
+    with pytest.raises(data.DataError, match=r"the test split holds 2 frog images but 3 airplane images; "
+                                             r"CIFAR-10's classes are balanced"):
         data.verify_dataset("cifar10", root)
 
 
@@ -319,34 +328,9 @@ def test_the_pipeline_check_names_the_data_key(tmp_path):
 # ============================================================================= kind 2: the model check
 
 
-class Blobs(torch.utils.data.Dataset):
-    """40 images of 10 classes, each class a fixed +-0.2 pattern around grey."""
-
-    def __init__(self, n: int = 40) -> None:
-        g = torch.Generator().manual_seed(1)
-        patterns = torch.randint(0, 2, (10, 3, 4, 4), generator=g) * 0.4 - 0.2
-        self.targets = (torch.arange(n) % 10).tolist()
-        self.images = (0.5 + patterns[torch.tensor(self.targets)] + 0.03 * torch.randn(n, 3, 4, 4, generator=g)).clamp(0, 1)
-        self.num_classes = 10
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i], self.targets[i]
-
-
 @pytest.fixture(scope="module")
 def blob_net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
-    d = Blobs(200)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(d.images), torch.tensor(d.targets)).backward()
-        opt.step()
-    return net.eval()
+    return trained_net(10)
 
 
 class NoisyInput(nn.Module):
@@ -395,6 +379,16 @@ class BatchCentred(nn.Module):
 def test_batch_dependence_is_still_called_batch_dependence(blob_net):
     with pytest.raises(ModelCheckError, match=r"depend on the rest of the batch .* so this is not randomness"):
         evaluate(BatchCentred(blob_net), Blobs(), ["clean"], eps=0.1, n=10, batch_size=10, progress=False, device="cpu")
+
+
+def test_a_model_that_returns_probabilities_is_refused(blob_net):
+    softmax = nn.Sequential(blob_net, nn.Softmax(dim=1))
+    with pytest.raises(ModelCheckError, match=r"model outputs are probabilities .*\(drop the final softmax\)"):
+        evaluate(softmax, Blobs(), ["clean", "pgd5"], eps=0.1, n=10, batch_size=10, progress=False, device="cpu")
+    # log-probabilities are logits up to a shift per row: attacked as they are
+    log_softmax = nn.Sequential(blob_net, nn.LogSoftmax(dim=1))
+    assert evaluate(log_softmax, Blobs(), ["clean"], eps=0.1, n=10, batch_size=10, progress=False,
+                    device="cpu")["metrics"]["clean"]["n"] == 10
 
 
 @pytest.mark.parametrize("transform, match", [
@@ -553,6 +547,20 @@ def test_a_run_config_setting_the_run_would_drop_is_refused(tmp_path, optim, mat
     cfg["optim"] = {"batch_size": 10, "lr": 0.05, **optim}
     with pytest.raises(ConfigError, match=match):
         resolve_recipe(load_run_config(cfg))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["method"].update(eps=1), r"method: knob 'eps' of method 'at': eps 1 is 255/255 of the pixel range, "
+                                          r"above the sane L-inf bound 64/255 \(did you mean 1/255\?\); configs stay"),
+    (lambda c: c["method"].update(step_size=0.5), r"knob 'step_size' of method 'at': eps 0\.5 is 0\.5 of the pixel range"),
+    (lambda c: c["train"].update(selection_eps=4), r"train\.selection_eps: eps 4 is outside \(0, 1\]: .*did you mean 4/255\?"),
+    (lambda c: c["train"].update(selection_eps="1"), r"train\.selection_eps: eps '1' is 255/255 .*did you mean 1/255\?"),
+], ids=["method-eps-1", "step-size-0.5", "selection-eps-4", "selection-eps-1"])
+def test_a_run_config_eps_above_the_sane_bound_is_refused(tmp_path, edit, match):
+    cfg = parse_run_config(run_config_text(tmp_path / "data"), "run.yaml")
+    edit(cfg)
+    with pytest.raises(ConfigError, match=match):
+        load_run_config(cfg)
 
 
 def test_a_recipe_label_must_not_contradict_its_ablation():
@@ -765,6 +773,18 @@ def test_a_json_key_written_twice_and_a_pgd_eps_other_than_the_results_are_refus
                "attack": {"name": "pgd", "eps": 8 / 255, "package": "mixacm"}}))
     with pytest.raises(ResultFileError, match=r"metrics\.pgd20\.attack\.eps = 0\.0313.*, but the result's eps = 0\.0078"):
         collect_results([bad])
+
+
+def test_results_over_the_same_points_of_two_data_folders_are_not_mixed(result_file, tmp_path, tiny_model_file):
+    other = cifar_folder(tmp_path / "other", per_class=4, seed=3)  # the same layout, other images
+    info = json.dumps({"method": "trades", "data_fraction": 1.0, "seed": 0})
+    out = tmp_path / "other.json"
+    assert evaluate_cli(tiny_model_file, other, out, "--n", "40", "--run-info", info) == 0
+    with pytest.raises(ResultFileError, match=rf"result files {result_file} and {out} evaluate 40 cifar10 test "
+                                              r"points, but on different images"):
+        collect_results([result_file, out])
+    assert evaluate_cli(tiny_model_file, other, out, "--n", "20", "--run-info", info) == 0
+    assert len(collect_results([result_file, out])) == 2  # other points: nothing to compare
 
 
 def test_a_training_summary_whose_costs_disagree_is_refused(tmp_path):

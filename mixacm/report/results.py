@@ -180,6 +180,26 @@ def _classes_problem(doc: Mapping[str, Any]) -> str | None:
     return None
 
 
+def check_same_test_points(rows: list[Mapping[str, Any]]) -> None:
+    """Results of one dataset over the same number of points were evaluated on the same images.
+
+    Every evaluation takes the first ``n`` class-balanced points of the test split, so two result
+    files of one dataset and one ``n`` with different ``data_sha256`` were evaluated on different
+    data (two data folders, a re-encoded copy): a table mixing them compares numbers of different
+    test sets. Rows are ``collect_results``' (``dataset``, ``n``, ``data_sha256``, ``file``);
+    schema 1 rows (no identity) are not compared."""
+    seen: dict[tuple[Any, Any], Mapping[str, Any]] = {}
+    for row in rows:
+        if row.get("data_sha256") is None:
+            continue
+        first = seen.setdefault((row["dataset"], row["n"]), row)
+        if first["data_sha256"] != row["data_sha256"]:
+            raise ResultFileError(
+                f"result files {first['file']} and {row['file']} evaluate {row['n']} {row['dataset']} test "
+                f"points, but on different images (data.sha256 {first['data_sha256'][:12]}... vs "
+                f"{row['data_sha256'][:12]}...): were they evaluated on two data folders?")
+
+
 def check_train_summary(summary: Any, path: str | Path) -> None:
     """A training summary's cost figures agree with each other (``ResultFileError`` otherwise):
     ``device_hours`` = ``wall_time_s`` x devices / 3600, ``images_per_s`` = ``images`` /

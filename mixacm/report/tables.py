@@ -28,7 +28,8 @@ from typing import Any
 
 import pandas as pd
 
-from mixacm.report.results import ResultFileError, check_train_summary, read_json, read_result_file
+from mixacm.report.results import (ResultFileError, check_same_test_points, check_train_summary, read_json,
+                                   read_result_file)
 from mixacm.utils import YAMLFileError, atomic_write, format_eps, load_yaml
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
@@ -154,6 +155,7 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
         "git_commit": prov.get("git_commit"),
         "git_dirty": prov.get("git_dirty"),
         "eval_device": prov.get("device"),
+        "data_sha256": (doc.get("data") or {}).get("sha256"),
         # Knobs and other run keys (e.g. MixACM's CHOICE values) travel to the report as they are.
         "run_extra": json.dumps({k: v for k, v in run.items() if k not in _KNOWN_RUN}, sort_keys=True),
     }
@@ -191,7 +193,7 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
 RESULT_COLUMNS = [
     "file", "method", "variant", "arch", "teacher", "dataset", "data_source", "data_fraction",
     "seed", "config_hash", "checkpoint", "eps", "eps_text", "git_commit", "git_dirty",
-    "eval_device", "run_extra", "metric", "accuracy_pct", "correct", "n", "attack_name",
+    "eval_device", "data_sha256", "run_extra", "metric", "accuracy_pct", "correct", "n", "attack_name",
     "attack_package", "attack_version", "attack_params",
 ]
 
@@ -216,6 +218,7 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
                     f"{row['metric']!r} of run {row['config_hash']} seed {row['seed']}")
             seen[key] = row["file"]
             rows.append(row)
+    check_same_test_points(rows)  # one table, one test set: no two data folders mixed
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 

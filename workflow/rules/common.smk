@@ -68,7 +68,7 @@ except WorkflowError as err:
 # the method's knobs, the resolved optimiser recipe) and cross-references, and also name the key.
 def _parse_eps(value, key):
     try:
-        return parse_linf_eps(value, allow_with="run mixacm evaluate with --allow-large-eps by hand")
+        return parse_linf_eps(value, beyond="the pipeline stays within it (mixacm evaluate --allow-large-eps goes beyond)")
     except ValueError as err:
         raise WorkflowError(f"config key {key}: {err}")
 
