@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from mixacm.attacks import build_attack
@@ -360,7 +360,8 @@ def checked_first_batch(dataset: Dataset, indices: Sequence[int], num_classes: i
     returns another image for the same index (augmentation left on) changes every count."""
     items = [dataset[i] for i in indices]
     x = torch.stack([torch.as_tensor(img) for img, _ in items])
-    check_inputs(x, torch.as_tensor([int(label) for _, label in items]), num_classes)
+    # labels collated as the DataLoader of the evaluation will collate them
+    check_inputs(x, torch.as_tensor(default_collate([label for _, label in items])), num_classes)
     again = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
     if not torch.equal(x, again):
         raise ValueError("the dataset returns another image for the same index on a second read "

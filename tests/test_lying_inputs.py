@@ -811,3 +811,45 @@ def test_every_published_result_and_summary_is_consistent():
         read_result_file(path)
     for path in summaries:
         check_train_summary(read_json(path, "training summary"), path)
+
+
+# ============================================================================= on a GPU (-m gpu)
+
+
+@pytest.mark.gpu
+def test_on_cuda_randomness_is_told_apart_and_seeded_and_an_export_keeps_its_range(tmp_path, blob_net):
+    """cuDNN's rounding in a deterministic CNN must not read as randomness (tolerance 1e-3 of the
+    largest logit); a randomised model's draws are seeded on the device; an exported program
+    moved to the GPU keeps its batch range and its counts."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from mixacm.evaluate import check_model
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    cnn = build_model("tiny").to(dev).eval()
+    x = torch.rand(512, 3, 32, 32, device=dev)
+    for benchmark in (False, True):
+        torch.backends.cudnn.benchmark = benchmark
+        record = check_model(cnn, x, 10)[1]
+        assert not record["randomised"] and record["batch_dependence_max_abs"] < 1e-3
+    torch.backends.cudnn.benchmark = False
+
+    images = torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ds = torch.utils.data.TensorDataset(images, torch.arange(200) % 10)
+    ds.targets = (torch.arange(200) % 10).tolist()
+    noisy = NoisyInput(cnn.cpu()).to(dev)
+    kw = dict(eps="2/255", n=200, batch_size=50, progress=False, device=dev)
+    with pytest.raises(ModelCheckError, match="the model is randomised"):
+        evaluate(noisy, ds, ["clean", "pgd3"], **kw)
+    assert evaluate(noisy, ds, ["clean"], **kw)["metrics"] == evaluate(noisy, ds, ["clean"], **kw)["metrics"]
+
+    bounded = _export(cnn.cpu(), tmp_path / "bounded.pt2", batch=4, min=1, max=64)
+    model = load_any_model(bounded, device=dev)[0]
+    assert model.batch_sizes == (1, 64)
+    kw = dict(eps="2/255", n=128, batch_size=64, progress=False, device=dev)
+    exported = evaluate(model, ds, ["clean", "pgd3"], **kw)["metrics"]
+    module = evaluate(cnn, ds, ["clean", "pgd3"], **kw)["metrics"]
+    assert {k: m["correct"] for k, m in exported.items()} == {k: m["correct"] for k, m in module.items()}
+    with pytest.raises(CheckpointError, match="accepts batches of 1 to 64 images, not 128"):
+        evaluate(model, ds, ["clean"], **{**kw, "batch_size": 128})
