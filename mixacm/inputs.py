@@ -1,11 +1,13 @@
-"""Inputs of a pipeline config checked before any job: data roots and teacher files.
+"""Inputs of a pipeline config checked before any job: data roots, teacher files, and what the
+data folders say about themselves.
 
 A wrong data root used to fail inside a training job, minutes into a run, in a job log, naming
 the run-config key ``dataset.root``. :func:`pipeline_input_errors` finds every such problem at
 once, without loading any data, and names the pipeline's own keys (``data.cifar10.root``,
 ``teachers.cifar10.path``). The workflow calls :func:`check_pipeline_inputs` before its first job
-(``onstart``: real runs only, a dry run needs no data); it is plain Python, callable from a test
-or a notebook with the config dict.
+(``onstart``: real runs only, a dry run needs no data), then :func:`check_pipeline_data`, which
+reads the data (``mixacm.data.verify_dataset``: every image checked, splits compared); both are
+plain Python, callable from a test or a notebook with the config dict.
 """
 from __future__ import annotations
 
