@@ -475,7 +475,8 @@ def check_teacher_accuracy(model: torch.nn.Module, dataset: str, data_root: str 
     n = min(int(settings["n"]), len(data))
     result = evaluate(model, data, ["clean"], eps=1 / 255, n=n, progress=False, device="cpu")
     measured = result["metrics"]["clean"]["accuracy_pct"]
-    record.update(n=result["n"], measured_clean_acc_pct=measured, data_source=dataset_source(data))
+    record.update(n=result["n"], measured_clean_acc_pct=measured, data_source=dataset_source(data),
+                  data_sha256=result["data"]["sha256"])
     if stated is None:
         record.update(status="measured", reason="no stated accuracy to compare with")
         return record

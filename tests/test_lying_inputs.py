@@ -594,8 +594,8 @@ def _quick_with(edit) -> str:
 
 
 @pytest.mark.parametrize("config_text, expected", [
-    ((REPO / "config" / "quick.yaml").read_text() + "recipes:\n  at: {method: at}\n",
-     r"invalid config: \S*bad\.yaml: key recipes is given twice \(lines 35 and \d+\)"),
+    ((REPO / "config" / "quick.yaml").read_text().replace("\nrecipes:\n", "\nrecipes:\n  at: {method: standard}\n", 1),
+     r"invalid config: \S*bad\.yaml: key recipes\.at is given twice \(lines 36 and \d+\)"),
     pytest.param(_quick_with(lambda c: c.update(seeds=[0, 1, 0])),
                  r"invalid config: key seeds: \[0, 1, 0\] has non-unique elements", marks=pytest.mark.slow),
     (_quick_with(lambda c: c["recipes"].update(at_copy=dict(c["recipes"]["at"])) or
