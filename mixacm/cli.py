@@ -234,10 +234,12 @@ def _autoattack_accuracy(path: str | None, eps: float) -> float | None:
     """The AutoAttack accuracy of an evaluation result file (standard, else APGD-CE + APGD-T)."""
     if not path:
         return None
-    try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"--autoattack-result {path}: cannot be read ({err})") from None
+    from mixacm.report.results import ResultFileError, read_result_file
+
+    try:  # a result contradicting itself (counts, eps, schema, provenance) is not used
+        result = read_result_file(path)
+    except ResultFileError as err:
+        raise UsageError(f"--autoattack-result {str(err).removeprefix('result file ')}") from None
     metrics = result.get("metrics") if isinstance(result, dict) else None
     if not isinstance(metrics, dict):
         raise UsageError(f"--autoattack-result {path}: no metrics")

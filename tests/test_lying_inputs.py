@@ -853,3 +853,15 @@ def test_on_cuda_randomness_is_told_apart_and_seeded_and_an_export_keeps_its_ran
     assert {k: m["correct"] for k, m in exported.items()} == {k: m["correct"] for k, m in module.items()}
     with pytest.raises(CheckpointError, match="accepts batches of 1 to 64 images, not 128"):
         evaluate(model, ds, ["clean"], **{**kw, "batch_size": 128})
+
+
+def test_the_audit_does_not_use_an_autoattack_result_that_contradicts_itself(result_file, tiny_model_file, capsys):
+    bad = _edited(result_file, lambda d: d["metrics"].update(
+        autoattack={"accuracy_pct": 0.5, "correct": 20, "n": 40,
+                    "attack": {"name": "autoattack", "eps": d["eps"], "package": "pyautoattack"}}))
+    out = bad.with_name("audit.json")
+    assert main(["audit", "--checkpoint", str(tiny_model_file), "--dataset", "cifar10", "--eps", "2/255",
+                 "--autoattack-result", str(bad), "--out", str(out)]) == 2
+    assert (f"--autoattack-result {bad}: metrics.autoattack.accuracy_pct = 0.5, but correct / n = 20 / 40 = 50 % "
+            "(a fraction where a percentage belongs?)") in one_line_error(capsys, "audit")
+    assert not out.exists()
