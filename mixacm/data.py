@@ -354,7 +354,8 @@ def check_class_folders(name: str, root: Path, folder: Path) -> None:
             f"{env_var(name)} ({root})")
     for split in ("train", "test", "val"):
         other = root / split
-        if other == folder or not other.is_dir():
+        # a split without class folders (ImageNet's unlabelled test/) has no labels to compare
+        if other == folder or not other.is_dir() or not any(p.is_dir() for p in other.iterdir()):
             continue
         theirs = find_classes(str(other))[0]
         if theirs != classes:

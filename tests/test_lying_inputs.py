@@ -267,6 +267,7 @@ def test_a_truncated_image_in_a_streamed_folder_is_named(tmp_path):
     for split in ("train", "val"):
         for c in ("n01", "n02"):
             write_image(root / split / c / "0.jpg", rgb(3, size=96))
+    write_image(root / "test" / "unlabelled.jpg", rgb(4, size=96))  # ImageNet's test/: no class folders
     bad = root / "val" / "n02" / "0.jpg"
     bad.write_bytes(bad.read_bytes()[:200])
     ds = data.load_dataset("imagenet", "val", root=root)
