@@ -45,7 +45,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -58,7 +57,7 @@ from mixacm.loader import make_train_loader  # noqa: E402
 from mixacm.models import build_model  # noqa: E402
 from mixacm.provenance import compute_precision, provenance  # noqa: E402
 from mixacm.train import training_step  # noqa: E402
-from mixacm.utils import atomic_json_dump, parse_eps, seed_everything  # noqa: E402
+from mixacm.utils import atomic_json_dump, load_yaml, parse_eps, seed_everything  # noqa: E402
 
 IMAGES = {"cifar10": (50_000, 10_000, 32), "imagenet": (1_281_167, 50_000, 224)}  # train, test, side
 GOALS = {"mixacm_images_per_s": 3000.0, "mixacm_over_bare_plus_teacher": 1.10, "loader_over_mixacm": 1.0}
@@ -134,8 +133,8 @@ def _memory_gib(device: torch.device) -> float | None:
 
 def load_pipeline(path: str | os.PathLike) -> dict:
     """The workflow config at ``path``, validated and completed as the Snakefile does."""
-    config = yaml.safe_load(Path(path).read_text())
-    validate(config, yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text()),
+    config = load_yaml(path)
+    validate(config, load_yaml(REPO / "workflow" / "schemas" / "config.schema.yaml"),
              what="pipeline config")
     return config
 

@@ -104,8 +104,9 @@ def run_audit(model: nn.Module, dataset: Dataset, eps: float | str, *,
     sources = dict(sources or {})
     # Imported here: mixacm.data loads torchvision (seconds), and the workflow's config check
     # imports this module for audit_settings alone.
-    from mixacm.data import balanced_first_n, dataset_labels
-    from mixacm.evaluate import PRECISION, RESULT_SCHEMA, batch_seed, check_model, dataset_num_classes, model_sha256
+    from mixacm.data import balanced_first_n, data_digest, dataset_labels
+    from mixacm.evaluate import (PRECISION, RESULT_SCHEMA, checked_first_batch, batch_seed, check_model,
+                                 dataset_num_classes, model_sha256)
 
     labels = dataset_labels(dataset)
     num_classes = dataset_num_classes(dataset)
@@ -126,7 +127,7 @@ def run_audit(model: nn.Module, dataset: Dataset, eps: float | str, *,
     model.to(dev).eval()
     for src in sources.values():
         src.to(dev).eval()
-    x0 = torch.stack([dataset[i][0] for i in batches[0]]).to(dev)
+    x0 = checked_first_batch(dataset, batches[0], num_classes).to(dev)  # [0, 1] float images, fixed
     attacked, record = check_model(model, x0, num_classes)
     checked_sources = {name: check_model(src, x0, num_classes)[0] for name, src in sources.items()}
 
@@ -218,6 +219,7 @@ def run_audit(model: nn.Module, dataset: Dataset, eps: float | str, *,
         "eps_text": format_eps(eps),
         "n": n,
         "subset": {"selection": "balanced_first_n", "n": n, "audit_subset_n": int(sub_mask.sum())},
+        "data": data_digest(dataset, indices),
         "seed": int(seed),
         "batch_size": s["batch_size"],
         "model_sha256": model_sha256(model),

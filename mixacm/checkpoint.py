@@ -18,7 +18,9 @@ Every failure raises ``CheckpointError`` naming the file and the cause.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -132,16 +134,38 @@ def save_model_file(model: nn.Module, spec: Mapping[str, Any], path: str | os.Pa
     return atomic_torch_save(blob, path)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# torch's WeightsUnpickler names what it refused, e.g. "Unsupported global: GLOBAL argparse.Namespace".
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def load_error(path: Path, exc: BaseException) -> str:
+    """One plain-text line on why ``torch.load(path, weights_only=True)`` failed.
+
+    A file refused for pickling code (a whole module, ``argparse.Namespace``, numpy scalars) is
+    named with the global torch refused and what to do; other failures (corrupt, truncated, not a
+    torch file) get torch's own reason in one line, without the terminal colour codes torch puts
+    in its message.
+    """
+    text = " ".join(_ANSI.sub("", str(exc)).split())
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused:
+        return (f"{path}: torch.load(weights_only=True) refuses this file: it pickles the global "
+                f"{refused.group(1)}, which could run code when loaded. If you trust the file, re-save its "
+                f"weights as a plain state dict: torch.save(torch.load({str(path)!r}, weights_only=False)"
+                f"['state_dict'], 'weights.pt') (for a pickled whole module: its .state_dict())")
+    unpickler = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    first = unpickler.group(1) if unpickler else re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    return f"{path}: not a readable torch file (corrupt, truncated or not a torch.save file): {type(exc).__name__}: {first}"
+
+
 def _read(path: Path, device: torch.device) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # pickle, zip and EOF errors all mean the same thing here
-        raise CheckpointError(
-            f"{path}: not a readable torch file (corrupt, truncated or not plain data): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
+        raise CheckpointError(load_error(path, exc)) from exc
 
 
 def _load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, what: str) -> None:
@@ -242,20 +266,54 @@ def _is_exported_program(path: Path) -> bool:
         return False
 
 
+DYNAMIC_EXPORT = "torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim('batch', min=1)},))"
+
+
+def exported_batch_sizes(program: Any) -> tuple[int, float]:
+    """``(smallest, largest)`` batch size a ``torch.export`` program accepts for its first input:
+    the same number twice for a static batch, ``inf`` for no upper bound."""
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0])
+    batch = node.meta["val"].shape[0]
+    if isinstance(batch, int):
+        return batch, batch
+    ranges = program.range_constraints.get(batch.node.expr)
+    if ranges is None:
+        return 1, math.inf
+    upper = float(ranges.upper) if ranges.upper.is_finite else math.inf
+    return max(1, int(ranges.lower)), upper
+
+
+def _batch_text(lo: int, hi: float) -> str:
+    if lo == hi:
+        return f"only batches of exactly {lo} image{'s' * (lo != 1)} (a static batch dimension)"
+    return f"batches of {lo} to {'any size' if hi == math.inf else int(hi)} images"
+
+
 class ExportedModel(nn.Module):
     """A ``torch.export`` program (``.pt2``) as a module. Its train/eval behaviour was fixed when
     it was exported (export a model in eval mode), and the graph module refuses ``.eval()``, so
-    ``train()`` / ``eval()`` here only set the flag that the evaluation code saves and restores."""
+    ``train()`` / ``eval()`` here only set the flag that the evaluation code saves and restores.
+    ``batch_sizes`` is the program's accepted range; a batch outside it is a one-line
+    ``CheckpointError`` rather than torch's guard failure."""
 
-    def __init__(self, program: nn.Module) -> None:
+    def __init__(self, program: nn.Module, batch_sizes: tuple[int, float] = (1, math.inf),
+                 path: str = "torch.export program") -> None:
         super().__init__()
         self.program = program
+        self.batch_sizes = batch_sizes
+        self.path = path
 
     def train(self, mode: bool = True) -> "ExportedModel":
         self.training = mode
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.batch_sizes
+        if not lo <= len(x) <= hi:
+            raise CheckpointError(
+                f"{self.path}: the exported program accepts {_batch_text(lo, hi)}, not {len(x)}; use "
+                f"--batch-size within that range, or re-export it with a dynamic batch: {DYNAMIC_EXPORT}")
         return self.program(x)
 
 
@@ -276,12 +334,17 @@ def load_any_model(path: str | os.PathLike, device: str | torch.device = "cpu") 
             program = torch.export.load(str(path))
         except Exception as exc:
             raise CheckpointError(f"{path}: unreadable torch.export file: {type(exc).__name__}: {exc}") from exc
+        lo, hi = exported_batch_sizes(program)
+        if lo > 1:  # the model check runs one image alone; a static batch of 64 cannot run it
+            raise CheckpointError(
+                f"{path}: this torch.export program accepts {_batch_text(lo, hi)}, but evaluation "
+                f"runs batches of any size from 1 up; re-export it with a dynamic batch: {DYNAMIC_EXPORT}")
         # An exported program is moved between devices as a program, then unwrapped.
         if dev.type != "cpu":
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, dev)
-        model = ExportedModel(program.module())
+        model = ExportedModel(program.module(), (lo, hi), str(path))
         return model.eval(), {"format": "torch.export", "model": {"name": "torch.export"}, "meta": {}}
     if _is_torchscript(path):
         dev = resolve_device(device)

@@ -24,8 +24,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import yaml
-
 EXIT_USAGE = 2
 
 
@@ -40,10 +38,11 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from mixacm.data import DataError
 
     from mixacm.teachers import TeacherError
+    from mixacm.utils import WriteFailed
 
     errors: list[type[BaseException]] = [
         UsageError, ConfigError, CheckpointError, DataError, TeacherError, ValueError, KeyError,
-        FileNotFoundError,
+        FileNotFoundError, WriteFailed,
     ]
     try:
         from mixacm.report import ResultFileError
@@ -75,10 +74,23 @@ def _set_path(cfg: dict, assignment: str) -> None:
         if not isinstance(child, dict):
             raise UsageError(f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is not a mapping")
         node = child
+    from mixacm.utils import YAMLFileError, load_yaml
+
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise UsageError(f"--set {assignment!r}: value is not valid YAML ({err})") from None
+        node[parts[-1]] = load_yaml(f"--set {key.strip()}", text=raw) if raw.strip() else None
+    except YAMLFileError as err:  # not YAML, or a flow mapping with a key twice
+        raise UsageError(str(err)) from None
+
+
+def _apply_overrides(cfg: dict, assignments: Sequence[str]) -> None:
+    """All ``--set`` overrides, in order; the same key set twice is refused (which would win?)."""
+    seen: dict[str, str] = {}
+    for assignment in assignments:
+        key = assignment.partition("=")[0].strip()
+        if key in seen:
+            raise UsageError(f"--set {key} is given twice ({seen[key]!r} and {assignment!r}): keep one")
+        seen[key] = assignment
+        _set_path(cfg, assignment)
 
 
 def _read_run_config(source: str) -> dict:
@@ -97,8 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mixacm.train import train
 
     cfg = _read_run_config(args.config)
-    for assignment in args.set:
-        _set_path(cfg, assignment)
+    _apply_overrides(cfg, args.set)
     # Validate fully before train() creates the output directory: bad input writes nothing.
     load_run_config(cfg)
     if cfg.get("teacher") and not Path(cfg["teacher"]).is_file():
@@ -165,10 +176,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mixacm.checkpoint import load_any_model
     from mixacm.data import load_dataset
     from mixacm.evaluate import evaluate, write_result
-    from mixacm.utils import parse_eps, resolve_device
+    from mixacm.utils import parse_linf_eps, resolve_device
 
     # Everything that can be checked cheaply is checked before loading models or data.
-    eps = parse_eps(args.eps)
+    eps = parse_linf_eps(args.eps, allow_large=args.allow_large_eps)
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     if not attacks:
         raise UsageError("--attacks: give at least one attack, e.g. clean,pgd20")
@@ -224,10 +235,12 @@ def _autoattack_accuracy(path: str | None, eps: float) -> float | None:
     """The AutoAttack accuracy of an evaluation result file (standard, else APGD-CE + APGD-T)."""
     if not path:
         return None
-    try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"--autoattack-result {path}: cannot be read ({err})") from None
+    from mixacm.report.results import ResultFileError, read_result_file
+
+    try:  # a result contradicting itself (counts, eps, schema, provenance) is not used
+        result = read_result_file(path)
+    except ResultFileError as err:
+        raise UsageError(f"--autoattack-result {str(err).removeprefix('result file ')}") from None
     metrics = result.get("metrics") if isinstance(result, dict) else None
     if not isinstance(metrics, dict):
         raise UsageError(f"--autoattack-result {path}: no metrics")
@@ -243,10 +256,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from mixacm.audit import audit_settings, run_audit, write_audit
     from mixacm.checkpoint import load_any_model
     from mixacm.data import load_dataset
-    from mixacm.utils import parse_eps, resolve_device
+    from mixacm.utils import parse_linf_eps, resolve_device
 
     # Cheap checks first: settings, eps, sources named, the AutoAttack result readable.
-    eps = parse_eps(args.eps)
+    eps = parse_linf_eps(args.eps, allow_large=args.allow_large_eps)
     try:
         given = json.loads(args.settings) if args.settings else {}
     except json.JSONDecodeError as err:
@@ -466,6 +479,7 @@ def _add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR if missing")
     p.add_argument("--eps", required=True,
                    help="L-inf radius as a fraction of the [0, 1] range: 8/255 or 0.031")
+    p.add_argument("--allow-large-eps", action="store_true", help="accept an --eps above 64/255")
 
 
 def _int_or_auto(text: str) -> int | str:

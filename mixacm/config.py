@@ -20,14 +20,14 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 import jsonschema
-import yaml
 
-from mixacm.utils import config_hash, parse_eps
+from mixacm.utils import YAMLFileError, config_hash, load_yaml, parse_linf_eps
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_config.schema.yaml"
 
@@ -39,14 +39,17 @@ _HASH_EXCLUDED = (("name",), ("device",), ("train", "progress"), ("train", "log_
                   ("train", "num_workers"))
 
 
+# How a config gets past the eps sanity bound (mixacm.utils.parse_linf_eps): it does not.
+_EPS_IN_CONFIGS = "configs stay within it (write eps as a fraction of the pixel range, e.g. 8/255)"
+
+
 class ConfigError(ValueError):
     """An invalid run config; the message names the offending key path."""
 
 
 @lru_cache(maxsize=1)
 def run_config_schema() -> dict:
-    with open(SCHEMA_PATH) as f:
-        return yaml.safe_load(f)
+    return load_yaml(SCHEMA_PATH)
 
 
 def _with_defaults(validator_class: type) -> type:
@@ -108,9 +111,9 @@ def _read(source: str | os.PathLike | Mapping[str, Any]) -> dict:
 def parse_run_config(text: str, where: str) -> dict:
     """The mapping in a run config's YAML text; ``where`` names its origin in errors."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"run config {where} is not valid YAML: {err}") from None
+        data = load_yaml(where, text=text)
+    except YAMLFileError as err:  # a syntax error, or a key given twice (line numbers of both)
+        raise ConfigError(f"run config {err}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -123,7 +126,7 @@ def load_run_config(source: str | os.PathLike | Mapping[str, Any]) -> dict:
     cfg = _read(source)
     validate(cfg, run_config_schema())
     try:
-        cfg["train"]["selection_eps"] = parse_eps(cfg["train"]["selection_eps"])
+        cfg["train"]["selection_eps"] = parse_linf_eps(cfg["train"]["selection_eps"], beyond=_EPS_IN_CONFIGS)
     except ValueError as err:
         raise ConfigError(f"train.selection_eps: {err}") from None
     if cfg["train"]["selection"] == "best_pgd" and cfg["dataset"]["holdout"] < 1:
@@ -239,6 +242,7 @@ def resolve_recipe(cfg: Mapping[str, Any], method: Any = None) -> dict:
     defs = run_config_schema()["$defs"]
     recipe = {k: v for k, v in _method_recipe(cfg, method).items() if k in defs["recipe_keys"]["properties"]}
     merged = {**recipe, **cfg["optim"]}
+    _check_optim_is_used(cfg["optim"], merged.get("schedule", "step"))
     missing = [k for k in RECIPE_REQUIRED if k not in merged]
     if missing:
         raise ConfigError(
@@ -274,6 +278,22 @@ def _check_method_recipe(cfg: Mapping[str, Any], method: Any, recipe: Mapping[st
         check(knobs, dict(recipe))
     except ValueError as err:
         raise ConfigError(f"method: {err}") from None
+
+
+# Optimiser settings only one schedule reads (mixacm.train.make_lr_scheduler).
+_SCHEDULE_KEYS = {"milestones": "step", "gamma": "step", "lr_peak": "cyclic", "lr_points": "piecewise"}
+
+
+def _check_optim_is_used(optim: Mapping[str, Any], schedule: str) -> None:
+    """``optim`` (what the user wrote) must not hold a setting the run would drop: a schedule
+    setting another schedule reads, or ``epochs`` beside ``steps`` (the budget decides)."""
+    if optim.get("steps") is not None and "epochs" in optim:
+        raise ConfigError("optim.epochs: optim.steps is set too, and a budget in steps decides the epochs; "
+                          "give one of them")
+    for key, reader in _SCHEDULE_KEYS.items():
+        if key in optim and schedule != reader:
+            raise ConfigError(f"optim.{key}: only the {reader} schedule reads it, and this run's schedule is "
+                              f"{schedule!r}; drop it, or set optim.schedule: {reader}")
 
 
 def recipe_record(cfg: Mapping[str, Any], method: Any, recipe: Mapping[str, Any]) -> dict:
@@ -392,9 +412,28 @@ def check_recipe_block(pipeline: Mapping[str, Any], recipe: str) -> None:
     eps = block.get("train", {}).get("selection_eps")
     if eps is not None:
         try:
-            parse_eps(eps)
+            parse_linf_eps(eps, beyond=_EPS_IN_CONFIGS)
         except ValueError as err:
             raise ConfigError(f"recipes.{recipe}.train.selection_eps: {err}") from None
+
+
+def check_recipe_label(pipeline: Mapping[str, Any], recipe: str) -> None:
+    """A recipe's ``variant`` (the label its rows carry) must not contradict its ``knobs.ablation``
+    preset: ``variant: full`` over ``ablation: acm`` would put an ACM-only run in the full method's
+    row. ``ConfigError`` naming ``recipes.<name>.variant``."""
+    from mixacm.methods.mixacm import ABLATIONS
+
+    block = pipeline["recipes"][recipe]
+    variant, ablation = block.get("variant"), (block.get("knobs") or {}).get("ablation")
+    if variant is None or block["method"] != "mixacm" or ablation == "custom":
+        return
+    squash = {re.sub(r"[^a-z0-9]", "", k): k for k in ABLATIONS}
+    named = squash.get(re.sub(r"[^a-z0-9]", "", str(variant).lower()))
+    trained = ablation or "full"
+    if (named is not None and named != trained) or (named is None and trained != "full"):
+        raise ConfigError(
+            f"recipes.{recipe}.variant: {variant!r} labels its rows, but knobs.ablation is {trained!r} "
+            f"(the loss actually trained); drop the variant or make them agree")
 
 
 # The pipeline's teachers.<dataset>.source -> the key that names the source in

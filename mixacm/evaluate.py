@@ -25,16 +25,16 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from mixacm.attacks import build_attack
-from mixacm.data import balanced_first_n, dataset_labels
+from mixacm.data import balanced_first_n, data_digest, dataset_labels
 from mixacm.provenance import compute_precision, provenance
 from mixacm.utils import atomic_json_dump, format_eps, parse_eps, resolve_device
 
@@ -43,7 +43,8 @@ STATE_FORMAT = "mixacm-eval-state"
 # arithmetic (TF32 on Ampere and newer GPUs included). PRECISION is the default's name.
 PRECISION = "fp32"
 PRECISIONS = ("fp32", "bf16")
-RESULT_SCHEMA = 1
+# 2: the evaluated data's identity (``data``) in every result.
+RESULT_SCHEMA = 2
 
 # The batch-size rule of ``resolve_batch_size``: on the CPU ``DEFAULT_BATCH_SIZE``; on a GPU as
 # many images as fit in ``BATCH_MEMORY_FRACTION`` of the free device memory at the measured
@@ -97,14 +98,34 @@ def dataset_num_classes(dataset: Dataset) -> int:
     return int(k) if k is not None else int(dataset_labels(dataset).max()) + 1
 
 
-def check_model(model: nn.Module, x: Tensor, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+# Attacks meant for a randomised model: clean accuracy (one draw of the randomness per image) and
+# AutoAttack's rand version (APGD-CE and APGD-DLR with expectation over transformation).
+RANDOMNESS_ATTACKS = "clean, autoattack-rand"
+
+
+def handles_randomness(spec: dict[str, Any]) -> bool:
+    """Whether the attack with ``spec`` is meant for a randomised model (``RANDOMNESS_ATTACKS``)."""
+    return spec.get("name") == "clean" or spec.get("aa_version") == "rand"
+
+
+def _max_abs(a: Tensor, b: Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def check_model(model: nn.Module, x: Tensor, num_classes: int, *,
+                allow_random: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Check ``model`` on one batch ``x`` before any attack; return ``(logits model, record)``.
 
     Checks, each failing with one ``ModelCheckError`` line: the output is a logits tensor, or a
     tuple/list/dict from which OUTPUT_RULE picks one; it is floating point, of shape
-    ``len(x) x num_classes`` (the dataset's classes), finite; and a sample's output does not
-    depend on the rest of the batch (the first sample alone and the batch reversed give the same
-    logits within a tolerance). The record goes into the result as ``model_check``.
+    ``len(x) x num_classes`` (the dataset's classes), finite, not probabilities (a softmax output
+    masks the attacks' gradients). Then two passes over the same batch:
+    when they differ the model is randomised (noise on the input, dropout left on), which is
+    refused unless ``allow_random`` (the attacks are all meant for it, ``RANDOMNESS_ATTACKS``:
+    PGD without expectation over the randomness overestimates robustness); a deterministic model
+    must not depend on the rest of the batch (the first sample alone and the batch reversed give
+    the same logits within a tolerance; BatchNorm in training mode fails this). The record goes
+    into the result as ``model_check``.
     """
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         out = model(x)
@@ -124,23 +145,54 @@ def check_model(model: nn.Module, x: Tensor, num_classes: int) -> tuple[nn.Modul
         if not bool(torch.isfinite(logits).all()):
             bad = int((~torch.isfinite(logits)).any(1).sum())
             raise ModelCheckError(f"model logits are not finite (NaN or inf) for {bad} of {len(x)} images")
+        ref = logits.float()
+        if bool(((ref >= 0) & (ref <= 1)).all()) and float((ref.sum(1) - 1).abs().max()) < 1e-4:
+            raise ModelCheckError(
+                "model outputs are probabilities (every row in [0, 1], summing to 1): cross-entropy and DLR "
+                "attacks on a softmax output see vanishing gradients; return the logits (drop the final softmax)")
         wrapped = model if how == "tensor" else LogitsOf(model)
-        deviation = 0.0
-        if len(x) > 1:
-            alone = wrapped(x[:1]).float()
-            reversed_ = wrapped(x.flip(0)).float().flip(0)
-            ref = logits.float()
-            deviation = max(float((alone - ref[:1]).abs().max()), float((reversed_ - ref).abs().max()))
-            # Float sums in another batch order or size differ by rounding only.
-            tol = 1e-3 * max(1.0, float(ref.abs().max()))
+        # Float sums in another batch order or size differ by rounding only.
+        tol = 1e-3 * max(1.0, float(ref.abs().max()))
+        randomness = _max_abs(wrapped(x), ref)
+        deviation: float | None = 0.0
+        if randomness > tol:
+            if not allow_random:
+                raise ModelCheckError(
+                    f"the model is randomised: two passes over the same batch differ by up to {randomness:.3g} "
+                    f"(noise on the input, or dropout left on?); PGD without expectation over the randomness "
+                    f"overestimates its robustness, so evaluate it with --attacks {RANDOMNESS_ATTACKS.replace(' ', '')}")
+            deviation = None  # another draw differs anyway: batch dependence cannot be told apart
+        elif len(x) > 1:
+            deviation = max(_max_abs(wrapped(x[:1]), ref[:1]), _max_abs(wrapped(x.flip(0)).flip(0), ref))
             if deviation > tol:
                 raise ModelCheckError(
                     f"a sample's logits depend on the rest of the batch (max difference {deviation:.3g} > "
-                    f"{tol:.3g}); is the model in training mode (BatchNorm batch statistics)?")
+                    f"{tol:.3g}; two passes over the same batch agree, so this is not randomness); is the "
+                    "model in training mode (BatchNorm batch statistics)?")
     record = {"output": how, "output_rule": OUTPUT_RULE, "num_outputs": int(logits.shape[1]),
               "num_classes": int(num_classes), "logits_dtype": str(logits.dtype).replace("torch.", ""),
+              "randomised": randomness > tol, "repeat_max_abs": randomness,
               "batch_dependence_max_abs": deviation, "checked_images": len(x)}
     return wrapped, record
+
+
+def check_inputs(x: Tensor, y: Tensor, num_classes: int, where: str = "the first batch") -> None:
+    """Refuse (ValueError, one line) images that are not floating point in [0, 1], or labels
+    outside ``[0, num_classes)``: a dataset of normalised images or of uint8 0-255 pixels would
+    otherwise be attacked with an eps meant for [0, 1] and give numbers."""
+    if not x.is_floating_point():
+        hint = " (0-255 pixels? scale them: x.float() / 255)" if x.dtype == torch.uint8 else ""
+        raise ValueError(f"dataset images of {where} are {str(x.dtype).replace('torch.', '')}{hint}; "
+                         "evaluate takes float images in [0, 1] (the model normalises inside)")
+    lo, hi = float(x.min()), float(x.max())
+    if not (0.0 <= lo and hi <= 1.0):
+        hint = ("normalised images? give [0, 1] pixels and put the normalisation inside the model"
+                if lo < 0 else "0-255 pixels? scale them to [0, 1]")
+        raise ValueError(f"dataset images of {where} range over [{lo:.4g}, {hi:.4g}], outside [0, 1] ({hint}); "
+                         "eps is a fraction of the [0, 1] pixel range")
+    if y.dtype.is_floating_point or int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(f"dataset labels of {where} span [{y.min().item()}, {y.max().item()}]; expected "
+                         f"integers in [0, {num_classes}) for {num_classes} classes")
 
 
 def model_sha256(model: nn.Module) -> str:
@@ -330,6 +382,8 @@ def evaluate(
     batch_size, batch_rule = resolve_batch_size(batch_size, model, dataset, indices, dev, state_file)
     precision_label, precision_detail = precision_record(dev, precision)
     batches = [indices[i:i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
+    # What the counts are of: the evaluated images and labels themselves, not where they came from.
+    data = data_digest(dataset, indices)
     key = {
         "attacks": attacks,
         "attack_specs": {name: built[name].spec for name in attacks},
@@ -340,6 +394,7 @@ def evaluate(
         "seed": int(seed),
         "model_sha256": model_sha256(model),
         "precision": precision,
+        "data_sha256": data["sha256"],
     }
     if state_file is not None and state_file.exists():
         state = _read_state(state_file, key)
@@ -354,15 +409,19 @@ def evaluate(
     t0 = time.perf_counter()
     was_training = model.training
     model.to(dev).eval()
-    # The one model check, on the first batch, before any attack or state file.
-    x0 = torch.stack([dataset[i][0] for i in batches[0]]).to(dev)
+    # The one input and model check, on the first batch, before any attack or state file.
     try:
-        attacked, model_check = check_model(model, x0, num_classes)
-    except ModelCheckError:
+        x0 = checked_first_batch(dataset, batches[0], num_classes).to(dev)
+        attacked, model_check = check_model(
+            model, x0, num_classes, allow_random=all(handles_randomness(built[a].spec) for a in attacks))
+    except (ModelCheckError, ValueError):
         model.train(was_training)
         raise
     if precision != "fp32":
         attacked = AutocastLogits(attacked, torch.bfloat16)
+    # A randomised model draws from the global RNG: seeded per (attack, batch), its counts do not
+    # depend on interruptions either.
+    draws = _seeded_draws if model_check["randomised"] else _no_seed
     loader = DataLoader(dataset, batch_sampler=[batches[b] for b in pending], num_workers=num_workers)
     # One step = one attack on one batch; the postfix names the step running now (one AutoAttack
     # step can take minutes on a CPU), then the accuracy of the step just finished.
@@ -373,13 +432,15 @@ def evaluate(
         try:
             for b, (x, y) in zip(pending, loader):
                 x, y = x.to(dev), torch.as_tensor(y).to(dev)
+                check_inputs(x, y, num_classes, where=f"batch {b + 1}")
                 for name in attacks:
                     if str(b) in done[name]:
                         continue
                     bar.set_postfix_str(f"running {name} on batch {b + 1}/{len(batches)}")
-                    x_adv = built[name](attacked, x, y, seed=batch_seed(seed, name, b))
-                    with torch.no_grad():
-                        correct = int((attacked(x_adv).argmax(1) == y).sum())
+                    with draws(dev, batch_seed(seed, name, b)):
+                        x_adv = built[name](attacked, x, y, seed=batch_seed(seed, name, b))
+                        with torch.no_grad():
+                            correct = int((attacked(x_adv).argmax(1) == y).sum())
                     done[name][str(b)] = [correct, len(y)]
                     state["wall_time_s"] = prior_wall + time.perf_counter() - t0
                     if state_file is not None:
@@ -402,6 +463,7 @@ def evaluate(
         "eps_text": format_eps(eps),
         "n": len(indices),
         "subset": {"selection": "balanced_first_n", "indices_sha256": key["indices_sha256"]},
+        "data": data,
         "seed": int(seed),
         "batch_size": int(batch_size),
         "batch_size_rule": batch_rule,
@@ -415,6 +477,38 @@ def evaluate(
     if state_file is not None:
         state_file.unlink(missing_ok=True)
     return result
+
+
+def checked_first_batch(dataset: Dataset, indices: Sequence[int], num_classes: int) -> Tensor:
+    """The first batch's images, after ``check_inputs``; read twice, since a test split that
+    returns another image for the same index (augmentation left on) changes every count."""
+    items = [dataset[i] for i in indices]
+    x = torch.stack([torch.as_tensor(img) for img, _ in items])
+    # labels collated as the DataLoader of the evaluation will collate them
+    check_inputs(x, torch.as_tensor(default_collate([label for _, label in items])), num_classes)
+    again = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
+    if not torch.equal(x, again):
+        raise ValueError("the dataset returns another image for the same index on a second read "
+                         "(random augmentation on the test split?); evaluate needs fixed images")
+    return x
+
+
+@contextlib.contextmanager
+def _seeded_draws(device: torch.device, seed: int) -> Iterator[None]:
+    """The global RNG (CPU and ``device``) seeded with ``seed`` inside, restored after."""
+    if device.type == "cpu":
+        fork = torch.random.fork_rng(devices=[])
+    else:
+        index = device.index if device.index is not None else torch.get_device_module(device.type).current_device()
+        fork = torch.random.fork_rng(devices=[index], device_type=device.type)
+    with fork:
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _no_seed(device: torch.device, seed: int) -> Iterator[None]:
+    yield
 
 
 def write_result(result: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -1,11 +1,13 @@
-"""Inputs of a pipeline config checked before any job: data roots and teacher files.
+"""Inputs of a pipeline config checked before any job: data roots, teacher files, and what the
+data folders say about themselves.
 
 A wrong data root used to fail inside a training job, minutes into a run, in a job log, naming
 the run-config key ``dataset.root``. :func:`pipeline_input_errors` finds every such problem at
 once, without loading any data, and names the pipeline's own keys (``data.cifar10.root``,
 ``teachers.cifar10.path``). The workflow calls :func:`check_pipeline_inputs` before its first job
-(``onstart``: real runs only, a dry run needs no data); it is plain Python, callable from a test
-or a notebook with the config dict.
+(``onstart``: real runs only, a dry run needs no data), then :func:`check_pipeline_data`, which
+reads the data (``mixacm.data.verify_dataset``: every image checked, splits compared); both are
+plain Python, callable from a test or a notebook with the config dict.
 """
 from __future__ import annotations
 
@@ -118,5 +120,32 @@ def check_pipeline_inputs(cfg: Mapping, env: Mapping[str, str] | None = None,
                           datasets: Iterable[str] | None = None) -> None:
     """Raise :class:`PipelineInputError` listing every missing input, before any job runs."""
     errors = pipeline_input_errors(cfg, env, datasets)
+    if errors:
+        raise PipelineInputError(errors)
+
+
+def pipeline_data_errors(cfg: Mapping, datasets: Iterable[str] | None = None) -> list[str]:
+    """What the data folders of a (schema-valid) pipeline config say against themselves, one
+    sentence each naming ``data.<dataset>.root``: :func:`mixacm.data.verify_dataset` on each
+    dataset the jobs read (every image of a folder of small images decoded and checked once, into
+    the cache the jobs then read; class folders; images shared by the splits). Call it once
+    :func:`pipeline_input_errors` finds the data; it reads it."""
+    from mixacm.data import DataError, verify_dataset
+
+    wanted = set(datasets_used(cfg)) if datasets is None else set(datasets) & set(datasets_used(cfg))
+    errors = []
+    for ds in sorted(wanted):
+        section = cfg.get("data", {}).get(ds) or {}
+        try:
+            verify_dataset(ds, section.get("root") or None, download=bool(section.get("download", False)),
+                           cache=bool(section.get("cache", True)))
+        except (DataError, ValueError) as err:
+            errors.append(f"data.{ds}.root: {' '.join(str(err).split())}")
+    return errors
+
+
+def check_pipeline_data(cfg: Mapping, datasets: Iterable[str] | None = None) -> None:
+    """Raise :class:`PipelineInputError` listing what :func:`pipeline_data_errors` finds."""
+    errors = pipeline_data_errors(cfg, datasets)
     if errors:
         raise PipelineInputError(errors)

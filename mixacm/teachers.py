@@ -49,7 +49,7 @@ from typing import Any, Iterator
 
 import torch
 
-from mixacm.checkpoint import (FORMAT, CheckpointError, load_foreign_state_dict, load_model_file,
+from mixacm.checkpoint import (FORMAT, CheckpointError, load_error, load_foreign_state_dict, load_model_file,
                                model_spec, save_model_file)
 from mixacm.provenance import provenance
 from mixacm.utils import sha256_file
@@ -364,12 +364,8 @@ def _from_robustbench(source: Mapping[str, Any], out_path: Path, num_classes: in
 def _peek(file: Path) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise TeacherError(
-            f"teacher file {file} is not a readable torch file (corrupt, truncated, or pickled code "
-            f"that weights_only loading refuses): {type(exc).__name__}: {first}"
-        ) from exc
+    except Exception as exc:  # the refused global of a pickled file is named, in plain text
+        raise TeacherError(f"teacher file {load_error(file, exc)}") from exc
 
 
 def _published_scalars(blob: Any) -> dict[str, float | int | str]:
@@ -479,7 +475,8 @@ def check_teacher_accuracy(model: torch.nn.Module, dataset: str, data_root: str 
     n = min(int(settings["n"]), len(data))
     result = evaluate(model, data, ["clean"], eps=1 / 255, n=n, progress=False, device="cpu")
     measured = result["metrics"]["clean"]["accuracy_pct"]
-    record.update(n=result["n"], measured_clean_acc_pct=measured, data_source=dataset_source(data))
+    record.update(n=result["n"], measured_clean_acc_pct=measured, data_source=dataset_source(data),
+                  data_sha256=result["data"]["sha256"])
     if stated is None:
         record.update(status="measured", reason="no stated accuracy to compare with")
         return record

@@ -1,8 +1,9 @@
-"""Small shared helpers: epsilon parsing and formatting, device choice, seeding, atomic writes (also
-in the background), hashing."""
+"""Small shared helpers: epsilon parsing and formatting, the one YAML loader, device choice,
+seeding, atomic writes (also in the background), hashing."""
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
+
+# The largest L-inf budget taken without an explicit flag: CIFAR and ImageNet robustness is
+# reported at 2/255 to 16/255, and 64/255 already erases most of an image's content.
+MAX_LINF_EPS = 64 / 255
+MAX_LINF_EPS_TEXT = "64/255"
 
 
 def parse_eps(value: str | float | int) -> float:
@@ -43,15 +50,101 @@ def parse_eps(value: str | float | int) -> float:
     return eps
 
 
+def _whole_number(value: str | float | int) -> int | None:
+    """``value`` as an int when it is written as a whole number (``1``, ``"4"``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def parse_linf_eps(value: str | float | int, *, allow_large: bool = False,
+                   beyond: str = "to attack at it anyway, pass --allow-large-eps") -> float:
+    """``parse_eps`` for an L-inf budget a user gives, with a sanity bound.
+
+    Above ``MAX_LINF_EPS`` (64/255) the budget is refused unless ``allow_large`` (``beyond`` ends
+    the message: how to get past the bound, if at all); a whole number such as ``1`` is 255/255
+    and is reported as probably meaning ``1/255``. Raises ValueError in one line.
+    """
+    eps = parse_eps(value)
+    if eps <= MAX_LINF_EPS + 1e-12 or allow_large:
+        return eps
+    whole = _whole_number(value)
+    hint = f" (did you mean {whole}/255?)" if whole is not None else ""
+    raise ValueError(
+        f"eps {value!r} is {format_eps(eps)} of the pixel range, above the sane L-inf bound "
+        f"{MAX_LINF_EPS_TEXT}{hint}; {beyond}"
+    )
+
+
 def format_eps(eps: str | float) -> str:
     """The one text form of an eps: ``"8/255"`` for a whole number of 1/255 steps (within 1e-12),
-    else the shortest decimal; a string is checked by ``parse_eps`` and kept as written."""
-    if isinstance(eps, str):
+    else the shortest decimal; a string is checked by ``parse_eps`` and kept as written, except
+    a bare whole number (``"1"``, which reads as 1/255 but is 255/255)."""
+    if isinstance(eps, str) and _whole_number(eps) is None:
         parse_eps(eps)
         return eps.strip()
     value = parse_eps(eps)
     steps = round(value * 255)
     return f"{steps}/255" if abs(steps / 255 - value) < 1e-12 else repr(value)
+
+
+class YAMLFileError(ValueError):
+    """A YAML text that cannot be read as written: a syntax error or a key given twice."""
+
+
+def load_yaml(source: str | os.PathLike, *, text: str | None = None) -> Any:
+    """The one YAML reader of the project (configs, run configs, tuning grids, paper numbers).
+
+    Reads ``source`` (a path), or ``text`` with ``source`` naming where it came from. Like
+    ``yaml.safe_load``, except that a key written twice in one mapping is refused
+    (``YAMLFileError`` naming the key path and both line numbers) instead of the last one
+    silently winning (yaml/pyyaml#165). Merge keys (``<<``) may still be overridden.
+    """
+    where = str(source)
+    if text is None:
+        try:
+            text = Path(source).read_text()
+        except OSError as err:
+            raise YAMLFileError(f"cannot read {where}: {err.strerror or err}") from None
+    loader = yaml.SafeLoader(text)
+    loader.name = where  # positions in PyYAML's messages name the file
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(loader, node, (), where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise YAMLFileError(f"{where} is not valid YAML: {' '.join(str(err).split())}") from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, where: str) -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(loader, item, (*path, f"[{i}]"), where)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue  # a complex key: PyYAML refuses it while constructing
+        key = loader.construct_object(key_node)
+        here = key_node.start_mark.line + 1
+        if key in seen:
+            name = ".".join(str(p) for p in (*path, key)).replace(".[", "[")
+            raise YAMLFileError(f"{where}: key {name} is given twice (lines {seen[key]} and {here}); "
+                                "YAML would keep only the last: delete one")
+        seen[key] = here
+        _refuse_duplicate_keys(loader, value_node, (*path, key), where)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -89,30 +182,80 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class WriteFailed(OSError):
+    """An output that could not be written (disk full, quota, read-only file system, ...): one
+    line naming the file and the cause. Nothing of it is left behind."""
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or one in its cause/context chain (torch.save reports a
+    full disk as "[enforce fail at inline_container.cc] unexpected pos", with the file object's
+    OSError as its context)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+# Errors of the file system being written to (not of the object being serialised).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                 errno.EFBIG, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR}
+
+
+def _write_failed(path: Path, err: OSError) -> WriteFailed:
+    code = errno.errorcode.get(err.errno, "")
+    hint = ": the disk is full; free space or write elsewhere" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    failed = WriteFailed(f"cannot write {path}: {err.strerror or err} ({code}){hint}")
+    failed.errno = err.errno
+    return failed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename.
 
-    A crash leaves either the old file or the new one, never a partial file, and
-    the temporary file is removed on error.
+    A crash leaves either the old file or the new one, never a partial file: the temporary file
+    is removed on error, and so are the folders this call created for it. A failure of the file
+    system (a full disk, a quota, a read-only mount) raises :class:`WriteFailed` naming ``path``
+    and the cause in one line.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates the file 0600; give it the permissions an ordinary open() would.
-    os.chmod(tmp_path, 0o666 & ~_umask())
+    new_dirs = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        # mkstemp creates the file 0600; give it the permissions an ordinary open() would.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         write(tmp_path)
         os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        for folder in new_dirs:  # deepest first; stops at the first one that is not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        os_error = None if isinstance(exc, WriteFailed) else _os_error_in(exc)
+        if os_error is not None and os_error.errno in _WRITE_ERRNOS:
+            raise _write_failed(path, os_error) from exc
         raise
     return path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda p: torch.save(obj, p))
+    def write(p: Path) -> None:
+        # Through a Python file object, so that a full disk surfaces as an OSError (ENOSPC)
+        # rather than as torch's bare "unexpected pos" from its own writer.
+        with open(p, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
 
 
 def atomic_json_dump(obj: Any, path: str | os.PathLike) -> Path:

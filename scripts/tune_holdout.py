@@ -29,6 +29,7 @@ import pandas as pd
 import yaml
 
 from mixacm.methods import METHODS
+from mixacm.utils import YAMLFileError, load_yaml
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -90,7 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per candidate")
     args = ap.parse_args(argv)
 
-    grid = yaml.safe_load(args.grid.read_text())
+    try:
+        grid = load_yaml(args.grid)
+    except YAMLFileError as err:  # a key given twice names both lines
+        print(f"tune_holdout.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
     names = args.only or list(grid["candidates"])
     cfgs = {n: merge(grid["base"], grid["candidates"][n] or {}) for n in names}
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -25,6 +25,10 @@ from mixacm.config import ConfigError, load_run_config
 from mixacm.methods import METHODS, build_method
 from mixacm.models import build_model
 
+from mixacm.data import CIFAR_CLASSES
+
+CIFAR10_NAMES = CIFAR_CLASSES["cifar10"]  # the class folders a CIFAR-10 image folder must have
+
 FP16 = dict(device_type="cpu", dtype=torch.float16)
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -103,7 +107,8 @@ def attack_pass_autocast(name: str, autocast: dict, policy: str = "autocast") ->
     torch.manual_seed(0)
     cls = METHODS.get(name)
     teacher = build_model("tiny", widths=(8, 16, 32)) if cls.needs_teacher else None
-    method = build_method(name, build_model("tiny"), teacher)
+    knobs = {"ce_only_fraction": 0.0} if name == "igam" else {}  # IGAM's input-gradient phase from step one
+    method = build_method(name, build_model("tiny"), teacher, **knobs)
     passes = []
 
     def record(module, args):
@@ -194,9 +199,9 @@ def test_a_bf16_run_records_what_its_step_and_attacks_ran_in(tmp_path, monkeypat
 
     for split, n in (("train", 2), ("test", 1)):
         for c in range(10):
-            (tmp_path / "data" / split / f"c{c}").mkdir(parents=True)
+            (tmp_path / "data" / split / CIFAR10_NAMES[c]).mkdir(parents=True)
             for i in range(n):
-                write_png((torch.rand(3, 32, 32) * 255).to(torch.uint8), str(tmp_path / "data" / split / f"c{c}" / f"{i}.png"))
+                write_png((torch.rand(3, 32, 32) * 255).to(torch.uint8), str(tmp_path / "data" / split / CIFAR10_NAMES[c] / f"{i}.png"))
     cfg = {"device": "cpu", "dataset": {"name": "cifar10", "root": str(tmp_path / "data"), "cache": False},
            "model": {"name": "tiny"}, "method": {"name": "at", "steps": 2},
            "optim": {"epochs": 1, "batch_size": 20, "lr": 0.05},

@@ -172,7 +172,7 @@ def test_table_and_report_show_the_audited_column_and_flags(net, tmp_path):
     from mixacm.evaluate import evaluate
     from mixacm.report import build_table, collect_results, render_report
 
-    run = {"method": "mixacm", "arch": "mlp", "teacher": "net", "dataset": "cifar10", "data_source": "blobs",
+    run = {"method": "mixacm", "arch": "mlp", "teacher": "net", "dataset": "cifar10", "data_source": "CIFAR-10 (blobs)",
            "data_fraction": 1.0, "seed": 0, "config_hash": "abc", "recipe": "mixacm"}
     ev = evaluate(Masked(net), Blobs(), ["clean", "pgd20"], EPS, n=40, batch_size=20, progress=False, device="cpu")
     audit = run_audit(Masked(net), Blobs(), EPS, sources={"teacher": net}, settings=FAST, device="cpu")

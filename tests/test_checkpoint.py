@@ -1,6 +1,8 @@
 """Model files: round trips, foreign files, TorchScript, and every way a file can be bad."""
 from __future__ import annotations
 
+import errno
+import re
 import warnings
 from pathlib import Path
 
@@ -18,6 +20,11 @@ from mixacm.checkpoint import (
     save_model_file,
 )
 from mixacm.models import build_model
+from mixacm.utils import WriteFailed
+
+from mixacm.data import CIFAR_CLASSES
+
+CIFAR10_NAMES = CIFAR_CLASSES["cifar10"]  # the class folders a CIFAR-10 image folder must have
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,10 +110,13 @@ def test_garbage_and_truncated_files(tiny_file, tmp_path: Path) -> None:
                 load(tmp_path / name)
 
 
-def test_pickled_code_is_refused(tmp_path: Path) -> None:
+def test_pickled_code_is_refused_naming_the_global_in_plain_text(tmp_path: Path) -> None:
     torch.save({"format": "mixacm-model", "obj": Path("x")}, tmp_path / "code.pt")
-    with pytest.raises(CheckpointError, match=r"code\.pt: not a readable torch file"):
+    with pytest.raises(CheckpointError, match=r"code\.pt: torch.load\(weights_only=True\) refuses this file: "
+                       r"it pickles the global pathlib\.(_local\.)?PosixPath") as info:
         load_model_file(tmp_path / "code.pt")
+    assert "\x1b" not in str(info.value) and "\n" not in str(info.value)
+    assert "re-save its weights as a plain state dict" in str(info.value)
 
 
 def test_raw_state_dict_is_not_a_model_file(tmp_path: Path) -> None:
@@ -187,11 +197,11 @@ def test_failed_write_leaves_old_file_and_no_temporary(tiny_file, monkeypatch) -
     before = path.read_bytes()
 
     def broken_save(obj, f, *a, **k):
-        Path(f).write_bytes(b"partial")
-        raise OSError("disk full")
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(mixacm.utils.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteFailed, match=rf"cannot write {re.escape(str(path))}: No space left on device"):
         save_model_file(model, model_spec("tiny"), path)
     assert path.read_bytes() == before
     assert _files(path.parent) == ["m.pt"]
@@ -351,9 +361,9 @@ def test_training_goes_on_while_the_state_is_written(tmp_path: Path, monkeypatch
     data = tmp_path / "data"
     for split, n in (("train", 4), ("test", 1)):
         for c in range(10):
-            (data / split / f"c{c}").mkdir(parents=True)
+            (data / split / CIFAR10_NAMES[c]).mkdir(parents=True)
             for i in range(n):
-                write_png((torch.rand(3, 32, 32) * 255).to(torch.uint8), str(data / split / f"c{c}" / f"{i}.png"))
+                write_png((torch.rand(3, 32, 32) * 255).to(torch.uint8), str(data / split / CIFAR10_NAMES[c] / f"{i}.png"))
     cfg = {"device": "cpu", "dataset": {"name": "cifar10", "root": str(data), "cache": False},
            "model": {"name": "tiny"}, "method": {"name": "standard"},
            "optim": {"epochs": 2, "batch_size": 20, "lr": 0.05}, "train": {"progress": False}}

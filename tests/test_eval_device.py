@@ -17,6 +17,10 @@ import mixacm.provenance as prov
 from mixacm.cli import main as cli_main
 from mixacm.evaluate import evaluate, resolve_batch_size
 
+from mixacm.data import CIFAR_CLASSES
+
+CIFAR10_NAMES = CIFAR_CLASSES["cifar10"]  # the class folders a CIFAR-10 image folder must have
+
 
 class Labelled(TensorDataset):
     """40 random 8x8 images, 4 a class, with ``targets`` as mixacm's datasets have."""
@@ -116,7 +120,7 @@ def test_cli_batch_size_auto_and_precision(tmp_path):
 
     for split in ("train", "test"):
         for c in range(10):
-            folder = tmp_path / "data" / split / f"c{c}"
+            folder = tmp_path / "data" / split / CIFAR10_NAMES[c]
             folder.mkdir(parents=True)
             write_png((torch.rand(3, 32, 32) * 255).to(torch.uint8), str(folder / "0.png"))
     torch.manual_seed(0)

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from mixacm.data import data_digest
 from mixacm.evaluate import EvaluationStateError, batch_seed, evaluate, model_sha256, write_result
 from mixacm.utils import format_eps as eps_text
 
 ATTACKS = ["clean", "pgd3"]
 EPS = 8 / 255
-CHECK = 3  # forwards of the model check on the first batch (batch, first image, batch reversed)
+CHECK = 4  # forwards of the model check on the first batch (batch twice, first image, batch reversed)
 
 
 class ToyImages(Dataset):
@@ -87,7 +88,8 @@ def test_pgd_lowers_accuracy_and_result_shape(tmp_path):
     assert pgd["attack"]["steps"] == 3 and pgd["attack"]["step_size"] == pytest.approx(EPS / 4)
     assert pgd["attack"]["package"] == "mixacm" and clean["attack"]["name"] == "clean"
     assert result["eps"] == pytest.approx(EPS) and result["eps_text"] == "8/255"
-    assert result["schema"] == 1 and result["model_sha256"] == model_sha256(model)
+    assert result["schema"] == 2 and result["model_sha256"] == model_sha256(model)
+    assert result["data"] == data_digest(data, range(60)) and result["data"]["images"] == 60
     prov = result["provenance"]
     assert prov["device"] == "cpu" and prov["wall_time_s"] > 0 and "torch_version" in prov
     path = write_result(result, tmp_path / "sub" / "result.json")

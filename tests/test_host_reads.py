@@ -22,6 +22,10 @@ from mixacm.methods import METHODS
 from mixacm.models import build_model
 from mixacm.train import TrainState, setup, train_epoch
 
+from mixacm.data import CIFAR_CLASSES
+
+CIFAR10_NAMES = CIFAR_CLASSES["cifar10"]  # the class folders a CIFAR-10 image folder must have
+
 STEPS, LOG_EVERY, BATCH = 20, 10, 8
 KNOBS = {"igam": {"ce_only_fraction": 0.0}}  # the IGAM phase from the first step
 
@@ -32,7 +36,7 @@ def data_root(tmp_path_factory) -> Path:
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", STEPS * BATCH // 10), ("test", 2)):
         for c in range(10):
-            folder = root / split / f"class{c}"
+            folder = root / split / CIFAR10_NAMES[c]
             folder.mkdir(parents=True)
             for i in range(n):
                 write_png((torch.rand(3, 32, 32, generator=g) * 80 + 16 * c).to(torch.uint8), str(folder / f"{i}.png"))

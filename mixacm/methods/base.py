@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mixacm.registry import Registry
-from mixacm.utils import parse_eps
+from mixacm.utils import parse_linf_eps
 
 METHODS: Registry[type["Method"]] = Registry("method")
 
@@ -64,8 +64,8 @@ def _coerce(method: str, name: str, value: Any, meta: dict[str, Any]) -> Any:
         # An eps knob with ge=0 (e.g. MixACM's input_noise) may be switched off with 0.
         if meta["ge"] == 0 and not isinstance(value, bool) and str(value).strip() in ("0", "0.0", "0/255"):
             return 0.0
-        try:
-            return parse_eps(value)
+        try:  # the sanity bound too: `eps: 1` in a config is 255/255, not 1/255
+            return parse_linf_eps(value, beyond="configs stay within it (write eps as a fraction, e.g. 8/255)")
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
     if kind == "bool":

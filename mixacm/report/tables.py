@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from mixacm.utils import atomic_write, format_eps
+from mixacm.report.results import (ResultFileError, check_same_test_points, check_train_summary, read_json,
+                                   read_result_file)
+from mixacm.utils import YAMLFileError, atomic_write, format_eps, load_yaml
 
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
 TABLE_KINDS = ("cifar10", "imagenet", "less_data", "ablation", "transfer")
@@ -37,7 +38,6 @@ TABLE_KINDS = ("cifar10", "imagenet", "less_data", "ablation", "transfer")
 NO_PAPER_KINDS = ("less_data", "transfer")
 # Names of methods that no paper table row names (the transfer table's peers and the teacher).
 EXTRA_LABELS = {"teacher": "Teacher", "ard": "ARD", "rslad": "RSLAD", "awp_at": "AT-AWP", "fat": "FAT-AT"}
-RESULT_SCHEMA = 1
 
 # Table column -> metric keys of a result file, in order of preference. AutoAttack has two columns
 # so that a run evaluated with both versions keeps both: "autoattack" is the standard version (or
@@ -78,10 +78,6 @@ _KNOWN_RUN = set(_REQUIRED_RUN) | {
     "teacher", "data_source", "variant", "checkpoint", "checkpoint_sha256"}
 
 
-class ResultFileError(ValueError):
-    """A result, cost or paper-numbers file is missing or does not follow its documented format."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Paper numbers
 
@@ -89,9 +85,9 @@ def load_paper_numbers(path: str | Path = PAPER_NUMBERS) -> dict[str, Any]:
     """The paper's numbers (``paper_numbers.yaml``), checked for the keys the tables use."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ResultFileError(f"cannot read the paper's numbers from {path}: {err}") from None
+        data = load_yaml(path)
+    except YAMLFileError as err:  # unreadable, not YAML, or a key given twice
+        raise ResultFileError(f"the paper's numbers: {err}") from None
     tables = data.get("tables") if isinstance(data, dict) else None
     if not isinstance(tables, dict):
         raise ResultFileError(f"{path}: no 'tables' mapping")
@@ -120,16 +116,7 @@ def _is_number(x: Any) -> bool:
 
 
 def _read_result(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise ResultFileError(f"result file {path} does not exist")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise _fail(path, f"not valid JSON ({err})") from None
-    if not isinstance(doc, dict):
-        raise _fail(path, "top level is not a JSON object")
-    if doc.get("schema") != RESULT_SCHEMA:
-        raise _fail(path, f"schema is {doc.get('schema')!r}; expected {RESULT_SCHEMA}")
+    doc = read_result_file(path)  # every count, eps, schema and provenance agrees with itself
     run, metrics = doc.get("run"), doc.get("metrics")
     if not isinstance(run, dict):
         raise _fail(path, "'run' is missing or not an object")
@@ -168,6 +155,7 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
         "git_commit": prov.get("git_commit"),
         "git_dirty": prov.get("git_dirty"),
         "eval_device": prov.get("device"),
+        "data_sha256": (doc.get("data") or {}).get("sha256"),
         # Knobs and other run keys (e.g. MixACM's CHOICE values) travel to the report as they are.
         "run_extra": json.dumps({k: v for k, v in run.items() if k not in _KNOWN_RUN}, sort_keys=True),
     }
@@ -205,7 +193,7 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
 RESULT_COLUMNS = [
     "file", "method", "variant", "arch", "teacher", "dataset", "data_source", "data_fraction",
     "seed", "config_hash", "checkpoint", "eps", "eps_text", "git_commit", "git_dirty",
-    "eval_device", "run_extra", "metric", "accuracy_pct", "correct", "n", "attack_name",
+    "eval_device", "data_sha256", "run_extra", "metric", "accuracy_pct", "correct", "n", "attack_name",
     "attack_package", "attack_version", "attack_params",
 ]
 
@@ -230,6 +218,7 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
                     f"{row['metric']!r} of run {row['config_hash']} seed {row['seed']}")
             seen[key] = row["file"]
             rows.append(row)
+    check_same_test_points(rows)  # one table, one test set: no two data folders mixed
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
@@ -287,11 +276,9 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
     benchmarks: list[Path] = []
     for p in map(Path, paths):
         if p.suffix == ".json":
-            try:
-                summary = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise ResultFileError(f"training summary {p}: cannot be read ({err})") from None
-            if not isinstance(summary, dict) or not summary.get("config_hash"):
+            summary = read_json(p, "training summary")
+            check_train_summary(summary, p)
+            if not summary.get("config_hash"):
                 raise ResultFileError(f"training summary {p}: config_hash is missing")
             summaries.append((p, summary))
         else:

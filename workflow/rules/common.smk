@@ -15,11 +15,21 @@ from types import SimpleNamespace
 import yaml
 from snakemake.utils import update_config, validate
 
-from mixacm.config import ConfigError, check_pipeline_recipe, check_recipe_block, pipeline_run_config, teacher_source
-from mixacm.inputs import PipelineInputError, check_pipeline_inputs
+from mixacm.config import (ConfigError, check_pipeline_recipe, check_recipe_block, check_recipe_label,
+                           pipeline_run_config, run_config_hash, teacher_source)
+from mixacm.inputs import PipelineInputError, check_pipeline_data, check_pipeline_inputs
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
-from mixacm.utils import parse_eps
+from mixacm.utils import YAMLFileError, load_yaml, parse_linf_eps
+
+
+# Snakemake reads the config files with YAML's last-key-wins; read each again with the project's
+# one loader, which refuses a key given twice (both line numbers), before anything else.
+for _configfile in workflow.configfiles:
+    try:
+        load_yaml(_configfile)
+    except YAMLFileError as err:
+        raise WorkflowError(f"invalid config: {err}") from None
 
 
 # Nested --config values arrive as strings (Snakemake reads them with YAML's BaseLoader): read each
@@ -28,8 +38,8 @@ from mixacm.utils import parse_eps
 def _yaml_typed(value):
     if isinstance(value, str) and value.strip():
         try:
-            typed = yaml.safe_load(value)
-        except yaml.YAMLError:
+            typed = load_yaml("--config value", text=value)
+        except YAMLFileError:
             return value
         return typed if typed is None or isinstance(typed, (bool, int, float)) else value
     if isinstance(value, Mapping):
@@ -58,7 +68,7 @@ except WorkflowError as err:
 # the method's knobs, the resolved optimiser recipe) and cross-references, and also name the key.
 def _parse_eps(value, key):
     try:
-        return parse_eps(value)
+        return parse_linf_eps(value, beyond="the pipeline stays within it (mixacm evaluate --allow-large-eps goes beyond)")
     except ValueError as err:
         raise WorkflowError(f"config key {key}: {err}")
 
@@ -72,6 +82,10 @@ def _check_config(cfg):
                 f"config key recipes.{name}.method: unknown method {recipe['method']!r}; "
                 f"valid: {', '.join(METHODS.names())}"
             )
+        try:
+            check_recipe_label(cfg, name)
+        except ConfigError as err:
+            raise WorkflowError(f"config key {err}")
     for exp_name, exp in cfg["experiments"].items():
         for i, recipe in enumerate(exp["recipes"]):
             if recipe not in cfg["recipes"]:
@@ -144,13 +158,20 @@ def _check_config(cfg):
     # Every (recipe, dataset, arch) that will be trained, read as `mixacm train` reads it.
     trained = {(r, exp["dataset"], exp["arch"]) for exp in cfg["experiments"].values() for r in exp["recipes"]}
     trained |= {(t["recipe"], ds, t["arch"]) for ds, t in cfg["teachers"].items() if t["source"] == "train"}
+    same_run = {}  # (dataset, arch, config hash) -> recipe: two recipes that train the same run
     for recipe, dataset, arch in sorted(trained):
         needs = cfg["recipes"][recipe]["method"] in TEACHER_METHODS
         try:
-            check_pipeline_recipe(cfg, recipe, dataset=dataset, arch=arch,
-                                  teacher=teacher_file(dataset, recipe) if needs else None)
+            run = check_pipeline_recipe(cfg, recipe, dataset=dataset, arch=arch,
+                                        teacher=teacher_file(dataset, recipe) if needs else None)
         except ConfigError as err:
             raise WorkflowError(f"config key {err}")
+        other = same_run.setdefault((dataset, arch, run_config_hash(run)), recipe)
+        if other != recipe:
+            raise WorkflowError(
+                f"config key recipes.{recipe}: trains the same {arch} run on {dataset} as recipes.{other} "
+                "(same method, knobs, optim and train settings): its results would duplicate the other's; "
+                "make them differ or drop one")
     # Recipes no run uses have no dataset to resolve against: method, knobs, optim and train are
     # still checked, against the same registry and run-config schema.
     for name in sorted(set(cfg["recipes"]) - {r for r, _, _ in trained}):
@@ -189,7 +210,11 @@ TEACHER_METHODS = {name for name in METHODS.names() if METHODS.get(name).needs_t
 # (mixacm.inputs).
 onstart:
     try:
-        check_pipeline_inputs(config, datasets=_datasets_of_jobs(workflow.dag.needrun_jobs()))
+        _datasets = _datasets_of_jobs(workflow.dag.needrun_jobs())
+        check_pipeline_inputs(config, datasets=_datasets)
+        # then what the data folders say about themselves: every image decodes and is what the
+        # dataset's images are, the splits agree on their classes and do not share images
+        check_pipeline_data(config, datasets=_datasets)
     except PipelineInputError as err:
         raise WorkflowError(str(err)) from None
 
