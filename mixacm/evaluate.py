@@ -25,7 +25,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -360,21 +360,9 @@ def evaluate(
     """
     eps_value = parse_eps(eps)
     attacks = list(attacks)
-    if not attacks:
-        raise ValueError("no attacks given; valid names include clean, pgd20, autoattack")
-    dupes = sorted({a for a in attacks if attacks.count(a) > 1})
-    if dupes:
-        raise ValueError(f"attack(s) listed twice: {dupes}")
     check_batch_and_precision(batch_size, precision)
-    attack_kwargs = attack_kwargs or {}
-    # Build every attack first: an unknown name fails before any work or state file.
-    built = {name: build_attack(name, eps_value, **attack_kwargs.get(name, {})) for name in attacks}
     num_classes = dataset_num_classes(dataset)
-    for attack in built.values():
-        # AutoAttack's targeted attacks are fitted to the class count, or refused, up front.
-        adapt = getattr(attack, "adapt_to_classes", None)
-        if adapt is not None:
-            adapt(num_classes)
+    built = _build_attacks(attacks, eps_value, attack_kwargs or {}, num_classes)
     dev = resolve_device(device)
 
     indices = balanced_first_n(dataset_labels(dataset), n)
@@ -396,17 +384,9 @@ def evaluate(
         "precision": precision,
         "data_sha256": data["sha256"],
     }
-    if state_file is not None and state_file.exists():
-        state = _read_state(state_file, key)
-    else:
-        state = {"format": STATE_FORMAT, "version": 1, "key": key, "wall_time_s": 0.0,
-                 "done": {name: {} for name in attacks}}
-    done: dict[str, dict[str, list[int]]] = state["done"]
-    prior_wall = float(state["wall_time_s"])
-
-    pending = [b for b in range(len(batches)) if any(str(b) not in done[a] for a in attacks)]
-    total = len(batches) * len(attacks)
-    t0 = time.perf_counter()
+    state = _read_state(state_file, key) if state_file is not None and state_file.exists() else {
+        "format": STATE_FORMAT, "version": 1, "key": key, "wall_time_s": 0.0, "done": {a: {} for a in attacks}}
+    t0, prior_wall = time.perf_counter(), float(state["wall_time_s"])
     was_training = model.training
     model.to(dev).eval()
     # The one input and model check, on the first batch, before any attack or state file.
@@ -419,9 +399,64 @@ def evaluate(
         raise
     if precision != "fp32":
         attacked = AutocastLogits(attacked, torch.bfloat16)
+    try:
+        _attack_batches(attacked, dataset, batches, built, state, state_file, dev=dev, seed=seed,
+                        num_classes=num_classes, randomised=model_check["randomised"], progress=progress,
+                        num_workers=num_workers)
+    finally:
+        model.train(was_training)
+
+    result = {
+        "schema": RESULT_SCHEMA,
+        "eps": eps_value,
+        "eps_text": format_eps(eps),
+        "n": len(indices),
+        "subset": {"selection": "balanced_first_n", "indices_sha256": key["indices_sha256"]},
+        "data": data,
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "batch_size_rule": batch_rule,
+        "model_sha256": key["model_sha256"],
+        "model_check": model_check,
+        "precision": precision_label,
+        "precision_detail": precision_detail,
+        "metrics": _metrics(state["done"], built),
+        "provenance": {**provenance(dev), "wall_time_s": prior_wall + time.perf_counter() - t0},
+    }
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
+    return result
+
+
+def _build_attacks(attacks: list[str], eps: float, attack_kwargs: dict[str, dict[str, Any]],
+                   num_classes: int) -> dict[str, Any]:
+    """Every attack, built before any work or state file (an unknown name fails here), with
+    AutoAttack's targeted attacks fitted to the class count or refused up front."""
+    if not attacks:
+        raise ValueError("no attacks given; valid names include clean, pgd20, autoattack")
+    dupes = sorted({a for a in attacks if attacks.count(a) > 1})
+    if dupes:
+        raise ValueError(f"attack(s) listed twice: {dupes}")
+    built = {name: build_attack(name, eps, **attack_kwargs.get(name, {})) for name in attacks}
+    for attack in built.values():
+        adapt = getattr(attack, "adapt_to_classes", None)
+        if adapt is not None:
+            adapt(num_classes)
+    return built
+
+
+def _attack_batches(attacked: Callable[[Tensor], Tensor], dataset: Dataset, batches: list[list[int]],
+                    built: dict[str, Any], state: dict, state_file: Path | None, *, dev: torch.device, seed: int,
+                    num_classes: int, randomised: bool, progress: bool, num_workers: int) -> None:
+    """Run every (batch, attack) step not yet in ``state["done"]``, recording ``[correct, n]``
+    after each (and writing ``state_file``, so a kill loses at most the step running)."""
+    attacks, done = list(built), state["done"]
+    prior_wall, t0 = float(state["wall_time_s"]), time.perf_counter()
+    pending = [b for b in range(len(batches)) if any(str(b) not in done[a] for a in attacks)]
+    total = len(batches) * len(attacks)
     # A randomised model draws from the global RNG: seeded per (attack, batch), its counts do not
     # depend on interruptions either.
-    draws = _seeded_draws if model_check["randomised"] else _no_seed
+    draws = _seeded_draws if randomised else _no_seed
     loader = DataLoader(dataset, batch_sampler=[batches[b] for b in pending], num_workers=num_workers)
     # One step = one attack on one batch; the postfix names the step running now (one AutoAttack
     # step can take minutes on a CPU), then the accuracy of the step just finished.
@@ -449,34 +484,17 @@ def evaluate(
                     bar.update(1)
         finally:
             bar.close()
-            model.train(was_training)
 
+
+def _metrics(done: dict[str, dict[str, list[int]]], built: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each attack's accuracy (percent), its counts and its spec, summed over the batches."""
     metrics = {}
-    for name in attacks:
+    for name, attack in built.items():
         correct = sum(c for c, _ in done[name].values())
         count = sum(k for _, k in done[name].values())
         metrics[name] = {"accuracy_pct": 100.0 * correct / count, "correct": correct, "n": count,
-                         "attack": built[name].spec}
-    result = {
-        "schema": RESULT_SCHEMA,
-        "eps": eps_value,
-        "eps_text": format_eps(eps),
-        "n": len(indices),
-        "subset": {"selection": "balanced_first_n", "indices_sha256": key["indices_sha256"]},
-        "data": data,
-        "seed": int(seed),
-        "batch_size": int(batch_size),
-        "batch_size_rule": batch_rule,
-        "model_sha256": key["model_sha256"],
-        "model_check": model_check,
-        "precision": precision_label,
-        "precision_detail": precision_detail,
-        "metrics": metrics,
-        "provenance": {**provenance(dev), "wall_time_s": prior_wall + time.perf_counter() - t0},
-    }
-    if state_file is not None:
-        state_file.unlink(missing_ok=True)
-    return result
+                         "attack": attack.spec}
+    return metrics
 
 
 def checked_first_batch(dataset: Dataset, indices: Sequence[int], num_classes: int) -> Tensor:
