@@ -332,7 +332,7 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
 
 
 def _new_totals() -> dict:
-    return {"train_time_s": 0.0, "wall_time_s": 0.0, "images": 0}
+    return {"train_time_s": 0.0, "train_cpu_time_s": 0.0, "wall_time_s": 0.0, "images": 0}
 
 
 @dataclass
@@ -415,7 +415,7 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
     bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.recipe['epochs']}", unit="batch",
                disable=not show, leave=False)
     extra_params = run.extra_params
-    t_loop = time.perf_counter()
+    t_loop, cpu_loop = time.perf_counter(), time.process_time()
     try:
         for i, (x, y) in enumerate(loader):
             if i >= run.steps_per_epoch:
@@ -449,7 +449,7 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}")
     finally:
         bar.close()
-    train_time = time.perf_counter() - t_loop
+    train_time, train_cpu_time = time.perf_counter() - t_loop, time.process_time() - cpu_loop
 
     keys = sorted(sums)  # every rank reports the same keys
     packed = ddp.all_reduce_sum(torch.tensor([n_steps, images] + [sums[k] for k in keys], dtype=torch.float64,
@@ -458,7 +458,7 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
     return {"epoch": epoch + 1, "step": state.global_step, "lr": lr,
             **{k: v / max(total_steps, 1) for k, v in zip(keys, packed[2:])},
             "images_per_s": total_images / train_time if train_time > 0 else None,
-            "train_time_s": train_time, "images": total_images}
+            "train_time_s": train_time, "train_cpu_time_s": train_cpu_time, "images": total_images}
 
 
 # ----------------------------------------------------------------------------- checkpoint selection
@@ -555,6 +555,10 @@ def _train(cfg: dict, out: Path, ctx: ddp.DistContext, stop_after_steps: int | N
         score_epoch(run, state, line)
         state.epoch += 1
         state.totals["train_time_s"] += line["train_time_s"]
+        # CPU time of this process in the loop (all its threads): the cost of a CPU run; None
+        # after resuming a state written before it was counted
+        if state.totals.setdefault("train_cpu_time_s", None) is not None:
+            state.totals["train_cpu_time_s"] += line["train_cpu_time_s"]
         state.totals["images"] += images
         state.totals["wall_time_s"] += time.perf_counter() - t_epoch
         line["wall_time_s"] = state.totals["wall_time_s"]
@@ -586,6 +590,7 @@ def _finish(run: Run, state: TrainState) -> dict:
                     "holdout": d["holdout"], "augment": d["augment"], "source": run.source},
         "epochs": len(state.history), "steps": state.global_step, "resumed_from_epoch": state.resumed_from,
         "images": totals["images"], "train_time_s": totals["train_time_s"], "wall_time_s": totals["wall_time_s"],
+        "train_cpu_time_s": totals.get("train_cpu_time_s"),
         "images_per_s": totals["images"] / totals["train_time_s"] if totals["train_time_s"] > 0 else None,
         "device": str(ctx.device), "world_size": ctx.world_size,
         "device_hours": totals["wall_time_s"] * ctx.world_size / 3600.0,

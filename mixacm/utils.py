@@ -137,3 +137,16 @@ def config_hash(cfg: Any) -> str:
     """A short, stable hash of a JSON-serialisable config (key order does not matter)."""
     blob = json.dumps(cfg, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as a file that may be published should name it: relative to the current folder
+    (the checkout the workflow runs in) when it lies inside it, else as given. An absolute path
+    would name the folder a run happened to sit in."""
+    p = Path(path)
+    if p.is_absolute():
+        try:
+            return p.relative_to(Path.cwd()).as_posix()
+        except ValueError:
+            return str(path)
+    return p.as_posix()
