@@ -140,13 +140,18 @@ def config_hash(cfg: Any) -> str:
 
 
 def portable_path(path: str | os.PathLike) -> str:
-    """``path`` as a file that may be published should name it: relative to the current folder
-    (the checkout the workflow runs in) when it lies inside it, else as given. An absolute path
-    would name the folder a run happened to sit in."""
+    """``path`` as a file that may be published should name it: relative to the checkout the
+    command runs in (the nearest folder above the current one that holds ``.git``; else the
+    current folder) when it lies inside it, else as given. An absolute path would name the
+    folder a run happened to sit in."""
     p = Path(path)
-    if p.is_absolute():
+    if not p.is_absolute():
+        return p.as_posix()
+    cwd = Path.cwd()
+    checkout = next((d for d in (cwd, *cwd.parents) if (d / ".git").exists()), cwd)
+    for base in (checkout, cwd):
         try:
-            return p.relative_to(Path.cwd()).as_posix()
+            return p.relative_to(base).as_posix()
         except ValueError:
-            return str(path)
-    return p.as_posix()
+            continue
+    return str(path)

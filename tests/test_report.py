@@ -713,14 +713,19 @@ def test_cpu_runs_cost_the_cpu_time_of_their_training_loop(tmp_path):
     assert costs.at["cifar10/mixacm/frac0.05/seed0", "device_hours"] == pytest.approx(1 / 3600)
     assert costs.at["cifar10/mixacm/frac1.0/seed0", "device_hours"] == pytest.approx(20 / 3600)
     assert costs.at["cifar10/mixacm/frac0.05/seed0", "job_cpu_s"] == 30.0  # the job's time, kept beside
-    # one summary written before train_cpu_time_s: every CPU run falls back to the loop's wall
-    # time, so the set keeps one unit
+    # one summary written before train_cpu_time_s: every CPU run falls back to its job's CPU time
+    # (the benchmark), so the set keeps one unit; a resumed run's last-attempt benchmark is no cost
     old = json.loads(paths[0].read_text())
     del old["train_cpu_time_s"]
     paths[0].write_text(json.dumps(old))
     costs = collect_costs(paths).set_index("name")
-    assert list(costs["cost_unit"]) == ["wall-clock hours", "wall-clock hours"]
-    assert costs.at["cifar10/mixacm/frac1.0/seed0", "device_hours"] == pytest.approx(21 / 3600)
+    assert list(costs["cost_unit"]) == ["CPU-hours (whole job)", "CPU-hours (whole job)"]
+    assert costs.at["cifar10/mixacm/frac1.0/seed0", "device_hours"] == pytest.approx(25 / 3600)
+    resumed = json.loads(paths[2].read_text())
+    paths[2].write_text(json.dumps({**resumed, "resumed_from_epoch": 1}))
+    costs = collect_costs(paths).set_index("name")
+    assert pd.isna(costs.at["cifar10/mixacm/frac1.0/seed0", "device_hours"])
+    assert costs.at["cifar10/mixacm/frac1.0/seed0", "cost_source"].startswith("none: a resumed run")
 
 
 @pytest.mark.parametrize("same_config", [False, True], ids=["own-config", "a-students-config"])
@@ -778,9 +783,14 @@ def test_no_difference_across_settings(make_result):
     assert mix["paper_clean"] > 80  # the paper's number is still shown
 
 
+# Widths, and the most lines any header's own text (its title, not the point count under it) takes.
 WIDTH_PROBE = ("<script>const t = document.querySelector('table[data-kind]');"
+               "const lines = [...t.querySelectorAll('thead th')].map(th => { const tops = new Set();"
+               " for (const n of th.childNodes) { if (n.nodeType !== 3 || !n.textContent.trim()) continue;"
+               " const r = document.createRange(); r.selectNodeContents(n);"
+               " for (const b of r.getClientRects()) tops.add(Math.round(b.top)); } return tops.size; });"
                "document.title = [document.documentElement.scrollWidth, t.getBoundingClientRect().right,"
-               " document.documentElement.clientWidth].join(' ');</script>")
+               " document.documentElement.clientWidth, Math.max(...lines)].join(' ');</script>")
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
@@ -802,9 +812,11 @@ def test_main_table_fits_a_1366_px_window(repo_root, tmp_path):
          f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1366,900", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    page_width, table_right, client_width = map(float, re.search(r"<title>([^<]*)</title>", proc.stdout).group(1).split())
+    page_width, table_right, client_width, header_lines = map(
+        float, re.search(r"<title>([^<]*)</title>", proc.stdout).group(1).split())
     assert page_width <= client_width, "the page scrolls sideways at 1366 px"
     assert table_right <= client_width, f"the main table ends at {table_right} px of {client_width}"
+    assert header_lines <= 2, f"a column header wraps over {header_lines:.0f} lines"
 
 
 def test_run_details_tell_the_two_gammas_apart(built):

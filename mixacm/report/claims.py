@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from mixacm.report.tables import FULL_VARIANTS, TRAINED, ResultFileError, norm_variant, row_name
+from mixacm.report.tables import COST_AXIS, FULL_VARIANTS, TRAINED, ResultFileError, norm_variant, row_name
 
 # The robust columns claim (a) compares, each beside PGD-20 on its own points where it has them.
 ROBUST = [("pgd20", "PGD-20"), ("autoattack_apgd", "APGD-CE+APGD-T"), ("autoattack", "AutoAttack (standard)"),
@@ -134,7 +134,7 @@ def _same_points_line(mix: pd.Series, at: pd.Series, col: str, title: str) -> li
     key = f"{col}_pgd20_mean"
     if key not in mix or pd.isna(mix.get(key)) or pd.isna(at.get(key)) or mix[f"{col}_n"] == mix["pgd20_n"]:
         return []
-    return [f"| PGD-20 on the {title} points | {_fmt(mix[key], mix.get(f'{col}_pgd20_std'))} | "
+    return [f"| PGD-20 on the same {mix[f'{col}_n']} points as {title} | {_fmt(mix[key], mix.get(f'{col}_pgd20_std'))} | "
             f"{_fmt(at[key], at.get(f'{col}_pgd20_std'))} | {mix[key] - at[key]:+.2f} | "
             f"{mix[f'{col}_seeds']} / {at[f'{col}_seeds']} | {mix[f'{col}_n']} |"]
 
@@ -147,13 +147,14 @@ def claim_b(main: pd.DataFrame) -> list[str]:
     if costless:
         raise MissingRows("cifar10", [f"the training cost (train_device_hours) of {', '.join(costless)}"])
     units = sorted({str(u) for u in main.get("train_cost_unit", pd.Series(dtype=str)).dropna() if u})
-    if len(units) > 1 or (mix["train_cost_unit"] != at["train_cost_unit"]):
+    if len(units) > 1 or mix.get("train_cost_unit") != at.get("train_cost_unit"):
         raise MissingRows("cifar10", [f"training costs in one unit (found {', '.join(units)})"])
-    lines = [f"| method | training cost, {units[0] if units else 'no unit'} of the training loop "
+    lines = [f"| method | training cost, {COST_AXIS.get(units[0], units[0]) if units else 'no unit'} "
              "(mean over seeds) | relative to AT |", "|---|---|---|"]
     for _, row in main[main["status"] == TRAINED].iterrows():
-        lines.append(f"| {row_name(row)} | {row['train_device_hours']:.4f} | "
-                     f"{row['train_device_hours'] / at['train_device_hours']:.2f} |")
+        cost = row["train_device_hours"]
+        lines.append(f"| {row_name(row)} | {_fmt(cost) if pd.isna(cost) else f'{cost:.4f}'} | "
+                     f"{_fmt(cost / at['train_device_hours'])} |")
     ratio = mix["train_device_hours"] / at["train_device_hours"]
     return lines + ["", f"MixACM / AT = **{ratio:.2f}** (AT costs {1 / ratio:.1f} times MixACM). "
                         f"**{'Holds' if ratio < 1 else 'Does not hold'}**."]

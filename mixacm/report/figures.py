@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -43,6 +44,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Annotation, Text
 
 from mixacm.report.tables import (
+    COST_AXIS,
     ROBUST_PREFERENCE,
     TRAINED,
     ResultFileError,
@@ -93,13 +95,17 @@ def _seeds_note(rows: pd.DataFrame) -> str:
 
 
 def ran_setting(rows: pd.DataFrame) -> str:
-    """What the trained rows ran: "resnet2b student, L-inf 2/255, CIFAR-10 (JPEG copy)"."""
+    """What the trained rows ran: "resnet2b student, L-inf 2/255, CIFAR-10 (JPEG copy)" (", teacher
+    resnet4b" where the teacher's own row is among them)."""
     if rows.empty:
         return ""
-    students = ", ".join(sorted(set(rows["student"].astype(str))))
+    is_teacher = rows["method_key"].eq("teacher") if "method_key" in rows else pd.Series(False, index=rows.index)
+    students = ", ".join(sorted(set(rows.loc[~is_teacher, "student"].astype(str))))
+    teachers = ", ".join(sorted(set(rows.loc[is_teacher, "student"].astype(str))))
     eps = ", ".join(sorted(set(rows["eps"].astype(str))))
     source = _sources(rows)
-    return f"{students} student, L-inf {eps}" + (f", {source}" if source else "")
+    return (f"{students} student" if students else "") + (f", teacher {teachers}" if teachers else "") + \
+        f", L-inf {eps}" + (f", {source}" if source else "")
 
 
 def smoke_note(config: str | os.PathLike | None) -> str:
@@ -148,7 +154,7 @@ _MARKER_PX = 6  # half the size of a drawn marker's box, in display pixels at 10
 
 def _label(ax, text: str, xy: tuple[float, float], color: str, fontsize: float = 7) -> Annotation:
     return ax.annotate(text, xy, xytext=(0, 0), textcoords="offset points", fontsize=fontsize, color=color,
-                       va="center", arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6, "alpha": 0.7,
+                       va="center", arrowprops={"arrowstyle": "-", "color": color, "lw": 0.7, "alpha": 0.8,
                                                 "shrinkA": 1, "shrinkB": 4})
 
 
@@ -163,23 +169,41 @@ def _overlap(a, b) -> float:
     return w * h if w > 0 and h > 0 else 0.0
 
 
-def place_labels(fig: Figure, labels: list[PointLabel], markers: Mapping[Any, list[tuple[float, float]]]) -> list:
-    """Move each label to the nearest offset where its text covers no label placed before it,
-    no marker (``markers``: axes -> drawn points, data coordinates) and nothing outside its axes,
-    and where no other marker is nearer to it than its own point (greedy, deterministic; the
-    least bad offset when none is free). Returns the final text boxes (display coordinates)."""
+def _obstacles(ax, marks: Iterable[tuple], half: float) -> tuple[list[tuple[float, float]], list]:
+    """Display positions of the drawn points and the boxes a label must not cover: each marker
+    and, where given (``(x, y, xerr, yerr)``, data units), its error bars."""
     from matplotlib.transforms import Bbox
 
+    centres, boxes = [], []
+    for mark in marks:
+        x, y, xerr, yerr = (*mark, 0, 0)[:4]
+        cx, cy = ax.transData.transform((x, y))
+        centres.append((cx, cy))
+        boxes.append(Bbox.from_extents(cx - half, cy - half, cx + half, cy + half))
+        for dx, dy in ((xerr or 0, 0), (0, yerr or 0)):
+            if dx or dy:
+                (x0, y0), (x1, y1) = ax.transData.transform([(x - dx, y - dy), (x + dx, y + dy)])
+                boxes.append(Bbox.from_extents(min(x0, x1) - 1, min(y0, y1) - 1, max(x0, x1) + 1, max(y0, y1) + 1))
+    return centres, boxes
+
+
+def place_labels(fig: Figure, labels: list[PointLabel], markers: Mapping[Any, list[tuple]],
+                 fixed: Iterable[Text] = ()) -> list:
+    """Move each label to the nearest offset where its text covers no label placed before it,
+    no marker or error bar (``markers``: axes -> drawn points ``(x, y)`` or ``(x, y, xerr,
+    yerr)``, data coordinates), no ``fixed`` text and nothing outside its axes, and where no other
+    point is nearer to it than its own (greedy, deterministic; the least bad offset when none is
+    free). Returns the final text boxes (display coordinates)."""
     FigureCanvasAgg(fig)
     fig.canvas.draw()  # final layout, so that boxes are where they will be drawn
     renderer = fig.canvas.get_renderer()
-    half = _MARKER_PX * fig.dpi / 100
-    points = {ax: [tuple(ax.transData.transform(p)) for p in pts] for ax, pts in markers.items()}
-    placed: list = []
+    drawn = {ax: _obstacles(ax, marks, _MARKER_PX * fig.dpi / 100) for ax, marks in markers.items()}
+    placed: list = [t.get_window_extent(renderer) for t in fixed]
     for label in labels:
         ann, ax = label.annotation, label.annotation.axes
         own = tuple(ax.transData.transform(ann.xy))
-        others = [p for p in points.get(ax, []) if math.dist(p, own) > 0.5]
+        centres, obstacles = drawn.get(ax, ([], []))
+        others = [p for p in centres if math.dist(p, own) > 0.5]
         frame = ax.get_window_extent(renderer)
         best = None
         for r in _RADII:
@@ -190,9 +214,7 @@ def place_labels(fig: Figure, labels: list[PointLabel], markers: Mapping[Any, li
                 box = Text.get_window_extent(ann, renderer)
                 outside = box.width * box.height - _overlap(box, frame)
                 mine = _gap(box, *own)
-                cost = (sum(_overlap(box, other) for other in placed)
-                        + sum(_overlap(box, Bbox.from_extents(x - half, y - half, x + half, y + half))
-                              for x, y in [own, *others])
+                cost = (sum(_overlap(box, other) for other in placed) + sum(_overlap(box, o) for o in obstacles)
                         + 10 * outside + 500 * sum(_gap(box, *p) < mine for p in others) + r / 10)
                 if best is None or cost < best[0]:
                     best = (cost, r * ux, r * uy, ann.get_horizontalalignment(), ann.get_verticalalignment(), box)
@@ -202,7 +224,7 @@ def place_labels(fig: Figure, labels: list[PointLabel], markers: Mapping[Any, li
         ann.set_verticalalignment(va)
         placed.append(box)
     fig.canvas.draw()
-    return placed
+    return placed[len(placed) - len(labels):]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +312,7 @@ def _panels(tables: Mapping[str, pd.DataFrame], paper: Mapping[str, Any]) -> lis
 
 
 def _draw_panel(ax, panel: Mapping[str, Any], refs: list[Mapping[str, Any]], labels: list[PointLabel],
-                markers: list[tuple[float, float]]) -> None:
+                markers: list[tuple]) -> None:
     spec, rows = panel["spec"], panel["rows"]
     if panel["paper"]:
         points = [p for p in spec["rows"] if p.get("clean") is not None and p.get("robust") is not None]
@@ -317,7 +339,7 @@ def _draw_panel(ax, panel: Mapping[str, Any], refs: list[Mapping[str, Any]], lab
         yerr = row[f"{col}_std"] if pd.notna(row[f"{col}_std"]) else None
         ax.errorbar(row["clean_mean"], robust, xerr=xerr, yerr=yerr, fmt="o", ms=7, color="tab:red",
                     ecolor="tab:red", elinewidth=0.8, capsize=2, zorder=3, label="trained here" if i == 0 else None)
-        markers.append((row["clean_mean"], robust))
+        markers.append((row["clean_mean"], robust, xerr, yerr))
         labels.append(PointLabel(_label(ax, _wrap(row_name(row)), (row["clean_mean"], robust), "tab:red"),
                                  TRAINED, row_name(row), spec["dataset"]))
     what = (f"ran here: {ran_setting(rows)}" if not panel["paper"] else
@@ -344,7 +366,7 @@ def draw_clean_vs_robust(tables: Mapping[str, pd.DataFrame], paper: Mapping[str,
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     refs = paper.get("robustbench", {}).get("models", [])
     labels: list[PointLabel] = []
-    markers: dict[Any, list[tuple[float, float]]] = {}
+    markers: dict[Any, list[tuple]] = {}
     for ax, panel in zip(axes, panels):
         _draw_panel(ax, panel, refs, labels, markers.setdefault(ax, []))
     fig.suptitle("Clean against robust accuracy, one panel per setting: trained here (filled) "
@@ -387,7 +409,7 @@ def training_cost_figure(tables: Mapping[str, pd.DataFrame], path: Path, note: s
         ax.barh(labels, [b[k] for k in labels], color="tab:gray")
         ax.tick_params(axis="y", labelsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(f"{unit} of the training loop (mean over seeds)")
+        ax.set_xlabel(f"{COST_AXIS.get(unit, unit)} (mean over seeds)")
         ax.grid(axis="x", alpha=0.3)
     rows = pd.concat([_trained(t) for t in tables.values() if t is not None] or [pd.DataFrame()])
     fig.suptitle("Training cost per trained row" + (f"\n{ran_setting(rows)}" if not rows.empty else ""),
@@ -409,6 +431,7 @@ def draw_transfer(table: pd.DataFrame | None, note: str = "") -> tuple[Figure, l
     ax = fig.subplots()
     labels: list[PointLabel] = []
     markers: list[tuple[float, float]] = []
+    notes = []  # the lines of rows without a cost on the axis, with their text
     if rows.empty:
         _empty(ax)
     else:
@@ -428,21 +451,57 @@ def draw_transfer(table: pd.DataFrame | None, note: str = "") -> tuple[Figure, l
                 labels.append(PointLabel(_label(ax, _wrap(name), (row["train_device_hours"], robust), "tab:red"),
                                          TRAINED, name))
             else:
-                why = "cost not recorded" if row.name not in costed.index else f"cost in {row['train_cost_unit']}"
+                source = row.get("cost_source")
+                why = (f"cost in {row['train_cost_unit']}" if row.name in costed.index else
+                       f"no cost ({source.removeprefix('none: ')})" if isinstance(source, str)
+                       and source.startswith("none: ") else "cost not recorded")
                 ax.axhline(robust, color="tab:gray", ls="--", lw=1)
-                ax.annotate(f"{name}, {why}", (0.01, robust), xycoords=("axes fraction", "data"),
-                            fontsize=7, xytext=(0, 3), textcoords="offset points", color="tab:gray")
+                notes.append(ax.annotate(f"{name}, {why}", (0.01, robust), xycoords=("axes fraction", "data"),
+                                         fontsize=7, xytext=(0, 3), textcoords="offset points", color="tab:gray"))
         if len(on_axis):
             ax.set_xscale("log")
-        ax.set_xlabel(f"training cost, {unit or 'no unit recorded'} of the training loop (mean over seeds)")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel(f"training cost, {COST_AXIS.get(unit, unit or 'no unit recorded')} (mean over seeds)")
         ax.set_ylabel(f"robust accuracy (%), {_robust_title(rows, col)}")
         ax.grid(alpha=0.3)
         ax.margins(x=0.3, y=0.12)
     ax.set_title("Robustness transfer: robust accuracy against training cost"
                  + (f"\n{ran_setting(rows)}" if not rows.empty else ""), fontsize=10)
     _footnote(fig, note)
-    place_labels(fig, labels, {ax: markers})
+    _place_notes(fig, ax, notes, markers)
+    place_labels(fig, labels, {ax: markers}, fixed=notes)
     return fig, labels
+
+
+def _place_notes(fig: Figure, ax, notes: list, markers: list[tuple]) -> None:
+    """Put each line's note at the end of its line (left or right, above or below it) where it
+    covers no point and no note placed before it."""
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    _, points = _obstacles(ax, markers, _MARKER_PX * fig.dpi / 100)
+    placed: list = []
+    for note in notes:
+        best = None
+        for x, ha in ((0.01, "left"), (0.99, "right")):
+            for dy, va in ((3, "bottom"), (-3, "top")):
+                note.xy = (x, note.xy[1])
+                note.set_position((0, dy))
+                note.set_horizontalalignment(ha)
+                note.set_verticalalignment(va)
+                box = note.get_window_extent(renderer)
+                cost = sum(_overlap(box, o) for o in [*points, *placed])
+                if best is None or cost < best[0]:
+                    best = (cost, x, dy, ha, va, box)
+        _, x, dy, ha, va, box = best
+        note.xy = (x, note.xy[1])
+        note.set_position((0, dy))
+        note.set_horizontalalignment(ha)
+        note.set_verticalalignment(va)
+        placed.append(box)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,30 +519,43 @@ def _read_audit(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _audit_name(run: Mapping[str, Any], labels: Mapping[str, str], path: str | os.PathLike) -> str:
-    """The tables' name of an audited run: "MixACM", "MixACM [compute-matched]", "Teacher (...)"."""
+    """The tables' name of an audited run: "MixACM", "MixACM [compute-matched]", "Teacher [resnet4b]"."""
     method = str(run.get("method") or run.get("recipe") or Path(path).stem)
-    if method == "teacher":
-        return f"Teacher ({run.get('variant')})" if run.get("variant") else "Teacher"
     return row_name({"method": labels.get(method, method), "variant": run.get("variant")})
+
+
+def _sweep_setting(runs: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -> str:
+    """What the audited runs were: data, models, points, the sweep's PGD, seeds per line."""
+    def join(values) -> str:
+        return ", ".join(sorted({str(v) for v in values if v is not None}))
+
+    students = join(run.get("arch") for name, run, _ in runs if run.get("method") != "teacher")
+    teachers = join(run.get("arch") for name, run, _ in runs if run.get("method") == "teacher")
+    seeds = [sum(1 for other, _, _ in runs if other == name) for name in {name for name, _, _ in runs}]
+    parts = [join(run.get("data_source") for _, run, _ in runs),
+             f"student {students}" if students else "", f"teacher {teachers}" if teachers else "",
+             f"{join(result.get('n') for _, _, result in runs)} test points",
+             f"PGD-{join(result['audit'].get('settings', {}).get('sweep_steps') for _, _, result in runs)} "
+             "at each eps (PGD-20 at the audit's own eps)",
+             ("one seed" if max(seeds) == 1 else f"mean over {min(seeds)}-{max(seeds)} seeds" if min(seeds) < max(seeds)
+              else f"mean over {max(seeds)} seeds")]
+    return "; ".join(p for p in parts if p)
 
 
 def draw_eps_sweep(paths: Iterable[str | os.PathLike], note: str = "") -> Figure:
     """PGD accuracy against eps, one line per audited row (mean over its files: its seeds)."""
     labels = method_labels(load_paper_numbers(), "cifar10")
     curves: dict[str, dict[float, list[float]]] = {}
-    setting: dict[str, set] = {"arch": set(), "source": set(), "n": set(), "steps": set(), "seeds": set()}
+    runs = []
     for p in paths:
         result = _read_audit(p)
         run = result.get("run") or {}
         name = _audit_name(run, labels, p)
-        for key, value in (("arch", run.get("arch")), ("source", run.get("data_source")), ("n", result.get("n")),
-                           ("steps", result["audit"].get("settings", {}).get("sweep_steps"))):
-            setting[key].add(value)
-        setting["seeds"].add((name, run.get("seed")))
+        runs.append((name, run, result))
         for row in result["audit"]["sweep"]:
             curves.setdefault(name, {}).setdefault(round(float(row["eps"]) * 255, 6), []).append(
                 float(row["accuracy_pct"]))
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
     if not curves:
         _empty(ax, "no audit results")
@@ -505,15 +577,9 @@ def draw_eps_sweep(paths: Iterable[str | os.PathLike], note: str = "") -> Figure
     ax.set_xlabel("eps (L-inf, fraction of the [0, 1] range)")
     ax.set_ylabel("accuracy under PGD (%)")
     ax.grid(alpha=0.3)
-    seeds = max((sum(1 for n, _ in setting["seeds"] if n == name) for name in curves), default=0)
-    described = "; ".join(filter(None, [
-        ", ".join(sorted(map(str, setting["source"] - {None}))),
-        "student " + ", ".join(sorted(map(str, setting["arch"] - {None}))) if setting["arch"] - {None} else "",
-        f"{', '.join(str(n) for n in sorted(setting['n'] - {None}))} test points",
-        f"PGD-{', '.join(str(s) for s in sorted(setting['steps'] - {None}))}" if setting["steps"] - {None} else "",
-        f"mean over {seeds} seeds" if seeds > 1 else "one seed"]))
-    ax.set_title("Robust accuracy against eps (robustness audit's sweep)" + (f"\n{described}" if curves else ""),
-                 fontsize=10)
+    fig.suptitle("Robust accuracy against eps (the robustness audit's sweep)", fontsize=11)
+    if curves:
+        ax.set_title(_wrap(_sweep_setting(runs), 90), fontsize=8)
     _footnote(fig, note)
     return fig
 

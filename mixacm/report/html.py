@@ -29,7 +29,7 @@ from mixacm.report.tables import (
     PAIRED_COLUMNS,
     TABLE_KINDS,
     TRAINED,
-    WALL_HOURS,
+    JOB_CPU_HOURS,
     load_paper_numbers,
 )
 from mixacm.utils import atomic_write, portable_path as display_path
@@ -153,8 +153,9 @@ BADGES = {
 COST_UNITS = {
     CPU_HOURS: "CPU time of the training loop's steps (all threads of the process), in hours",
     GPU_HOURS: "wall time of the training loop's steps x the GPUs of the run, in hours",
-    WALL_HOURS: "wall time of the training loop's steps x the devices of the run, in hours (CPU runs "
-                "whose summaries predate the CPU-time record; a loaded machine inflates it)",
+    JOB_CPU_HOURS: "CPU time of the whole training job from its Snakemake benchmark, in hours: start-up "
+                   "and data loading included (the cost of runs whose training summaries predate the "
+                   "loop's own CPU time; none for a resumed run, whose benchmark timed its last attempt only)",
 }
 
 
@@ -171,6 +172,17 @@ def _attack_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cols.append({"key": c, "title": ATTACK_TITLES[c], "paired": paired,
                      "points": ", ".join(f"{n:,}" for n in ns)})
     return cols
+
+
+def _filled_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper, difference and cost columns some row has a value in (others are not shown),
+    and the cost unit when every costed row shares one (then the header carries it)."""
+    filled = lambda col: any(r.get(col) is not None for r in rows)  # noqa: E731
+    units = {r.get("train_cost_unit") for r in rows if r.get("train_device_hours") is not None}
+    return {"paper_columns": [c for c in ("clean", "robust") if filled(f"paper_{c}")],
+            "diff_columns": [c for c in ("clean", "robust") if filled(f"diff_{c}")],
+            "has_cost": filled("train_device_hours"),
+            "cost_unit": units.pop() if len(units) == 1 else None}
 
 
 def section_heading(kind: str, spec: Mapping[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -239,7 +251,7 @@ def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Pa
                          "student": spec.get("student"), "eps": spec.get("eps"),
                          "has_paper": kind not in NO_PAPER_KINDS, "rows": rows,
                          "description": spec.get("description"),
-                         "attack_columns": _attack_columns(rows)})
+                         "attack_columns": _attack_columns(rows), **_filled_columns(rows)})
     units = sorted({u for t in tables.values() if "train_cost_unit" in t
                     for v in t["train_cost_unit"].dropna() for u in str(v).split(";") if u})
     env = jinja2.Environment(

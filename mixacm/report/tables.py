@@ -16,13 +16,13 @@ pipeline does not train appear as rows with status ``cited``.
 
 Training cost (``train_device_hours``, its unit in ``train_cost_unit``) counts the training
 loop's steps only, from the training summary (every epoch of every attempt of a resumed run;
-start-up, data decoding, model selection and waiting for a job slot excluded): a CPU run's CPU
-time in the loop (``train_cpu_time_s``, "CPU-hours"), which a loaded machine does not inflate the
-way it inflates wall time; a GPU run's loop wall time x its GPUs ("GPU-hours"). CPU runs whose
-summaries predate ``train_cpu_time_s`` are all costed by the loop's wall time x devices
-("wall-clock hours"), so one set of runs never mixes the two. Snakemake benchmark files, which
-time the whole job (start-up and data loading included, and only the attempt that succeeded),
-are kept beside the cost as the job's time, not used for it.
+start-up, data decoding, model selection and waiting for a core excluded): a CPU run's CPU time
+in the loop (``train_cpu_time_s``, "CPU-hours"), which a loaded machine does not inflate the way
+it inflates wall time; a GPU run's loop wall time x its GPUs ("GPU-hours"). Snakemake benchmark
+files time the whole job (start-up and data loading included) and only the attempt that
+finished; they stand beside the cost as the job's time. Only where a CPU summary predates
+``train_cpu_time_s`` are the CPU runs of the set costed by their jobs' CPU time instead ("CPU-hours
+(whole job)"; none for a resumed run), so one set of runs never mixes units.
 """
 from __future__ import annotations
 
@@ -272,7 +272,10 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
 COST_COLUMNS = ["config_hash", "name", "device_hours", "cost_unit", "train_time_s", "train_cpu_time_s",
                 "devices", "device", "cost_source", "cost_file", "job_wall_s", "job_cpu_s", "job_file",
                 "epochs", "steps", "images", "resumed_from_epoch", "knobs", "recipe", "selection"]
-CPU_HOURS, GPU_HOURS, WALL_HOURS = "CPU-hours", "GPU-hours", "wall-clock hours"
+CPU_HOURS, GPU_HOURS, JOB_CPU_HOURS = "CPU-hours", "GPU-hours", "CPU-hours (whole job)"
+# How a figure's axis names each unit.
+COST_AXIS = {CPU_HOURS: "CPU-hours of the training loop", GPU_HOURS: "GPU-hours of the training loop",
+             JOB_CPU_HOURS: "CPU-hours of the whole training job"}
 
 
 def _devices(summary: Mapping[str, Any]) -> int:
@@ -308,15 +311,16 @@ def _is_cpu(summary: Mapping[str, Any]) -> bool:
     return str(summary.get("device") or "cpu").startswith("cpu")
 
 
-def loop_cost(summary: Mapping[str, Any], cpu_time: bool = True) -> tuple[float | None, str | None]:
-    """(hours, unit) of a training summary's loop: CPU time for a CPU run when ``cpu_time`` and the
-    summary has it, else the loop's wall time; x the devices (DDP ranks) either way. (None, None)
-    for a summary without loop times."""
+def loop_cost(summary: Mapping[str, Any]) -> tuple[float | None, str | None]:
+    """(hours, unit) of a training summary's loop: a CPU run's CPU time in the loop, a GPU run's
+    loop wall time, x the devices (DDP ranks) either way. (None, None) where the summary lacks it
+    (a CPU run's summary written before ``train_cpu_time_s`` was recorded)."""
     devices = _devices(summary)
-    if _is_cpu(summary) and cpu_time and _is_number(summary.get("train_cpu_time_s")):
-        return summary["train_cpu_time_s"] * devices / 3600, CPU_HOURS
+    if _is_cpu(summary):
+        cpu = summary.get("train_cpu_time_s")
+        return (cpu * devices / 3600, CPU_HOURS) if _is_number(cpu) else (None, None)
     if _is_number(summary.get("train_time_s")):
-        return summary["train_time_s"] * devices / 3600, (WALL_HOURS if _is_cpu(summary) else GPU_HOURS)
+        return summary["train_time_s"] * devices / 3600, GPU_HOURS
     return None, None
 
 
@@ -336,8 +340,8 @@ def _read_summaries(paths: Iterable[Path]) -> list[tuple[Path, dict[str, Any]]]:
                                              str(ps[1].get("name"))))
 
 
-def _cost_row(path: Path, s: Mapping[str, Any], cpu_time: bool) -> dict[str, Any]:
-    hours, unit = loop_cost(s, cpu_time)
+def _cost_row(path: Path, s: Mapping[str, Any]) -> dict[str, Any]:
+    hours, unit = loop_cost(s)
     return {
         "config_hash": s["config_hash"], "name": s.get("name"), "device_hours": hours, "cost_unit": unit,
         "train_time_s": s.get("train_time_s"), "train_cpu_time_s": s.get("train_cpu_time_s"),
@@ -372,22 +376,32 @@ def _attach_benchmarks(benchmarks: Iterable[Path], rows: Mapping[str, dict], ali
         match[0].update(job_wall_s=seconds, job_cpu_s=cpu_seconds, job_file=str(b))
 
 
+def _cost_by_job(row: dict[str, Any]) -> None:
+    """A CPU run without the loop's CPU time: the job's CPU time from its benchmark, unless the
+    run resumed (its benchmark timed the last attempt only) or has none: then no cost."""
+    ok = row["job_cpu_s"] is not None and not row["resumed_from_epoch"]
+    row.update(device_hours=row["job_cpu_s"] / 3600 if ok else None, cost_unit=JOB_CPU_HOURS if ok else None,
+               cost_source="benchmark (whole job: start-up and data loading included)" if ok else
+               "none: a resumed run's benchmark timed its last attempt only" if row["job_cpu_s"] is not None
+               else None)
+
+
 def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
     """Training cost per run (``COST_COLUMNS``), from ``train_summary.json`` files; Snakemake
     benchmark TSVs add the job's own time beside it.
 
     The cost is the training loop's (``loop_cost``): CPU-hours for CPU runs, GPU-hours for GPU
-    runs; if any CPU summary lacks ``train_cpu_time_s`` (written before it was recorded), every
-    CPU run is costed by its loop's wall time ("wall-clock hours"), so the CPU runs of one set
-    share one unit. A benchmark file belongs to the run whose name ends its path without the
-    suffix (``benchmarks/train/cifar10/mixacm/tiny/seed0.tsv`` for run
+    runs. If any CPU summary lacks ``train_cpu_time_s`` (written before it was recorded), every
+    CPU run of the set is costed by its job's CPU time from its benchmark instead ("CPU-hours
+    (whole job)"; none for a resumed run, whose benchmark timed its last attempt only), so the
+    CPU runs of one set share one unit. A benchmark file belongs to the run whose name ends its
+    path without the suffix (``benchmarks/train/cifar10/mixacm/tiny/seed0.tsv`` for run
     ``cifar10/mixacm/tiny/seed0``), or, named ``benchmark_train.tsv``, to the run whose name ends
     its folder (a teacher trained in the DAG). One row per training config: where two runs share
     one (a teacher trained with a student's recipe), the student's name is kept.
     """
     paths = list(map(Path, paths))
     summaries = _read_summaries(p for p in paths if p.suffix == ".json")
-    cpu_time = all(_is_number(s.get("train_cpu_time_s")) for _, s in summaries if _is_cpu(s))
     rows: dict[str, dict[str, Any]] = {}
     aliases: dict[str, dict[str, Any]] = {}  # run name -> the cost row of its training config
     for p, s in summaries:
@@ -396,8 +410,12 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
             # recipe, config/ci.yaml): one cost row; the first summary given keeps its name.
             aliases[s.get("name")] = rows[s["config_hash"]]
             continue
-        rows[s["config_hash"]] = _cost_row(p, s, cpu_time)
+        rows[s["config_hash"]] = _cost_row(p, s)
     _attach_benchmarks([p for p in paths if p.suffix != ".json"], rows, aliases)
+    cpu_rows = [r for r in rows.values() if str(r["device"] or "cpu").startswith("cpu")]
+    if any(r["cost_unit"] is None for r in cpu_rows):
+        for row in cpu_rows:
+            _cost_by_job(row)
     return pd.DataFrame(list(rows.values()), columns=COST_COLUMNS)
 
 
@@ -478,13 +496,15 @@ def _cost_cells(hashes: list[str], costs: pd.DataFrame | None) -> dict[str, Any]
     if costs is not None and len(costs):
         c = costs.set_index("config_hash")
         for h in hashes:
-            if h in c.index and pd.notna(c.at[h, "device_hours"]):
+            if h not in c.index:
+                continue
+            src.append(c.at[h, "cost_source"])  # also why a run has no cost
+            if pd.notna(c.at[h, "device_hours"]):
                 dh.append(float(c.at[h, "device_hours"]))
-                src.append(c.at[h, "cost_source"])
                 units.append(c.at[h, "cost_unit"] if "cost_unit" in c.columns else None)
     return {"train_device_hours": _round(sum(dh) / len(dh), 6) if dh else float("nan"),
             "train_cost_unit": ";".join(_unique(u for u in units if isinstance(u, str))),
-            "cost_runs": len(dh), "cost_source": ";".join(_unique(src))}
+            "cost_runs": len(dh), "cost_source": ";".join(_unique(x for x in src if isinstance(x, str)))}
 
 
 def _aggregate(group: pd.DataFrame, costs: pd.DataFrame | None) -> dict[str, Any]:
