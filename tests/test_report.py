@@ -570,7 +570,7 @@ def test_report_opens_in_headless_chromium(built, tmp_path):
         return int((np.abs(img - colour).sum(-1) == 0).sum())
 
     # the first screen shows the CIFAR-10 table: its header, paper and difference cells and the
-    # "reproduced" badges, each drawn in its own background colour from the template
+    # "trained here" badges, each drawn in its own background colour from the template
     assert count("f6f8fa") > 5000 and count("f3f7fc") > 5000 and count("fdf8ef") > 5000
     assert count("dafbe1") > 500
 

@@ -391,6 +391,8 @@ def _cost_bars(tables: Mapping[str, pd.DataFrame]) -> dict[str, dict[str, float]
             label = _wrap(row_name(row), 34)
             if row["data_fraction"] < 1:
                 label += f" · {100 * row['data_fraction']:g} % of the data"
+            if pd.notna(row.get("train_steps")):
+                label += f" · {row['train_steps']:,.0f} steps"
             unit = row.get("train_cost_unit")
             bars.setdefault(unit if isinstance(unit, str) and unit else "unit not recorded", {})[label] = \
                 float(row["train_device_hours"])
@@ -460,9 +462,11 @@ def draw_transfer(table: pd.DataFrame | None, note: str = "") -> tuple[Figure, l
                                          fontsize=7, xytext=(0, 3), textcoords="offset points", color="tab:gray"))
         if len(on_axis):
             ax.set_xscale("log")
+            # plain numbers; between decades only at 2 and 5 x 10^k, so that labels do not collide
             plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
             ax.xaxis.set_major_formatter(plain)
-            ax.xaxis.set_minor_formatter(plain)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+                lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
             ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(f"training cost, {COST_AXIS.get(unit, unit or 'no unit recorded')} (mean over seeds)")
         ax.set_ylabel(f"robust accuracy (%), {_robust_title(rows, col)}")

@@ -161,11 +161,11 @@ COST_UNITS = {
 
 def _attack_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The accuracy columns of a section: those some row has a value in (a column the config
-    never fills is not shown). A paired column (AutoAttack, audited) says whether its cells carry
+    never fills is not shown; none in a section of cited rows only). A paired column (AutoAttack, audited) says whether its cells carry
     PGD-20 on their own points: where some row's points are fewer than its PGD-20 column's."""
     have = [c for c in ATTACK_COLUMNS if any(r.get(f"{c}_mean") is not None for r in rows)]
     cols = []
-    for c in have or ["clean", "pgd20"]:
+    for c in have:
         paired = c in PAIRED_COLUMNS and any(
             r.get(f"{c}_pgd20_mean") is not None and r.get(f"{c}_n") != r.get("pgd20_n") for r in rows)
         ns = sorted({r[f"{c}_n"] for r in rows if r.get(f"{c}_n") is not None})

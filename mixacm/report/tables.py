@@ -492,7 +492,7 @@ def _attack_cells(col: str, key: str | None, group: pd.DataFrame) -> dict[str, A
 
 def _cost_cells(hashes: list[str], costs: pd.DataFrame | None) -> dict[str, Any]:
     """Mean training cost over the runs (config hashes) that have one, with its unit(s)."""
-    dh, src, units = [], [], []
+    dh, src, units, steps = [], [], [], []
     if costs is not None and len(costs):
         c = costs.set_index("config_hash")
         for h in hashes:
@@ -502,7 +502,11 @@ def _cost_cells(hashes: list[str], costs: pd.DataFrame | None) -> dict[str, Any]
             if pd.notna(c.at[h, "device_hours"]):
                 dh.append(float(c.at[h, "device_hours"]))
                 units.append(c.at[h, "cost_unit"] if "cost_unit" in c.columns else None)
+                if "steps" in c.columns and pd.notna(c.at[h, "steps"]):
+                    steps.append(float(c.at[h, "steps"]))
     return {"train_device_hours": _round(sum(dh) / len(dh), 6) if dh else float("nan"),
+            # the work the cost bought: optimiser steps, mean over the costed runs
+            "train_steps": _round(sum(steps) / len(steps), 1) if steps and len(steps) == len(dh) else float("nan"),
             "train_cost_unit": ";".join(_unique(u for u in units if isinstance(u, str))),
             "cost_runs": len(dh), "cost_source": ";".join(_unique(x for x in src if isinstance(x, str)))}
 
@@ -540,7 +544,8 @@ TABLE_COLUMNS = [
     "paper_student", "paper_eps", "same_setting", "paper_clean", "paper_robust", "paper_note",
     "paper_source", "diff_clean", "diff_robust", "diff_robust_vs",
     "ref_clean", "ref_autoattack", "ref_source",
-    "train_device_hours", "train_cost_unit", "cost_runs", "cost_source", "config_hashes", "git_commits", "files",
+    "train_device_hours", "train_cost_unit", "train_steps", "cost_runs", "cost_source", "config_hashes",
+    "git_commits", "files",
 ]
 # Whole numbers: a nullable integer type, so that the empty cells of cited rows do not turn them
 # into floats ("50.0 test points") in the CSV.
