@@ -20,6 +20,7 @@ registries) import no torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -104,9 +105,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     load_run_config(cfg)
     if cfg.get("teacher") and not Path(cfg["teacher"]).is_file():
         raise UsageError(f"teacher: model file {cfg['teacher']} does not exist")
-    summary = train(cfg, Path(args.out_dir))
+    with recorded_attempt(Path(args.out_dir)):
+        summary = train(cfg, Path(args.out_dir))
     print(json.dumps({k: summary[k] for k in ("epochs", "wall_time_s") if k in summary}))
     return 0
+
+
+ATTEMPTS_FILE = "attempts.jsonl"
+
+
+@contextlib.contextmanager
+def recorded_attempt(out_dir: Path):
+    """Append this process's run of ``mixacm train`` to ``out_dir/attempts.jsonl``, whether it
+    finishes, fails or is stopped by SIGTERM (a scheduler's kill or time limit): start time,
+    wall and CPU seconds (the process's threads and waited-for children, start-up included), and
+    how it ended. Snakemake's benchmark times only the attempt that finishes; this file keeps every
+    attempt a kill or a failure would otherwise lose (not one killed with SIGKILL). Rank 0 only."""
+    import datetime
+    import os
+    import resource
+    import signal
+    import time
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    started, t0 = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    status = "failed"
+    try:
+        yield
+        status = "finished"
+    except SystemExit as exc:
+        status = f"stopped (exit {exc.code})"
+        raise
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cpu = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                      resource.getrusage(resource.RUSAGE_CHILDREN)))
+        line = {"started": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t0, 3),
+                "cpu_s": round(cpu, 3), "status": status}
+        if out_dir.is_dir():  # bad input stops before train() makes the folder: no attempt
+            with open(out_dir / ATTEMPTS_FILE, "a") as f:
+                f.write(json.dumps(line) + "\n")
 
 
 # -- evaluate --------------------------------------------------------------------------------------

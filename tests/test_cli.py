@@ -320,3 +320,27 @@ def test_evaluate_torch_export_model_file(tmp_path, exported_model, cifar10_jpeg
     for name in ("clean", "pgd3"):
         assert result["metrics"][name]["correct"] == ref["metrics"][name]["correct"], name
     assert 0 < ref["metrics"]["clean"]["correct"] < 40
+
+
+def test_every_attempt_of_mixacm_train_is_recorded_however_it_ends(tmp_path):
+    # Snakemake writes a benchmark only for the attempt that finishes; mixacm train records each.
+    import os
+    import signal
+
+    from mixacm.cli import ATTEMPTS_FILE, recorded_attempt
+
+    with recorded_attempt(tmp_path):
+        sum(i * i for i in range(10000))
+    with pytest.raises(RuntimeError), recorded_attempt(tmp_path):
+        raise RuntimeError("loss is nan")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit), recorded_attempt(tmp_path):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's kill or time limit
+        signal.pause()
+    assert signal.getsignal(signal.SIGTERM) is before
+    lines = [json.loads(line) for line in (tmp_path / ATTEMPTS_FILE).read_text().splitlines()]
+    assert [line["status"] for line in lines] == ["finished", "failed", f"stopped (exit {128 + signal.SIGTERM})"]
+    assert all(line["wall_s"] >= 0 and line["cpu_s"] > 0 and line["started"] for line in lines)
+    with recorded_attempt(tmp_path / "not-made"):  # bad input: train() never made the folder
+        pass
+    assert not (tmp_path / "not-made").exists()

@@ -291,6 +291,27 @@ def test_a_resumed_run_is_costed_from_its_summary_not_the_last_jobs_benchmark(tm
     assert (row["job_wall_s"], row["job_cpu_s"], row["resumed_from_epoch"]) == (82.0, 81.0, 2)
 
 
+def test_every_attempt_of_a_job_counts_where_mixacm_train_recorded_it(tmp_path):
+    # A run resumed after a kill: the benchmark saw its last attempt; attempts.jsonl all of them.
+    run = tmp_path / "cifar10" / "ard" / "seed0"
+    run.mkdir(parents=True)
+    (run / "train_summary.json").write_text(json.dumps(
+        {"config_hash": "d0", "name": "cifar10/ard/seed0", "train_time_s": 300.0, "device": "cpu",
+         "resumed_from_epoch": 2}))  # written before train_cpu_time_s: costed by the job
+    (run / "attempts.jsonl").write_text(
+        json.dumps({"wall_s": 250.0, "cpu_s": 200.0, "status": "stopped (exit 143)"}) + "\n"
+        + json.dumps({"wall_s": 130.0, "cpu_s": 100.0, "status": "finished"}) + "\n")
+    bench = tmp_path / "benchmarks" / "train" / "cifar10" / "ard" / "seed0.tsv"
+    bench.parent.mkdir(parents=True)
+    bench.write_text("s\tcpu_time\n130.0\t100.0\n")
+    row = collect_costs([run / "train_summary.json", bench]).iloc[0]
+    assert (row["attempts"], row["job_wall_s"], row["job_cpu_s"]) == (2, 380.0, 300.0)
+    assert row["device_hours"] == pytest.approx(300.0 / 3600) and row["cost_unit"] == "CPU-hours (whole job)"
+    (run / "attempts.jsonl").write_text('{"wall_s": 1}\n')
+    with pytest.raises(ResultFileError, match=r"attempts\.jsonl: line 1 lacks wall_s or cpu_s"):
+        collect_costs([run / "train_summary.json"])
+
+
 def test_cited_rows_and_paper_order(scenario):
     table = build_table("cifar10", collect_results(scenario["files"]))
     cited = table[table.status == "cited"]

@@ -134,7 +134,8 @@ def _same_points_line(mix: pd.Series, at: pd.Series, col: str, title: str) -> li
     key = f"{col}_pgd20_mean"
     if key not in mix or pd.isna(mix.get(key)) or pd.isna(at.get(key)) or mix[f"{col}_n"] == mix["pgd20_n"]:
         return []
-    return [f"| PGD-20 on the same {mix[f'{col}_n']} points as {title} | {_fmt(mix[key], mix.get(f'{col}_pgd20_std'))} | "
+    return [f"| PGD-20 on the same {mix[f'{col}_n']} points as {title} | "
+            f"{_fmt(mix[key], mix.get(f'{col}_pgd20_std'))} | "
             f"{_fmt(at[key], at.get(f'{col}_pgd20_std'))} | {mix[key] - at[key]:+.2f} | "
             f"{mix[f'{col}_seeds']} / {at[f'{col}_seeds']} | {mix[f'{col}_n']} |"]
 

@@ -379,15 +379,23 @@ def draw_clean_vs_robust(tables: Mapping[str, pd.DataFrame], paper: Mapping[str,
 # ---------------------------------------------------------------------------------------------
 # Training cost
 
-def _cost_bars(tables: Mapping[str, pd.DataFrame]) -> dict[str, dict[str, float]]:
-    """unit -> {bar label: cost}, each set of runs once (the full-data runs are in several tables)."""
+def _cost_bars(tables: Mapping[str, pd.DataFrame]) -> tuple[dict[str, dict[str, float]], pd.DataFrame, list[str]]:
+    """unit -> {bar label: cost}, each set of runs once (the full-data runs are in several tables);
+    the rows drawn; and the names of rows without a cost, with why where the table says."""
     bars: dict[str, dict[str, float]] = {}
     seen: set[str] = set()
+    drawn, missing = [], []
     for kind in ("cifar10", "imagenet", "less_data", "ablation", "transfer"):
         for _, row in _trained(tables.get(kind)).iterrows():
-            if pd.isna(row.get("train_device_hours")) or row["config_hashes"] in seen:
+            if row["config_hashes"] in seen:
                 continue
             seen.add(row["config_hashes"])
+            if pd.isna(row.get("train_device_hours")):
+                source = row.get("cost_source")
+                why = source.removeprefix("none: ") if isinstance(source, str) and source.startswith("none: ") \
+                    else "not recorded"
+                missing.append(f"{row_name(row)} ({why})")
+                continue
             label = _wrap(row_name(row), 34)
             if row["data_fraction"] < 1:
                 label += f" · {100 * row['data_fraction']:g} % of the data"
@@ -396,11 +404,12 @@ def _cost_bars(tables: Mapping[str, pd.DataFrame]) -> dict[str, dict[str, float]
             unit = row.get("train_cost_unit")
             bars.setdefault(unit if isinstance(unit, str) and unit else "unit not recorded", {})[label] = \
                 float(row["train_device_hours"])
-    return bars
+            drawn.append(row)
+    return bars, pd.DataFrame(drawn), missing
 
 
 def training_cost_figure(tables: Mapping[str, pd.DataFrame], path: Path, note: str = "") -> Path:
-    bars = _cost_bars(tables)
+    bars, rows, missing = _cost_bars(tables)
     heights = [max(len(b), 2) for b in bars.values()] or [2]
     fig = Figure(figsize=(8.5, 1.6 + 0.34 * sum(heights)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(heights), 1, height_ratios=heights))
@@ -413,9 +422,9 @@ def training_cost_figure(tables: Mapping[str, pd.DataFrame], path: Path, note: s
         ax.invert_yaxis()
         ax.set_xlabel(f"{COST_AXIS.get(unit, unit)} (mean over seeds)")
         ax.grid(axis="x", alpha=0.3)
-    rows = pd.concat([_trained(t) for t in tables.values() if t is not None] or [pd.DataFrame()])
-    fig.suptitle("Training cost per trained row" + (f"\n{ran_setting(rows)}" if not rows.empty else ""),
-                 fontsize=11)
+    lines = ["Training cost per trained row", ran_setting(rows) if not rows.empty else "",
+             _wrap("no cost: " + "; ".join(missing), 100) if missing else ""]
+    fig.suptitle("\n".join(line for line in lines if line), fontsize=10)
     _footnote(fig, note)
     return _save(fig, path)
 

@@ -67,11 +67,13 @@ def training_summary(cost_row) -> str | None:
 
 
 def job_record(cost_row) -> dict[str, Any] | None:
-    """The training job's own time from its Snakemake benchmark (``wall_s``, ``cpu_s``: start-up
-    and data loading included, the attempt that finished only) and the epoch a resumed run
-    resumed after, beside the loop's cost; None when neither is known."""
+    """The training job's own time (``wall_s``, ``cpu_s``: start-up and data loading included),
+    over its ``attempts`` where ``mixacm train`` recorded them, else from its Snakemake benchmark
+    (the attempt that finished), and the epoch a resumed run resumed after, beside the loop's
+    cost; None when neither is known."""
     get = lambda k: _value(cost_row[k]) if k in cost_row else None  # noqa: E731
-    record = {"wall_s": get("job_wall_s"), "cpu_s": get("job_cpu_s"), "resumed": get("resumed_from_epoch") or None}
+    record = {"wall_s": get("job_wall_s"), "cpu_s": get("job_cpu_s"), "attempts": get("attempts"),
+              "resumed": get("resumed_from_epoch") or None}
     return record if record["wall_s"] is not None or record["resumed"] else None
 
 
@@ -161,8 +163,9 @@ COST_UNITS = {
 
 def _attack_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The accuracy columns of a section: those some row has a value in (a column the config
-    never fills is not shown; none in a section of cited rows only). A paired column (AutoAttack, audited) says whether its cells carry
-    PGD-20 on their own points: where some row's points are fewer than its PGD-20 column's."""
+    never fills is not shown; none in a section of cited rows only). A paired column (AutoAttack,
+    audited) says whether its cells carry PGD-20 on their own points: where some row's points
+    are fewer than its PGD-20 column's."""
     have = [c for c in ATTACK_COLUMNS if any(r.get(f"{c}_mean") is not None for r in rows)]
     cols = []
     for c in have:

@@ -270,7 +270,7 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
 # Training cost
 
 COST_COLUMNS = ["config_hash", "name", "device_hours", "cost_unit", "train_time_s", "train_cpu_time_s",
-                "devices", "device", "cost_source", "cost_file", "job_wall_s", "job_cpu_s", "job_file",
+                "devices", "device", "cost_source", "cost_file", "job_wall_s", "job_cpu_s", "job_file", "attempts",
                 "epochs", "steps", "images", "resumed_from_epoch", "knobs", "recipe", "selection"]
 CPU_HOURS, GPU_HOURS, JOB_CPU_HOURS = "CPU-hours", "GPU-hours", "CPU-hours (whole job)"
 # How a figure's axis names each unit.
@@ -340,14 +340,33 @@ def _read_summaries(paths: Iterable[Path]) -> list[tuple[Path, dict[str, Any]]]:
                                              str(ps[1].get("name"))))
 
 
+def read_attempts(path: Path) -> list[dict[str, Any]]:
+    """The attempts ``mixacm train`` recorded in a run folder (``attempts.jsonl``: one JSON line
+    each, with ``wall_s`` and ``cpu_s``); [] where there is no such file."""
+    if not path.is_file():
+        return []
+    try:
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ResultFileError(f"attempts file {path}: a line is not JSON ({err})") from None
+    for i, line in enumerate(lines):
+        if not (isinstance(line, dict) and _is_number(line.get("wall_s")) and _is_number(line.get("cpu_s"))):
+            raise ResultFileError(f"attempts file {path}: line {i + 1} lacks wall_s or cpu_s")
+    return lines
+
+
 def _cost_row(path: Path, s: Mapping[str, Any]) -> dict[str, Any]:
     hours, unit = loop_cost(s)
+    attempts = read_attempts(path.parent / "attempts.jsonl")
     return {
         "config_hash": s["config_hash"], "name": s.get("name"), "device_hours": hours, "cost_unit": unit,
         "train_time_s": s.get("train_time_s"), "train_cpu_time_s": s.get("train_cpu_time_s"),
         "devices": _devices(s), "device": s.get("device"), "cost_file": str(path),
         "cost_source": "train_summary (training loop)" if unit else None,
-        "job_wall_s": None, "job_cpu_s": None, "job_file": None,
+        # the job's own time over every attempt (mixacm train records each), where recorded
+        "job_wall_s": sum(a["wall_s"] for a in attempts) if attempts else None,
+        "job_cpu_s": sum(a["cpu_s"] for a in attempts) if attempts else None,
+        "job_file": str(path.parent / "attempts.jsonl") if attempts else None, "attempts": len(attempts) or None,
         # how much training the cost bought: "epochs: 2" alone hides 30 steps an epoch
         **{k: s.get(k) for k in ("epochs", "steps", "images", "resumed_from_epoch")},
         # The values a run used (MixACM's CHOICE knobs, the optimiser recipe, checkpoint
@@ -372,14 +391,17 @@ def _attach_benchmarks(benchmarks: Iterable[Path], rows: Mapping[str, dict], ali
             raise ResultFileError(
                 f"benchmark file {b} matches {len(match)} training summaries; its path without "
                 f"the suffix must end with exactly one run name (run names given: {names})")
+        if match[0]["attempts"]:
+            continue  # every attempt's record beats the benchmark of the last one
         seconds, cpu_seconds = read_benchmark_times(b)
         match[0].update(job_wall_s=seconds, job_cpu_s=cpu_seconds, job_file=str(b))
 
 
 def _cost_by_job(row: dict[str, Any]) -> None:
-    """A CPU run without the loop's CPU time: the job's CPU time from its benchmark, unless the
-    run resumed (its benchmark timed the last attempt only) or has none: then no cost."""
-    ok = row["job_cpu_s"] is not None and not row["resumed_from_epoch"]
+    """A CPU run without the loop's CPU time: the job's CPU time (every attempt's, or its
+    benchmark's), unless the run resumed and only the benchmark of its last attempt is known, or
+    it has none: then no cost."""
+    ok = row["job_cpu_s"] is not None and (bool(row["attempts"]) or not row["resumed_from_epoch"])
     row.update(device_hours=row["job_cpu_s"] / 3600 if ok else None, cost_unit=JOB_CPU_HOURS if ok else None,
                cost_source="benchmark (whole job: start-up and data loading included)" if ok else
                "none: a resumed run's benchmark timed its last attempt only" if row["job_cpu_s"] is not None
@@ -387,8 +409,9 @@ def _cost_by_job(row: dict[str, Any]) -> None:
 
 
 def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Training cost per run (``COST_COLUMNS``), from ``train_summary.json`` files; Snakemake
-    benchmark TSVs add the job's own time beside it.
+    """Training cost per run (``COST_COLUMNS``), from ``train_summary.json`` files; the job's own
+    time stands beside it: every attempt's from the ``attempts.jsonl`` that ``mixacm train``
+    writes beside the summary, else the Snakemake benchmark TSV's (the attempt that finished).
 
     The cost is the training loop's (``loop_cost``): CPU-hours for CPU runs, GPU-hours for GPU
     runs. If any CPU summary lacks ``train_cpu_time_s`` (written before it was recorded), every
