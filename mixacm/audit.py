@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -87,111 +89,90 @@ def _pct(mask: Tensor) -> float | None:
     return 100.0 * int(mask.sum()) / mask.numel() if mask.numel() else None
 
 
-def run_audit(model: nn.Module, dataset: Dataset, eps: float | str, *,
-              sources: Mapping[str, nn.Module] | None = None, settings: Mapping[str, Any] | None = None,
-              autoattack_acc_pct: float | None = None, seed: int = 0,
-              device: str | torch.device = "auto") -> dict[str, Any]:
-    """Audit ``model`` on ``dataset``'s first ``n`` balanced points; returns the result dict.
+@dataclass
+class _Attacks:
+    """The audit's attacks at one eps (AUDIT_DEFAULTS names their settings)."""
+    pgd20: PGDAttack
+    strong: PGDAttack
+    sweep: dict[float, PGDAttack]
+    apgd_dlr: AutoAttackAdapter
+    square: AutoAttackAdapter
 
-    ``sources`` maps a name (``teacher``, ``at``) to a model whose PGD-20 examples are transferred.
-    ``autoattack_acc_pct`` (the evaluation's AutoAttack accuracy, if known) adds the PGD-20 vs
-    AutoAttack check. The result has the evaluation result's shape with one metric,
-    ``audited``, and the details under ``audit``.
-    """
-    s = audit_settings(settings)
-    eps_value = parse_eps(eps)
-    dev = resolve_device(device)
-    sources = dict(sources or {})
-    # Imported here: mixacm.data loads torchvision (seconds), and the workflow's config check
-    # imports this module for audit_settings alone.
-    from mixacm.data import balanced_first_n, data_digest, dataset_labels
-    from mixacm.evaluate import (PRECISION, RESULT_SCHEMA, checked_first_batch, batch_seed, check_model,
-                                 dataset_num_classes, model_sha256)
+    @property
+    def strong_name(self) -> str:
+        return f"pgd{self.strong.steps}x{self.strong.restarts}"
 
-    labels = dataset_labels(dataset)
-    num_classes = dataset_num_classes(dataset)
-    indices = balanced_first_n(labels, min(s["n"], len(labels)))
-    subset = set(balanced_first_n(labels, min(s["subset_n"], len(indices))).tolist())
-    batches = [indices[i:i + s["batch_size"]].tolist() for i in range(0, len(indices), s["batch_size"])]
 
-    pgd20 = PGDAttack(eps_value, steps=20)
-    strong = PGDAttack(eps_value, steps=s["pgd_steps"], step_size=2.5 * eps_value / s["pgd_steps"],
-                       restarts=s["pgd_restarts"])
-    sweep = {m: PGDAttack(min(1.0, m * eps_value), steps=s["sweep_steps"]) for m in s["eps_multipliers"] if m != 1}
-    apgd_dlr = AutoAttackAdapter(eps_value, version="custom", attacks=["apgd-dlr"])
-    square = AutoAttackAdapter(eps_value, version="custom", attacks=["square"], square_queries=s["square_queries"])
-    for adapter in (apgd_dlr, square):
+def _attacks(eps: float, s: Mapping[str, Any], num_classes: int) -> _Attacks:
+    attacks = _Attacks(
+        pgd20=PGDAttack(eps, steps=20),
+        strong=PGDAttack(eps, steps=s["pgd_steps"], step_size=2.5 * eps / s["pgd_steps"], restarts=s["pgd_restarts"]),
+        sweep={m: PGDAttack(min(1.0, m * eps), steps=s["sweep_steps"]) for m in s["eps_multipliers"] if m != 1},
+        apgd_dlr=AutoAttackAdapter(eps, version="custom", attacks=["apgd-dlr"]),
+        square=AutoAttackAdapter(eps, version="custom", attacks=["square"], square_queries=s["square_queries"]))
+    for adapter in (attacks.apgd_dlr, attacks.square):
         adapter.adapt_to_classes(num_classes)
+    return attacks
 
-    was_training = model.training
-    model.to(dev).eval()
-    for src in sources.values():
-        src.to(dev).eval()
-    x0 = checked_first_batch(dataset, batches[0], num_classes).to(dev)  # [0, 1] float images, fixed
-    attacked, record = check_model(model, x0, num_classes)
-    checked_sources = {name: check_model(src, x0, num_classes)[0] for name, src in sources.items()}
 
-    names = ["clean", "pgd20", "pgd_strong", *[f"transfer_{k}" for k in sources], "apgd_dlr", "square",
-             *[f"sweep_{m:g}x" for m in sweep]]
-    per_point: dict[str, list[Tensor]] = {k: [] for k in names}
-    in_subset: list[Tensor] = []
-    t0 = time.perf_counter()
-    timings = {k: 0.0 for k in names}
-    try:
-        with torch.autocast(device_type=dev.type, enabled=False):
-            for b, idx in enumerate(batches):
-                x = torch.stack([dataset[i][0] for i in idx]).to(dev)
-                y = torch.as_tensor([int(labels[i]) for i in idx], device=dev)
-                sub = torch.tensor([i in subset for i in idx], device=dev)
-                in_subset.append(sub.cpu())
+class _Cascade:
+    """Per-point results of every attack on the audit's batches, with the time each took.
 
-                def timed(name, fn):
-                    t = time.perf_counter()
-                    out = fn()
-                    timings[name] += time.perf_counter() - t
-                    per_point[name].append(out.cpu())
-                    return out
+    ``per_point[name]`` collects one boolean tensor (correct after the attack) per batch, in the
+    evaluation's batch order and with its per-batch seeds (``batch_seed``)."""
 
-                clean = timed("clean", lambda: _correct(attacked, x, y))
-                # The evaluation's seeds: this PGD-20 is the evaluation's pgd20 on the same batches
-                # when the batch sizes agree.
-                p20 = timed("pgd20", lambda: _correct(attacked, pgd20(attacked, x, y, seed=batch_seed(seed, "pgd20", b)), y))
-                alive = clean & p20
+    def __init__(self, model: nn.Module, sources: Mapping[str, nn.Module], attacks: _Attacks, seed: int) -> None:
+        from mixacm.evaluate import batch_seed  # torchvision: not at import (the config check imports this module)
 
-                def strong_fn():
-                    out = alive.clone()
-                    if alive.any():
-                        i = alive.nonzero().flatten()
-                        x_adv = strong(attacked, x[i], y[i], seed=batch_seed(seed, "pgd_strong", b))
-                        out[i] = _correct(attacked, x_adv, y[i])
-                    return out
+        self.model, self.sources, self.attacks, self.seed = model, sources, attacks, seed
+        self.seed_of = lambda key, b: batch_seed(seed, key, b)
+        self.names = ["clean", "pgd20", "pgd_strong", *[f"transfer_{k}" for k in sources], "apgd_dlr", "square",
+                      *[f"sweep_{m:g}x" for m in attacks.sweep]]
+        self.per_point: dict[str, list[Tensor]] = {k: [] for k in self.names}
+        self.seconds = {k: 0.0 for k in self.names}
+        self.in_subset: list[Tensor] = []
 
-                alive = alive & timed("pgd_strong", strong_fn)
-                for name, src in checked_sources.items():
-                    tr = timed(f"transfer_{name}", lambda: _correct(
-                        attacked, pgd20(src, x, y, seed=batch_seed(seed, f"transfer_{name}", b)), y))
-                    alive = alive & tr
+    def _timed(self, name: str, fn) -> Tensor:
+        t = time.perf_counter()
+        out = fn()
+        self.seconds[name] += time.perf_counter() - t
+        self.per_point[name].append(out.cpu())
+        return out
 
-                def subset_attack(adapter, mask, key):
-                    def fn():
-                        out = torch.ones_like(mask)
-                        if mask.any():
-                            i = mask.nonzero().flatten()
-                            out[i] = _correct(attacked, adapter(attacked, x[i], y[i], seed=batch_seed(seed, key, b)), y[i])
-                        return out
-                    return fn
+    def _on(self, mask: Tensor, attack, x: Tensor, y: Tensor, key: str, b: int) -> Tensor:
+        """Correct after ``attack`` on the points of ``mask``; True (not attacked) elsewhere."""
+        out = torch.ones_like(mask)
+        if mask.any():
+            i = mask.nonzero().flatten()
+            out[i] = _correct(self.model, attack(self.model, x[i], y[i], seed=self.seed_of(key, b)), y[i])
+        return out
 
-                timed("apgd_dlr", subset_attack(apgd_dlr, alive & sub, "apgd_dlr"))
-                timed("square", subset_attack(square, clean & sub, "square"))
-                for m, attack in sweep.items():
-                    timed(f"sweep_{m:g}x", lambda: _correct(
-                        attacked, attack(attacked, x, y, seed=batch_seed(seed, f"sweep_{m:g}x", b)), y))
-    finally:
-        model.train(was_training)
+    def batch(self, b: int, x: Tensor, y: Tensor, sub: Tensor) -> None:
+        """Every attack on batch ``b``; ``sub`` marks its points of the APGD-DLR / Square subset."""
+        model, a, seed_of = self.model, self.attacks, self.seed_of
+        self.in_subset.append(sub.cpu())
+        clean = self._timed("clean", lambda: _correct(model, x, y))
+        # The evaluation's seeds: this PGD-20 is the evaluation's pgd20 on the same batches when the
+        # batch sizes agree.
+        p20 = self._timed("pgd20", lambda: _correct(model, a.pgd20(model, x, y, seed=seed_of("pgd20", b)), y))
+        alive = clean & p20
+        alive = alive & self._timed("pgd_strong", lambda: alive & self._on(alive, a.strong, x, y, "pgd_strong", b))
+        for name, src in self.sources.items():
+            alive = alive & self._timed(f"transfer_{name}", lambda: _correct(
+                model, a.pgd20(src, x, y, seed=seed_of(f"transfer_{name}", b)), y))
+        self._timed("apgd_dlr", lambda: self._on(alive & sub, a.apgd_dlr, x, y, "apgd_dlr", b))
+        self._timed("square", lambda: self._on(clean & sub, a.square, x, y, "square", b))
+        for m, attack in a.sweep.items():
+            self._timed(f"sweep_{m:g}x", lambda: _correct(
+                model, attack(model, x, y, seed=seed_of(f"sweep_{m:g}x", b)), y))
 
-    pts = {k: torch.cat(v) for k, v in per_point.items()}
-    sub_mask = torch.cat(in_subset)
-    n = len(indices)
+    def points(self) -> tuple[dict[str, Tensor], Tensor]:
+        return {k: torch.cat(v) for k, v in self.per_point.items()}, torch.cat(self.in_subset)
+
+
+def _accuracies(pts: Mapping[str, Tensor], sub_mask: Tensor, sources: Iterable[str],
+                strong_name: str) -> tuple[dict[str, float | None], Tensor]:
+    """Accuracy (%) under each attack and the audited per-point worst case (True: survived all)."""
     clean = pts["clean"]
     # Subset attacks: "not run" (True) outside the subset; within it, the cascade's and Square's results.
     worst = clean & pts["pgd20"] & pts["pgd_strong"] & pts["apgd_dlr"] & pts["square"]
@@ -200,55 +181,96 @@ def run_audit(model: nn.Module, dataset: Dataset, eps: float | str, *,
     acc = {
         "clean": _pct(clean),
         "pgd20": _pct(pts["pgd20"]),
-        f"pgd{s['pgd_steps']}x{s['pgd_restarts']}": _pct(clean & pts["pgd20"] & pts["pgd_strong"]),
+        strong_name: _pct(clean & pts["pgd20"] & pts["pgd_strong"]),
         **{f"transfer_{k}": _pct(pts[f"transfer_{k}"]) for k in sources},
         "subset_pgd20": _pct(pts["pgd20"][sub_mask]),
         "subset_apgd_dlr": _pct((clean & pts["pgd20"] & pts["pgd_strong"] & pts["apgd_dlr"])[sub_mask]),
         "subset_square": _pct((clean & pts["square"])[sub_mask]),
         "audited": _pct(worst),
     }
-    sweep_rows = [{"multiplier": 1.0, "eps": eps_value, "eps_text": format_eps(eps_value),
-                   "accuracy_pct": acc["pgd20"]}]
-    sweep_rows += [{"multiplier": m, "eps": min(1.0, m * eps_value), "eps_text": format_eps(min(1.0, m * eps_value)),
+    return acc, worst
+
+
+def _sweep_rows(acc: Mapping[str, float | None], pts: Mapping[str, Tensor], sweep: Iterable[float],
+                eps: float) -> list[dict[str, Any]]:
+    rows = [{"multiplier": 1.0, "eps": eps, "eps_text": format_eps(eps), "accuracy_pct": acc["pgd20"]}]
+    return rows + [{"multiplier": m, "eps": min(1.0, m * eps), "eps_text": format_eps(min(1.0, m * eps)),
                     "accuracy_pct": _pct(pts[f"sweep_{m:g}x"])} for m in sweep]
+
+
+def run_audit(model: nn.Module, dataset: Dataset, eps: float | str, *,
+              sources: Mapping[str, nn.Module] | None = None, settings: Mapping[str, Any] | None = None,
+              autoattack_acc_pct: float | None = None, seed: int = 0,
+              device: str | torch.device = "auto") -> dict[str, Any]:
+    """Audit ``model`` on ``dataset``'s first ``n`` balanced points; returns the result dict.
+
+    ``sources`` maps a name (``teacher``, ``at``) to a model whose PGD-20 examples are transferred.
+    ``autoattack_acc_pct`` (the evaluation's AutoAttack accuracy, if known) adds the PGD-20 vs
+    AutoAttack check. The result has the evaluation result's shape with one metric, ``audited``,
+    and the details under ``audit`` (``accuracy_pct.pgd20`` is PGD-20 on the same points).
+    """
+    s = audit_settings(settings)
+    eps_value = parse_eps(eps)
+    dev = resolve_device(device)
+    sources = dict(sources or {})
+    # Imported here: mixacm.data loads torchvision (seconds), and the workflow's config check
+    # imports this module for audit_settings alone.
+    from mixacm.data import balanced_first_n, data_digest, dataset_labels
+    from mixacm.evaluate import check_model, checked_first_batch, dataset_num_classes
+
+    labels = dataset_labels(dataset)
+    num_classes = dataset_num_classes(dataset)
+    indices = balanced_first_n(labels, min(s["n"], len(labels)))
+    subset = set(balanced_first_n(labels, min(s["subset_n"], len(indices))).tolist())
+    batches = [indices[i:i + s["batch_size"]].tolist() for i in range(0, len(indices), s["batch_size"])]
+    attacks = _attacks(eps_value, s, num_classes)
+
+    was_training = model.training
+    model.to(dev).eval()
+    for src in sources.values():
+        src.to(dev).eval()
+    x0 = checked_first_batch(dataset, batches[0], num_classes).to(dev)  # [0, 1] float images, fixed
+    attacked, record = check_model(model, x0, num_classes)
+    cascade = _Cascade(attacked, {name: check_model(src, x0, num_classes)[0] for name, src in sources.items()},
+                       attacks, seed)
+    t0 = time.perf_counter()
+    try:
+        with torch.autocast(device_type=dev.type, enabled=False):
+            for b, idx in enumerate(batches):
+                x = torch.stack([dataset[i][0] for i in idx]).to(dev)
+                y = torch.as_tensor([int(labels[i]) for i in idx], device=dev)
+                cascade.batch(b, x, y, torch.tensor([i in subset for i in idx], device=dev))
+    finally:
+        model.train(was_training)
+    pts, sub_mask = cascade.points()
+    acc, worst = _accuracies(pts, sub_mask, sources, attacks.strong_name)
+    sweep_rows = _sweep_rows(acc, pts, attacks.sweep, eps_value)
     flags = _flags(acc, sweep_rows, sources, s, autoattack_acc_pct)
-    strong_name = f"pgd{s['pgd_steps']}x{s['pgd_restarts']}"
-    result = {
-        "schema": RESULT_SCHEMA,
-        "eps": eps_value,
-        "eps_text": format_eps(eps),
-        "n": n,
+    audited = {"accuracy_pct": acc["audited"], "correct": int(worst.sum()), "n": len(indices),
+               "attack": {"name": "audit", "worst_of": ["clean", "pgd20", attacks.strong_name,
+                                                        *[f"transfer_{k}" for k in sources],
+                                                        "apgd-dlr (subset)", "square (subset)"],
+                          "flags": [f["reason"] for f in flags], "package": "mixacm", "version": mixacm.__version__}}
+    details = {
+        "settings": s, "accuracy_pct": acc, "sweep": sweep_rows, "sources": sorted(sources),
+        "autoattack_acc_pct": autoattack_acc_pct, "flags": flags, "status": "flagged" if flags else "passed",
+        "attack_seconds": {k: round(v, 3) for k, v in cascade.seconds.items()},
+        "attacks": {"pgd20": attacks.pgd20.spec, attacks.strong_name: attacks.strong.spec,
+                    "apgd_dlr": attacks.apgd_dlr.spec, "square": attacks.square.spec,
+                    "sweep": {f"{m:g}x": a.spec for m, a in attacks.sweep.items()}},
+        "attack_precision": ATTACK_PRECISION,
+    }
+    from mixacm.evaluate import PRECISION, RESULT_SCHEMA, model_sha256
+
+    n = len(indices)
+    return {
+        "schema": RESULT_SCHEMA, "eps": eps_value, "eps_text": format_eps(eps), "n": n,
         "subset": {"selection": "balanced_first_n", "n": n, "audit_subset_n": int(sub_mask.sum())},
         "data": data_digest(dataset, indices),
-        "seed": int(seed),
-        "batch_size": s["batch_size"],
-        "model_sha256": model_sha256(model),
-        "model_check": record,
-        "precision": PRECISION,
-        "metrics": {"audited": {
-            "accuracy_pct": acc["audited"], "correct": int(worst.sum()), "n": n,
-            "attack": {"name": "audit", "worst_of": ["clean", "pgd20", strong_name,
-                                                     *[f"transfer_{k}" for k in sources],
-                                                     "apgd-dlr (subset)", "square (subset)"],
-                       "flags": [f["reason"] for f in flags],
-                       "package": "mixacm", "version": mixacm.__version__},
-        }},
-        "audit": {
-            "settings": s,
-            "accuracy_pct": acc,
-            "sweep": sweep_rows,
-            "sources": sorted(sources),
-            "autoattack_acc_pct": autoattack_acc_pct,
-            "flags": flags,
-            "status": "flagged" if flags else "passed",
-            "attack_seconds": {k: round(v, 3) for k, v in timings.items()},
-            "attacks": {"pgd20": pgd20.spec, strong_name: strong.spec, "apgd_dlr": apgd_dlr.spec,
-                        "square": square.spec, "sweep": {f"{m:g}x": a.spec for m, a in sweep.items()}},
-            "attack_precision": ATTACK_PRECISION,
-        },
+        "seed": int(seed), "batch_size": s["batch_size"], "model_sha256": model_sha256(model),
+        "model_check": record, "precision": PRECISION, "metrics": {"audited": audited}, "audit": details,
         "provenance": {**provenance(dev), "wall_time_s": time.perf_counter() - t0},
     }
-    return result
 
 
 def _flags(acc: Mapping[str, float | None], sweep: list[dict[str, Any]], sources: Mapping[str, Any],
@@ -287,58 +309,4 @@ def write_audit(result: Mapping[str, Any], path: str | os.PathLike):
     return atomic_json_dump(dict(result), path)
 
 
-
-
-def read_audit(path: str | os.PathLike) -> dict[str, Any]:
-    """An audit result file; ValueError naming the file and key when it is not one."""
-    import json
-    from pathlib import Path
-
-    try:
-        result = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise AuditError(f"audit result {path}: cannot be read ({err})") from None
-    sweep = (result.get("audit") or {}).get("sweep") if isinstance(result, dict) else None
-    if not isinstance(sweep, list) or not sweep:
-        raise AuditError(f"audit result {path}: no audit.sweep (not written by mixacm audit?)")
-    return result
-
-
-def plot_eps_sweep(paths: list[str | os.PathLike], out_path: str | os.PathLike):
-    """Robust accuracy against eps, one line per method (mean over its audit files, e.g. seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    from mixacm.utils import atomic_write
-
-    curves: dict[str, dict[float, list[float]]] = {}
-    for p in paths:
-        result = read_audit(p)
-        run = result.get("run") or {}
-        label = str(run.get("recipe") or run.get("variant") or run.get("method") or p)
-        for row in result["audit"]["sweep"]:
-            curves.setdefault(label, {}).setdefault(float(row["eps"]) * 255, []).append(float(row["accuracy_pct"]))
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for label, points in sorted(curves.items()):
-        xs = sorted(points)
-        ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel("eps (x/255, L-inf)")
-    ax.set_ylabel("robust accuracy under PGD (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_title("Robust accuracy against eps (audit sweep)" if curves else "no audit results")
-    if curves:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
-
-
-__all__ = ["AUDIT_DEFAULTS", "AuditError", "audit_settings", "plot_eps_sweep", "read_audit", "run_audit",
-           "write_audit"]
+__all__ = ["AUDIT_DEFAULTS", "AuditError", "audit_settings", "run_audit", "write_audit"]

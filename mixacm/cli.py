@@ -3,6 +3,7 @@
     mixacm train     --config RUN.yaml --out-dir DIR [--set key.path=value ...]
     mixacm evaluate  (--checkpoint MODEL.pt | --model-file MODEL.pt2) --dataset cifar10 ...
     mixacm audit     (--checkpoint MODEL.pt | --model-file MODEL.pt2) --dataset cifar10 --eps E [--source N=M.pt]
+    mixacm sweep-figure --audits AUDIT.json ... --out FIGURE.png   (the audit's eps sweep)
     mixacm teacher   (--robustbench NAME | --url URL --sha256 HEX | --path FILE | --source-json J)
     mixacm table | figures | report      (tables, figures and the HTML report from result files)
     mixacm claims    --tables TABLE.csv ...  (the paper's claims checked on the tables, Markdown)
@@ -19,6 +20,7 @@ registries) import no torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -114,9 +116,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     load_run_config(cfg)
     if cfg.get("teacher") and not Path(cfg["teacher"]).is_file():
         raise UsageError(f"teacher: model file {cfg['teacher']} does not exist")
-    summary = train(cfg, Path(args.out_dir))
+    with recorded_attempt(Path(args.out_dir)):
+        summary = train(cfg, Path(args.out_dir))
     print(json.dumps({k: summary[k] for k in ("epochs", "wall_time_s") if k in summary}))
     return 0
+
+
+ATTEMPTS_FILE = "attempts.jsonl"
+
+
+@contextlib.contextmanager
+def recorded_attempt(out_dir: Path):
+    """Append this process's run of ``mixacm train`` to ``out_dir/attempts.jsonl``, whether it
+    finishes, fails or is stopped by SIGTERM (a scheduler's kill or time limit): start time,
+    wall and CPU seconds (the process's threads and waited-for children, start-up included), and
+    how it ended. Snakemake's benchmark times only the attempt that finishes; this file keeps every
+    attempt a kill or a failure would otherwise lose (not one killed with SIGKILL). Rank 0 only."""
+    import datetime
+    import os
+    import resource
+    import signal
+    import time
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    started, t0 = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    status = "failed"
+    try:
+        yield
+        status = "finished"
+    except SystemExit as exc:
+        status = f"stopped (exit {exc.code})"
+        raise
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cpu = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                      resource.getrusage(resource.RUSAGE_CHILDREN)))
+        line = {"started": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t0, 3),
+                "cpu_s": round(cpu, 3), "status": status}
+        if out_dir.is_dir():  # bad input stops before train() makes the folder: no attempt
+            with open(out_dir / ATTEMPTS_FILE, "a") as f:
+                f.write(json.dumps(line) + "\n")
 
 
 # -- evaluate --------------------------------------------------------------------------------------
@@ -125,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _run_section(path: Path, info: dict, dataset: Any, dataset_name: str, extra: dict) -> dict:
     """The result's ``run`` section: the model file's metadata, then ``--run-info`` on top."""
     from mixacm.data import dataset_source
-    from mixacm.utils import sha256_file
+    from mixacm.utils import portable_path, sha256_file
 
     meta = info.get("meta") or {}
     run_meta = meta.get("run") if isinstance(meta.get("run"), dict) else meta
@@ -142,7 +191,7 @@ def _run_section(path: Path, info: dict, dataset: Any, dataset_name: str, extra:
         "seed": run_meta.get("seed"),
         "config_hash": run_meta.get("config_hash"),
         "name": run_meta.get("name"),
-        "checkpoint": str(path),
+        "checkpoint": portable_path(path),
         "checkpoint_sha256": sha256_file(path),
     }
     run.update(extra)
@@ -256,7 +305,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from mixacm.audit import audit_settings, run_audit, write_audit
     from mixacm.checkpoint import load_any_model
     from mixacm.data import load_dataset
-    from mixacm.utils import parse_linf_eps, resolve_device
+    from mixacm.utils import parse_linf_eps, portable_path, resolve_device
 
     # Cheap checks first: settings, eps, sources named, the AutoAttack result readable.
     eps = parse_linf_eps(args.eps, allow_large=args.allow_large_eps)
@@ -282,7 +331,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.dataset, "test", root=args.data_root, download=args.download)
     result = run_audit(model, dataset, args.eps, sources=source_models, settings=settings,
                        autoattack_acc_pct=aa, seed=args.seed, device=device)
-    result["audit"]["source_files"] = {name: str(file) for name, file in sources.items()}
+    result["audit"]["source_files"] = {name: portable_path(file) for name, file in sources.items()}
     result = {"schema": result["schema"], "run": _run_section(path, info, dataset, args.dataset, extra), **result}
     write_audit(result, args.out)
     print(json.dumps({"out": str(args.out), "audited_pct": result["metrics"]["audited"]["accuracy_pct"],
@@ -291,9 +340,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_figure(args: argparse.Namespace) -> int:
-    from mixacm.audit import plot_eps_sweep
+    from mixacm.report.figures import eps_sweep_figure, smoke_note
 
-    plot_eps_sweep(args.audits, args.out)
+    eps_sweep_figure(args.audits, args.out, smoke_note(args.config))
     return 0
 
 
@@ -399,7 +448,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_figures(args: argparse.Namespace) -> int:
     from mixacm.report import make_figures
 
-    make_figures(_read_tables(args.tables), args.out_dir)
+    make_figures(_read_tables(args.tables), args.out_dir, config=args.config)
     return 0
 
 
@@ -460,6 +509,10 @@ def _add_costs_argument(p: argparse.ArgumentParser) -> None:
                         "<...>/<run name>.tsv (a benchmark replaces its run's summary figure)")
 
 
+def _add_config_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--config", metavar="CONFIG.yaml", help=f"the pipeline config the results came from: {what}")
+
+
 def _add_tables_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tables", nargs="+", required=True, metavar="TABLE.csv",
                    help="table CSVs named table_<kind>.csv (mixacm table)")
@@ -491,17 +544,7 @@ def _int_or_auto(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer or auto") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="mixacm", formatter_class=fmt,
-        description="MixACM benchmark: train students and teachers, evaluate robustness, render the "
-                    "paper's tables. Each stage of the Snakemake workflow calls one subcommand.",
-    )
-    parser.add_argument("--traceback", action="store_true",
-                        help="on bad input, show the full Python traceback instead of one line")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
+def _add_train(sub, fmt) -> None:
     p = sub.add_parser("train", formatter_class=fmt, help="train one run from a run config",
                        description="Train one run (mixacm.train.train). OUT_DIR receives state.pt "
                                    "(resume point, every epoch), model.pt, metrics.jsonl and "
@@ -515,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "method.eps=8/255); repeatable")
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub, fmt) -> None:
     p = sub.add_parser("evaluate", formatter_class=fmt, help="clean / PGD / AutoAttack accuracy, one JSON",
                        description="Evaluate a model on the test split and write one result JSON "
                                    "with provenance (mixacm.evaluate). A mixacm model file or a "
@@ -549,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show a progress bar (default: on)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_audit(sub, fmt) -> None:
     p = sub.add_parser("audit", formatter_class=fmt, help="robustness audit: checks for gradient masking",
                        description="Audit a model on the evaluation's points (mixacm.audit): PGD with "
                                    "more steps and restarts, APGD-DLR and Square on a subset, transfer "
@@ -569,13 +616,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="AUDIT.json", help="where the audit result goes")
     p.set_defaults(func=cmd_audit)
 
+
+def _add_sweep_figure(sub, fmt) -> None:
     p = sub.add_parser("sweep-figure", formatter_class=fmt, help="robust accuracy against eps (PNG)",
-                       description="One line per method from audit results (mixacm audit): PGD accuracy "
-                                   "at each multiple of eps, averaged over a method's files.")
+                       description="One line per audited row from audit results (mixacm audit), named "
+                                   "as the tables name it: PGD accuracy at each multiple of eps, "
+                                   "averaged over the row's files (its seeds) (mixacm.report.figures).")
     p.add_argument("--audits", nargs="*", default=[], metavar="AUDIT.json", help="audit result files")
+    _add_config_argument(p, "the figure says so when it calls itself a smoke run")
     p.add_argument("--out", required=True, metavar="FIGURE.png", help="where the PNG goes")
     p.set_defaults(func=cmd_sweep_figure)
 
+
+def _add_teacher(sub, fmt) -> None:
     p = sub.add_parser("teacher", formatter_class=fmt, help="fetch or import a robust teacher",
                        description="Write a teacher as a mixacm model file (mixacm.teachers): by "
                                    "RobustBench name, by URL with a required sha256, or from a "
@@ -614,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="TEACHER.pt", help="where the model file goes")
     p.set_defaults(func=cmd_teacher)
 
+
+def _add_table(sub, fmt) -> None:
     p = sub.add_parser("table", formatter_class=fmt, help="one paper table (CSV) from result files",
                        description="Render one of the paper's tables, reproduced beside paper-reported "
                                    "numbers, from evaluation result JSONs (mixacm.report).")
@@ -625,13 +680,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="TABLE.csv", help="where the CSV goes")
     p.set_defaults(func=cmd_table)
 
+
+def _add_figures(sub, fmt) -> None:
     p = sub.add_parser("figures", formatter_class=fmt, help="figures (PNG) from the table CSVs",
-                       description="Less-data curve, clean versus robust accuracy with the paper's "
-                                   "points, and training cost per method (mixacm.report).")
+                       description="Less-data curve, clean against robust accuracy (one panel per "
+                                   "setting, with the paper's points), training cost per row, and "
+                                   "robust accuracy against training cost (mixacm.report.figures).")
     _add_tables_argument(p)
+    _add_config_argument(p, "every figure says so when it calls itself a smoke run")
     p.add_argument("--out-dir", required=True, metavar="DIR", help="folder for the PNG files")
     p.set_defaults(func=cmd_figures)
 
+
+def _add_report(sub, fmt) -> None:
     p = sub.add_parser("report", formatter_class=fmt, help="the HTML report from tables and results",
                        description="Render report/paper_tables.html with jinja2 from the tables, "
                                    "figures and result files alone (mixacm.report).")
@@ -642,12 +703,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_costs_argument(p)
     p.add_argument("--teachers", nargs="*", default=[], metavar="TEACHER.pt",
                    help="teacher model files: their import accuracy checks get a section")
-    p.add_argument("--config", metavar="CONFIG.yaml",
-                   help="the pipeline config the results came from: the report names it and shows "
-                        "its header comment (its scale; whether it is a smoke run)")
+    _add_config_argument(p, "the report names it and shows its header comment (its scale; whether it is "
+                            "a smoke run)")
     p.add_argument("--out", required=True, metavar="REPORT.html", help="where the HTML goes")
     p.set_defaults(func=cmd_report)
 
+
+def _add_claims(sub, fmt) -> None:
     p = sub.add_parser("claims", formatter_class=fmt, help="the paper's claims checked on the tables",
                        description="Claims (a)-(d) of README.md (clean above AT, cost ratio, less "
                                    "data, loss ablation) from the cifar10, less_data and ablation "
@@ -657,6 +719,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="claim (a): robust accuracy at most this many points below AT's is 'close'")
     p.add_argument("--out", metavar="CLAIMS.md", help="also write the Markdown here")
     p.set_defaults(func=cmd_claims)
+
+
+# One function a subcommand, in the order `mixacm --help` lists them.
+SUBCOMMANDS = (_add_train, _add_evaluate, _add_audit, _add_sweep_figure, _add_teacher, _add_table, _add_figures,
+               _add_report, _add_claims)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="mixacm", formatter_class=fmt,
+        description="MixACM benchmark: train students and teachers, evaluate robustness, render the "
+                    "paper's tables. Each stage of the Snakemake workflow calls one subcommand.",
+    )
+    parser.add_argument("--traceback", action="store_true",
+                        help="on bad input, show the full Python traceback instead of one line")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub, fmt)
     return parser
 
 

@@ -423,7 +423,7 @@ def sgd_param_groups(modules: list[nn.Module], exempt: list[str]) -> list[dict]:
 
 
 def _new_totals() -> dict:
-    return {"train_time_s": 0.0, "wall_time_s": 0.0, "images": 0}
+    return {"train_time_s": 0.0, "train_cpu_time_s": 0.0, "wall_time_s": 0.0, "images": 0}
 
 
 @dataclass
@@ -528,7 +528,7 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
     lr = run.optimizer.param_groups[0]["lr"]
     bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{run.recipe['epochs']}", unit="batch",
                disable=not show, leave=False)
-    step0, t_loop = state.global_step, time.perf_counter()
+    step0, t_loop, cpu_loop = state.global_step, time.perf_counter(), time.process_time()
     try:
         for x, y in itertools.islice(run.loader, run.steps_per_epoch):  # batches already on the device
             x = x.contiguous(memory_format=run.memory_format)
@@ -549,13 +549,13 @@ def train_epoch(run: Run, state: TrainState, *, step_budget: int | None = None, 
         _read_meter(run, meter, totals, step0, epoch, bar)  # also waits for the device: the time is real
     finally:
         bar.close()
-    train_time = time.perf_counter() - t_loop
+    train_time, train_cpu_time = time.perf_counter() - t_loop, time.process_time() - cpu_loop
     images_all = images * ctx.world_size  # every rank takes the same number of full batches
     steps_all = max(totals.pop("steps"), 1)
     means = {k: v / steps_all for k, v in totals.items()}
     return {"epoch": epoch + 1, "step": state.global_step, "lr": lr, **means, **term_shares(means),
             "images_per_s": images_all / train_time if train_time > 0 else None,
-            "train_time_s": train_time, "images": images_all}
+            "train_time_s": train_time, "train_cpu_time_s": train_cpu_time, "images": images_all}
 
 
 def term_shares(means: Mapping[str, float]) -> dict[str, float]:
@@ -708,6 +708,10 @@ def _epochs(run: Run, state: TrainState, steps_left: int | None, show: bool) -> 
         score_epoch(run, state, line)
         state.epoch += 1
         state.totals["train_time_s"] += line["train_time_s"]
+        # CPU time of this process in the loop (all its threads): the cost of a CPU run; None
+        # after resuming a state written before it was counted
+        if state.totals.setdefault("train_cpu_time_s", None) is not None:
+            state.totals["train_cpu_time_s"] += line["train_cpu_time_s"]
         state.totals["images"] += images
         state.totals["wall_time_s"] += time.perf_counter() - t_epoch
         line["wall_time_s"] = state.totals["wall_time_s"]
@@ -743,6 +747,7 @@ def _finish(run: Run, state: TrainState) -> dict:
                     "holdout": d["holdout"], "augment": d["augment"], "source": run.source},
         "epochs": len(state.history), "steps": state.global_step, "resumed_from_epoch": state.resumed_from,
         "images": totals["images"], "train_time_s": totals["train_time_s"], "wall_time_s": totals["wall_time_s"],
+        "train_cpu_time_s": totals.get("train_cpu_time_s"),
         "images_per_s": totals["images"] / totals["train_time_s"] if totals["train_time_s"] > 0 else None,
         "device": str(ctx.device), "world_size": ctx.world_size,
         "device_hours": totals["wall_time_s"] * ctx.world_size / 3600.0,

@@ -345,3 +345,21 @@ def config_hash(cfg: Any) -> str:
     """A short, stable hash of a JSON-serialisable config (key order does not matter)."""
     blob = json.dumps(cfg, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as a file that may be published should name it: relative to the checkout the
+    command runs in (the nearest folder above the current one that holds ``.git``; else the
+    current folder) when it lies inside it, else as given. An absolute path would name the
+    folder a run happened to sit in."""
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    cwd = Path.cwd()
+    checkout = next((d for d in (cwd, *cwd.parents) if (d / ".git").exists()), cwd)
+    for base in (checkout, cwd):
+        try:
+            return p.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return str(path)

@@ -9,8 +9,8 @@
 #   e.g. scripts/publish_example.sh /work/cpu_run cifar10_cpu
 #
 # RUN_DIR is the working directory the workflow ran in. Copied per run: run.yaml,
-# train_summary.json, metrics.jsonl, eval_*.json and the job benchmarks; plus the teacher's
-# evaluations. Model files are not copied: each result names its model's sha256.
+# train_summary.json, metrics.jsonl, attempts.jsonl, eval_*.json and the job benchmarks; plus the
+# teacher's evaluations. Model files are not copied: each result names its model's sha256.
 set -euo pipefail
 
 run_dir=${1:?usage: publish_example.sh RUN_DIR NAME}
@@ -21,7 +21,7 @@ dest=$repo/docs/results/$name
 rm -rf "$dest/runs" "$dest/figures"
 mkdir -p "$dest/runs" "$dest/figures"
 cd "$run_dir"
-find results -type f \( -name run.yaml -o -name train_summary.json -o -name metrics.jsonl \
+find results -type f \( -name run.yaml -o -name train_summary.json -o -name metrics.jsonl -o -name attempts.jsonl \
      -o -name 'eval_*.json' -o -name '*.tsv' \) | sort | while read -r f; do
   mkdir -p "$dest/runs/$(dirname "$f")" && cp "$f" "$dest/runs/$f"
 done

@@ -181,9 +181,12 @@ def test_table_and_report_show_the_audited_column_and_flags(net, tmp_path):
         files.append(tmp_path / f"{name}.json")
         files[-1].write_text(json.dumps({"schema": 1, "run": run, **result}))
     table = build_table("cifar10", collect_results(files))
-    row = table[table["status"] == "reproduced"].iloc[0]
+    row = table[table["status"] == "trained"].iloc[0]
     assert row["audited_mean"] == pytest.approx(audit["metrics"]["audited"]["accuracy_pct"], abs=0.01)
     assert row["audited_mean"] <= row["pgd20_mean"]
+    # PGD-20 on the audit's own points travels beside it: here the evaluation's points and seeds
+    assert row["audited_pgd20_mean"] == pytest.approx(audit["audit"]["accuracy_pct"]["pgd20"], abs=1e-4)
+    assert row["audited_pgd20_mean"] == pytest.approx(row["pgd20_mean"], abs=1e-4)
     assert "gradient masking suspected" in row["audit_flags"] and row["audit_flags"].startswith("seed 0:")
     html = render_report({"cifar10": table}, [], collect_results(files), tmp_path / "r.html").read_text()
     assert "Audited robust" in html and "flagged:" in html
@@ -194,15 +197,32 @@ def test_table_and_report_show_the_audited_column_and_flags(net, tmp_path):
     assert "Audited robust: per point" not in plain
 
 
-def test_sweep_figure_from_audit_files(net, tmp_path):
+def test_sweep_figure_from_audit_files(net, tmp_path, repo_root):
     from mixacm.cli import main
+    from mixacm.report.figures import draw_eps_sweep, smoke_note
 
     result = run_audit(net, Blobs(), EPS, settings=FAST, device="cpu")
-    path = tmp_path / "a.json"
-    path.write_text(json.dumps({"run": {"recipe": "at"}, **result}))
+    paths = []
+    for seed, (method, variant) in enumerate([("at", None), ("mixacm", "compute-matched"), ("mixacm", None)]):
+        paths.append(tmp_path / f"a{seed}.json")
+        paths[-1].write_text(json.dumps({"run": {"recipe": method, "method": method, "variant": variant,
+                                                 "arch": "mlp", "data_source": "blobs", "seed": 0}, **result}))
     out = tmp_path / "fig" / "eps_sweep.png"
-    assert main(["sweep-figure", "--audits", str(path), "--out", str(out)]) == 0
+    assert main(["sweep-figure", "--audits", *map(str, paths), "--config", str(repo_root / "config" / "quick.yaml"),
+                 "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = draw_eps_sweep(paths, smoke_note(repo_root / "config" / "quick.yaml"))
+    ax = fig.axes[0]
+    # the tables' names, not recipe keys; what ran and how many points; the smoke-run note
+    assert ax.get_legend_handles_labels()[1] == ["AT", "MixACM", "MixACM [compute-matched]"]
+    title = " ".join(ax.get_title().split())
+    assert "blobs" in title and "student mlp" in title and f"{FAST['n']} test points" in title
+    assert "smoke run" in fig.get_supxlabel()
+    # ticks at the eps of the points only, a y range that fits them
+    eps = sorted(row["eps"] for row in result["audit"]["sweep"])
+    assert list(ax.get_xticks()) == pytest.approx([e * 255 for e in eps])
+    top = max(row["accuracy_pct"] for row in result["audit"]["sweep"])
+    assert top <= ax.get_ylim()[1] <= top + 13
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert main(["sweep-figure", "--audits", str(bad), "--out", str(tmp_path / "x.png")]) == 2

@@ -11,7 +11,7 @@ from mixacm.report.claims import claims_markdown
 
 
 def _row(method, key, clean, pgd, *, frac=1.0, apgd=np.nan, aa=np.nan, audited=np.nan, hours=np.nan, paper=np.nan):
-    row = {"status": "reproduced", "method": method, "method_key": key, "data_fraction": frac,
+    row = {"status": "trained", "method": method, "method_key": key, "data_fraction": frac,
            "train_device_hours": hours, "paper_robust": paper}
     for col, value in (("clean", clean), ("pgd20", pgd), ("autoattack_apgd", apgd), ("autoattack", aa),
                        ("audited", audited)):
@@ -53,6 +53,19 @@ def test_all_four_claims_hold():
     assert text.count("**Holds**") == 4
 
 
+def test_claim_a_shows_pgd20_on_the_points_of_each_smaller_attack_and_b_refuses_mixed_units():
+    t = tables()
+    main_t = t["cifar10"]
+    main_t["autoattack_apgd_n"] = 500  # APGD on 500 of PGD-20's 1000 points, PGD-20 on them beside it
+    main_t.loc[main_t.method_key == "mixacm", "autoattack_apgd_pgd20_mean"] = 41.5
+    main_t.loc[main_t.method_key == "at", "autoattack_apgd_pgd20_mean"] = 42.0
+    text = claims_markdown(t)
+    assert "| PGD-20 on the same 500 points as APGD-CE+APGD-T | 41.50 | 42.00 | -0.50 |" in text
+    main_t["train_cost_unit"] = ["CPU-hours", "GPU-hours", None]
+    section_b = claims_markdown(t).split("### (b)")[1].split("### (c)")[0]
+    assert "**Not evaluated**" in section_b and "training costs in one unit (found CPU-hours, GPU-hours)" in section_b
+
+
 def test_each_claim_can_fail():
     text = claims_markdown(tables(mix_clean=54.0, mix_apgd=38.5, at_hours=0.05, less_mix=20.0))
     assert text.count("**Does not hold**") == 3  # (a) clean below, (b) ratio 2, (c) 48 % < 60 %
@@ -75,8 +88,8 @@ def test_a_missing_row_stops_only_its_claim_and_is_named():
     section_c = text.split("### (c)")[1].split("### (d)")[0]
     assert "**Not evaluated**: table less_data lacks:" in section_c
     # every missing row, not just the first
-    assert "- a reproduced row with method_key = 'at', data_fraction = 1 (found 0)" in section_c
-    assert "- a reproduced row with method_key = 'at', data_fraction = 0.1 (found 0)" in section_c
+    assert "- a trained row with method_key = 'at', data_fraction = 1 (found 0)" in section_c
+    assert "- a trained row with method_key = 'at', data_fraction = 0.1 (found 0)" in section_c
 
 
 def test_claims_on_a_run_without_at_or_the_other_tables():
@@ -85,7 +98,7 @@ def test_claims_on_a_run_without_at_or_the_other_tables():
     main_t = main_t[main_t.method_key != "at"].assign(train_device_hours=np.nan)
     text = claims_markdown({"cifar10": main_t})
     assert text.count("**Not evaluated**") == 4 and "**Holds**" not in text
-    assert "table cifar10 lacks:\n\n- a reproduced row with method_key = 'at' (found 0)" in text
+    assert "table cifar10 lacks:\n\n- a trained row with method_key = 'at' (found 0)" in text
     assert "needs table less_data (table_less_data.csv), which was not given" in text
     assert "needs table ablation (table_ablation.csv), which was not given" in text
     # with AT present but no costs, (a) is evaluated and (b) names the missing cost
@@ -100,7 +113,7 @@ def test_less_data_without_a_smaller_fraction_is_not_evaluated():
     t = tables()
     t["less_data"] = t["less_data"][t["less_data"].data_fraction == 1.0]
     section_c = claims_markdown(t).split("### (c)")[1].split("### (d)")[0]
-    assert "- reproduced rows at a data_fraction below 1" in section_c
+    assert "- trained rows at a data_fraction below 1" in section_c
 
 
 def test_cli_reads_the_table_csvs(tmp_path, capsys):

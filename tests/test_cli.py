@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,36 @@ def _cache(tmp_path_factory, monkeypatch):
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
     action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
+
+
+def _cli_summary() -> dict[str, str]:
+    """docs/architecture.md's command-line summary: subcommand -> its lines (continuations included)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    block = text.split("## Command line and workflow", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    summary: dict[str, str] = {}
+    current = None
+    for line in block.splitlines():
+        m = re.match(r"mixacm (\S+)", line)
+        if m:
+            current = m.group(1)
+            summary[current] = summary.get(current, "") + line + "\n"
+        elif current:
+            summary[current] += line + "\n"
+    return summary
+
+
+def test_the_cli_summary_in_the_docs_lists_every_subcommand_and_option():
+    summary = _cli_summary()
+    assert "--traceback" in summary["[--traceback]"]
+    subs = _subcommands()
+    assert set(summary) - {"[--traceback]"} == set(subs)
+    for name, sub in subs.items():
+        for action in sub._actions:
+            longs = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+            # a --x / --no-x pair is listed as --[no-]x
+            forms = longs + [o.replace("--no-", "--[no-]") for o in longs]
+            assert not longs or any(re.search(re.escape(f) + r"(?![\w-])", summary[name]) for f in forms), \
+                f"docs/architecture.md: mixacm {name} lacks {longs}"
 
 
 def test_every_subcommand_documents_every_option(capsys):
@@ -289,3 +320,27 @@ def test_evaluate_torch_export_model_file(tmp_path, exported_model, cifar10_jpeg
     for name in ("clean", "pgd3"):
         assert result["metrics"][name]["correct"] == ref["metrics"][name]["correct"], name
     assert 0 < ref["metrics"]["clean"]["correct"] < 40
+
+
+def test_every_attempt_of_mixacm_train_is_recorded_however_it_ends(tmp_path):
+    # Snakemake writes a benchmark only for the attempt that finishes; mixacm train records each.
+    import os
+    import signal
+
+    from mixacm.cli import ATTEMPTS_FILE, recorded_attempt
+
+    with recorded_attempt(tmp_path):
+        sum(i * i for i in range(10000))
+    with pytest.raises(RuntimeError), recorded_attempt(tmp_path):
+        raise RuntimeError("loss is nan")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit), recorded_attempt(tmp_path):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's kill or time limit
+        signal.pause()
+    assert signal.getsignal(signal.SIGTERM) is before
+    lines = [json.loads(line) for line in (tmp_path / ATTEMPTS_FILE).read_text().splitlines()]
+    assert [line["status"] for line in lines] == ["finished", "failed", f"stopped (exit {128 + signal.SIGTERM})"]
+    assert all(line["wall_s"] >= 0 and line["cpu_s"] > 0 and line["started"] for line in lines)
+    with recorded_attempt(tmp_path / "not-made"):  # bad input: train() never made the folder
+        pass
+    assert not (tmp_path / "not-made").exists()

@@ -31,7 +31,8 @@ SHELL_LANGS = {"bash", "sh", "shell", "console"}
 # First words that make a line a command (for the check on untagged blocks and comment headers).
 PROGRAMS = {"snakemake", "mixacm", "pytest", "python", "python3", "python3.11", "pip", "export",
             "sudo", "torchrun", "srun", "sbatch", "sinfo", "scripts/slurm/start.sh",
-            "scripts/slurm/stop.sh", "scripts/publish_example.sh", ".venv/bin/pytest"}
+            "scripts/slurm/stop.sh", "scripts/publish_example.sh", "scripts/render_example.sh",
+            ".venv/bin/pytest", "OMP_NUM_THREADS=1"}
 HEADER_FILES = ["workflow/Snakefile", "workflow/rules/*.smk", "config/**/*.yaml",
                 "workflow/profiles/*/config.yaml"]
 HEADER_LINE = re.compile(r"^#\s{2,}((?:snakemake|mixacm)\s.*?)(?:\s{2,}[#(].*)?$")
@@ -65,6 +66,14 @@ SUBSTITUTIONS = [
     ("docs/benchmarks.md", "python benchmarks/bench_methods.py --model wrn-34-10 --device cuda",
      ': "needs CUDA, not run" #',
      "needs a GPU (the GPU checks run it where there is one)"),
+    ("docs/benchmarks.md", "python benchmarks/bench_threads.py",
+     "python benchmarks/bench_threads.py --seconds 0.2 --warmup 1 --workloads eval-pgd20",
+     "the full measurement takes about 2 minutes; one job kind for a fraction of a second runs the "
+     "same code"),
+    ("docs/report.md", "scripts/render_example.sh cifar10_cpu config/cifar10_cpu.yaml",
+     ": re-rendering skipped",
+     "renders every table, figure and the report of the published run again (about 80 s on 2 "
+     "cores); tests/test_report.py builds the same tables and report from the same result files"),
     ("docs/results/cifar10_cpu/README.md",
      "python scripts/tune_holdout.py config/tuning/cifar10_cpu.yaml --out-dir results/tuning --csv results/tuning.csv",
      ": holdout search skipped",

@@ -594,9 +594,13 @@ def _quick_with(edit) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
+_QUICK = (REPO / "config" / "quick.yaml").read_text()
+_RECIPES_LINE = _QUICK.split("\n").index("recipes:") + 1  # 1-based: the inserted key is on the next line
+
+
 @pytest.mark.parametrize("config_text, expected", [
-    ((REPO / "config" / "quick.yaml").read_text().replace("\nrecipes:\n", "\nrecipes:\n  at: {method: standard}\n", 1),
-     r"invalid config: \S*bad\.yaml: key recipes\.at is given twice \(lines 36 and \d+\)"),
+    (_QUICK.replace("\nrecipes:\n", "\nrecipes:\n  at: {method: standard}\n", 1),
+     rf"invalid config: \S*bad\.yaml: key recipes\.at is given twice \(lines {_RECIPES_LINE + 1} and \d+\)"),
     pytest.param(_quick_with(lambda c: c.update(seeds=[0, 1, 0])),
                  r"invalid config: key seeds: \[0, 1, 0\] has non-unique elements", marks=pytest.mark.slow),
     (_quick_with(lambda c: c["recipes"].update(at_copy=dict(c["recipes"]["at"])) or
@@ -790,9 +794,10 @@ def test_results_over_the_same_points_of_two_data_folders_are_not_mixed(result_f
 
 def test_a_training_summary_whose_costs_disagree_is_refused(tmp_path):
     good = {"config_hash": "h", "name": "r", "wall_time_s": 7200.0, "world_size": 2, "device_hours": 4.0,
-            "images": 1000, "train_time_s": 100.0, "images_per_s": 10.0}
+            "images": 1000, "train_time_s": 100.0, "images_per_s": 10.0, "device": "cuda:0"}
     (tmp_path / "good.json").write_text(json.dumps(good))
-    assert collect_costs([tmp_path / "good.json"]).iloc[0]["device_hours"] == 4.0
+    # The cost counts the training loop: a GPU run's loop time x its GPUs.
+    assert collect_costs([tmp_path / "good.json"]).iloc[0]["device_hours"] == pytest.approx(100.0 * 2 / 3600)
     for key, value, match in (("device_hours", 0.4, r"device_hours = 0\.4, but wall_time_s x world_size / 3600 = 4"),
                               ("images_per_s", 100.0, r"images_per_s = 100\.0, but images / train_time_s = 10"),
                               ("wall_time_s", -1.0, r"wall_time_s = -1\.0 is not a non-negative number")):

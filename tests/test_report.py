@@ -95,16 +95,19 @@ def scenario(make_result: ResultFactory, tmp_path: Path) -> dict:
     ]
     cost_dir = tmp_path / "costs"
     costs = []
-    for h, name, wall, dh in [("m0", "cifar10/mixacm/seed0", 3600.0, 1.0),
-                              ("m1", "cifar10/mixacm/seed1", 7200.0, 2.0),
-                              ("a0", "cifar10/at/seed0", 1800.0, 1.0)]:
+    # GPU runs: the training loop's wall time (train_time_s) x the GPUs is the cost; the epochs'
+    # wall time (scoring included) and the job's benchmark are not
+    for h, name, loop, wall, gpus in [("m0", "cifar10/mixacm/seed0", 3000.0, 3600.0, 1),
+                                      ("m1", "cifar10/mixacm/seed1", 6000.0, 7200.0, 1),
+                                      ("a0", "cifar10/at/seed0", 1500.0, 1800.0, 2)]:
         d = cost_dir / name
         d.mkdir(parents=True)
         (d / "train_summary.json").write_text(json.dumps(
-            {"config_hash": h, "name": name, "wall_time_s": wall, "device_hours": dh,
-             "device": "cuda", "knobs": {"gamma": 50, "p": 2}, "recipe": {"lr": 0.1, "gamma": 0.2}}))
+            {"config_hash": h, "name": name, "train_time_s": loop, "wall_time_s": wall,
+             "device_hours": wall * gpus / 3600, "world_size": gpus, "device": "cuda",
+             "knobs": {"gamma": 50, "p": 2}, "recipe": {"lr": 0.1, "gamma": 0.2}}))
         costs.append(d / "train_summary.json")
-    # the AT job ran on 2 devices (1800 s, 1 device-hour); its benchmark says 2700 s in all
+    # the AT job's benchmark: 2700 s for the whole job (start-up included)
     bench = tmp_path / "benchmarks" / "train" / "cifar10" / "at" / "seed0.tsv"
     bench.parent.mkdir(parents=True)
     bench.write_text("s\th:m:s\tmax_rss\n2700.0\t0:45:00\t100.0\n")
@@ -113,7 +116,7 @@ def scenario(make_result: ResultFactory, tmp_path: Path) -> dict:
 
 
 def _row(table, method: str, **where):
-    sel = table[(table["method_key"] == method) & (table["status"] == "reproduced")]
+    sel = table[(table["method_key"] == method) & (table["status"] == "trained")]
     for k, v in where.items():
         sel = sel[sel[k] == v]
     assert len(sel) == 1, sel
@@ -141,16 +144,18 @@ def test_cifar10_table_mean_std_and_differences(scenario):
     assert mix["diff_robust"] == pytest.approx(51.0 - 56.65)
     assert mix["diff_robust_vs"] == "AutoAttack (standard)"
     assert bool(mix["same_setting"]) is True
-    # two of three seeds have a training summary: (1 + 2) / 2 device-hours
-    assert mix["train_device_hours"] == pytest.approx(1.5) and mix["cost_runs"] == 2
+    # two of three seeds have a training summary: the loops' (3000 + 6000) / 2 s on one GPU
+    assert mix["train_device_hours"] == pytest.approx(4500 / 3600) and mix["cost_runs"] == 2
 
     at = _row(table, "at")
     assert at["clean_mean"] == pytest.approx(86.5) and at["pgd20_std"] == pytest.approx(0.7071, abs=1e-4)
     assert np.isnan(at["autoattack_mean"]) and at["autoattack_seeds"] == 0
     assert at["diff_robust"] == pytest.approx(48.5 - 47.04) and at["diff_robust_vs"] == "PGD-20"
-    # the benchmark (2700 s) replaces the summary, on the summary's 2 devices: 1.5 device-hours
-    assert at["train_device_hours"] == pytest.approx(1.5) and at["cost_source"] == "benchmark"
-    assert at["train_cost_unit"] == "GPU-hours"  # a cuda job: wall time x its 2 GPUs
+    # the loop's 1500 s on 2 GPUs; the job's benchmark (2700 s) stays beside it, not in it
+    assert at["train_device_hours"] == pytest.approx(2 * 1500 / 3600)
+    assert at["cost_source"] == "train_summary (training loop)"
+    assert at["train_cost_unit"] == "GPU-hours"
+    assert collect_costs(scenario["costs"]).set_index("config_hash").at["a0", "job_wall_s"] == 2700.0
     assert at["ref_autoattack"] == pytest.approx(44.04)
 
     trades = _row(table, "trades")
@@ -162,8 +167,8 @@ def test_cifar10_table_mean_std_and_differences(scenario):
     assert trades["diff_robust_vs"] == "AutoAttack (APGD-CE+APGD-T)"
 
     # less-data and ablation runs stay out of the main table
-    assert set(table.loc[table.status == "reproduced", "method_key"]) == {"mixacm", "at", "trades"}
-    assert len(table[table.status == "reproduced"]) == 3
+    assert set(table.loc[table.status == "trained", "method_key"]) == {"mixacm", "at", "trades"}
+    assert len(table[table.status == "trained"]) == 3
 
 
 def test_both_autoattack_versions_keep_their_own_columns(make_result):
@@ -183,7 +188,7 @@ def test_both_autoattack_versions_keep_their_own_columns(make_result):
     assert row["diff_robust"] == pytest.approx(55.0 - 56.65)
     assert row["diff_robust_vs"] == "AutoAttack (standard)"
     table = build_table("cifar10", collect_results(files))
-    assert robust_column(table[table.status == "reproduced"]) == "autoattack_apgd"
+    assert robust_column(table[table.status == "trained"]) == "autoattack_apgd"
 
 
 def test_transfer_table_puts_the_teacher_and_the_peers_in_order(make_result):
@@ -201,7 +206,7 @@ def test_transfer_table_puts_the_teacher_and_the_peers_in_order(make_result):
     table = build_table("transfer", collect_results(files))
     assert table["method_key"].tolist() == ["teacher", "at", "mixacm", "ard", "rslad"]
     assert table["method"].tolist() == ["Teacher", "AT", "MixACM", "ARD", "RSLAD"]
-    assert (table["status"] == "reproduced").all()
+    assert (table["status"] == "trained").all()
     teacher = table.iloc[0]
     assert teacher["variant"] == "Carmon2019Unlabeled" and teacher["student"] == "wrn-28-10"
     assert table.iloc[2]["pgd20_mean"] == 55.0  # the full MixACM, not the ablation variant
@@ -220,12 +225,12 @@ def test_named_variants_are_rows_of_their_own_and_ablation_presets_stay_out(make
     ]
     results = collect_results(files)
     main = build_table("cifar10", results)
-    rep = main[main.status == "reproduced"]
+    rep = main[main.status == "trained"]
     assert sorted(zip(rep["method_key"], rep["variant"])) == [
         ("at", ""), ("mixacm", ""), ("mixacm", "best holdout variant"), ("mixacm", "compute-matched")]
     assert rep[rep.variant == "best holdout variant"].iloc[0]["pgd20_mean"] == 58.0
     less = build_table("less_data", results)
-    at_tenth = less[(less.status == "reproduced") & (less.method_key == "at") & (less.data_fraction == 0.1)]
+    at_tenth = less[(less.status == "trained") & (less.method_key == "at") & (less.data_fraction == 0.1)]
     assert dict(zip(at_tenth["variant"], at_tenth["pgd20_mean"])) == {"": 30.0, "fixed steps": 40.0}
     transfer = build_table("transfer", results)
     assert "best holdout variant" in set(transfer["variant"]) and "acm+kd" not in set(transfer["variant"])
@@ -243,9 +248,9 @@ def test_less_data_figure_draws_one_curve_per_variant():
     rows = []
     for variant, pgd in (("", [30.0, 40.0]), ("fixed steps", [35.0, 40.0])):
         for frac, acc in zip((0.1, 1.0), pgd):
-            rows.append({"status": "reproduced", "method": "AT", "variant": variant, "student": "resnet2b",
+            rows.append({"status": "trained", "method": "AT", "variant": variant, "student": "resnet2b",
                          "teacher": "", "eps": "2/255", "data_fraction": frac, "pgd20_mean": acc,
-                         "pgd20_std": 0.0, "clean_mean": 50.0, "clean_std": 0.0, "data_source": "x"})
+                         "pgd20_std": 0.0, "pgd20_n": 100, "clean_mean": 50.0, "clean_std": 0.0, "data_source": "x"})
     fig = draw_less_data(pd.DataFrame(rows))
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert labels == ["AT (resnet2b, 2/255) PGD-20", "AT [fixed steps] (resnet2b, 2/255) PGD-20"]
@@ -270,29 +275,53 @@ def test_an_imported_teacher_without_a_config_hash_is_named_by_its_file(make_res
 
 
 def test_a_resumed_run_is_costed_from_its_summary_not_the_last_jobs_benchmark(tmp_path):
+    # Snakemake writes a benchmark only for the attempt that finished; the summary adds up the
+    # loop's time of every epoch of every attempt.
     from mixacm.report.tables import collect_costs
     run = tmp_path / "cifar10" / "ard" / "seed0"
     run.mkdir(parents=True)
     (run / "train_summary.json").write_text(json.dumps(
-        {"config_hash": "d0", "name": "cifar10/ard/seed0", "wall_time_s": 369.0, "device": "cpu",
-         "resumed_from_epoch": 2}))
+        {"config_hash": "d0", "name": "cifar10/ard/seed0", "wall_time_s": 369.5, "train_time_s": 369.0,
+         "train_cpu_time_s": 300.0, "device": "cpu", "resumed_from_epoch": 2}))
     bench = tmp_path / "benchmarks" / "train" / "cifar10" / "ard" / "seed0.tsv"
     bench.parent.mkdir(parents=True)
     bench.write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
                      "82.0\t0:01:22\t100\t100\t100\t100\t0\t0\t99\t81.0\n")
     row = collect_costs([run / "train_summary.json", bench]).iloc[0]
-    assert row["wall_time_s"] == 369.0 and row["device_hours"] == pytest.approx(369.0 / 3600)
-    assert row["cost_source"].startswith("train_summary (resumed run")
+    assert row["device_hours"] == pytest.approx(300.0 / 3600) and row["cost_unit"] == "CPU-hours"
+    assert (row["job_wall_s"], row["job_cpu_s"], row["resumed_from_epoch"]) == (82.0, 81.0, 2)
+
+
+def test_every_attempt_of_a_job_counts_where_mixacm_train_recorded_it(tmp_path):
+    # A run resumed after a kill: the benchmark saw its last attempt; attempts.jsonl all of them.
+    run = tmp_path / "cifar10" / "ard" / "seed0"
+    run.mkdir(parents=True)
+    (run / "train_summary.json").write_text(json.dumps(
+        {"config_hash": "d0", "name": "cifar10/ard/seed0", "train_time_s": 300.0, "device": "cpu",
+         "resumed_from_epoch": 2}))  # written before train_cpu_time_s: costed by the job
+    (run / "attempts.jsonl").write_text(
+        json.dumps({"wall_s": 250.0, "cpu_s": 200.0, "status": "stopped (exit 143)"}) + "\n"
+        + json.dumps({"wall_s": 130.0, "cpu_s": 100.0, "status": "finished"}) + "\n")
+    bench = tmp_path / "benchmarks" / "train" / "cifar10" / "ard" / "seed0.tsv"
+    bench.parent.mkdir(parents=True)
+    bench.write_text("s\tcpu_time\n130.0\t100.0\n")
+    row = collect_costs([run / "train_summary.json", bench]).iloc[0]
+    assert (row["attempts"], row["job_wall_s"], row["job_cpu_s"]) == (2, 380.0, 300.0)
+    assert row["device_hours"] == pytest.approx(300.0 / 3600) and row["cost_unit"] == "CPU-hours (whole job)"
+    (run / "attempts.jsonl").write_text('{"wall_s": 1}\n')
+    with pytest.raises(ResultFileError, match=r"attempts\.jsonl: line 1 lacks wall_s or cpu_s"):
+        collect_costs([run / "train_summary.json"])
 
 
 def test_cited_rows_and_paper_order(scenario):
     table = build_table("cifar10", collect_results(scenario["files"]))
     cited = table[table.status == "cited"]
-    assert set(cited["method"]) == {"AWP", "FAT", "IGAM", "FreeAT"}
-    awp = cited[cited.method == "AWP"].iloc[0]
+    assert set(cited["method"]) == {"TRADES-AWP", "FAT", "IGAM", "Free-AT"}
+    awp = cited[cited.method == "TRADES-AWP"].iloc[0]
     assert (awp["paper_clean"], awp["paper_robust"]) == (85.36, 59.12)
     assert awp["ref_autoattack"] == pytest.approx(56.17) and np.isnan(awp["clean_mean"])
-    assert list(table["method"]) == ["AT", "AWP", "FreeAT", "TRADES", "FAT", "IGAM", "MixACM"]
+    assert awp["paper_note"] == 'the paper\'s row "AWP"'
+    assert list(table["method"]) == ["AT", "TRADES-AWP", "Free-AT", "TRADES", "FAT", "IGAM", "MixACM"]
 
     imagenet = build_table("imagenet", collect_results(scenario["files"]))
     assert list(imagenet["status"]) == ["cited"] * 3
@@ -309,7 +338,7 @@ def test_less_data_and_ablation_tables(scenario, tmp_path):
 
     abl = build_table("ablation", results)
     assert list(abl["method"]) == ["ACM only", "ACM + KD", "ACM + mixup", "ACM + KD + mixup", "KD only"]
-    assert list(abl["status"]) == ["cited", "reproduced", "cited", "reproduced", "cited"]
+    assert list(abl["status"]) == ["cited", "trained", "cited", "trained", "cited"]
     kd = abl[abl.method == "ACM + KD"].iloc[0]
     assert kd["pgd20_mean"] == 47.0 and kd["diff_robust"] == pytest.approx(47.0 - 49.53)
     full = abl[abl.method == "ACM + KD + mixup"].iloc[0]
@@ -399,10 +428,10 @@ def test_figures_are_nonblank_pngs_and_show_the_results(built, tmp_path):
         img = _pixels(full)
         assert img.shape[0] > 200 and img.shape[1] > 400
         assert img.std() > 0.05  # not a single flat colour
-        # the reproduced points, curves and bars change the picture
+        # the trained points, curves and bars change the picture
         other = _pixels(blank)
         assert img.shape != other.shape or not np.allclose(img, other)
-    # the scatter draws reproduced points filled in red: present only when there are results
+    # the scatter draws trained points filled in red: present only when there are results
     red = np.array([0xD6, 0x27, 0x28]) / 255  # matplotlib's tab:red
     is_red = lambda im: (np.abs(im - red).sum(-1) < 0.02).sum()  # noqa: E731
     assert is_red(_pixels(built["figures"][1])) > 50 and is_red(_pixels(empty[1])) == 0
@@ -451,7 +480,8 @@ class _ReportParser(HTMLParser):
 
 _DISPLAYED = ["n_seeds", "data_fraction", "train_device_hours", "paper_clean", "paper_robust",
               "diff_clean", "diff_robust", "ref_clean", "ref_autoattack"] + [
-    f"{c}_{s}" for c in ("clean", "pgd20", "autoattack", "autoattack_apgd") for s in ("mean", "std", "n")]
+    f"{c}_{s}" for c in ("clean", "pgd20", "autoattack", "autoattack_apgd") for s in ("mean", "std", "n")] + [
+    f"{c}_pgd20_{s}" for c in ("autoattack", "autoattack_apgd") for s in ("mean", "std")]
 
 
 def _numbers(obj) -> list[float]:
@@ -467,8 +497,18 @@ def test_html_numbers_trace_to_tables_results_and_paper(built):
     parser = _ReportParser()
     parser.feed(html)
 
-    # every table with reproduced rows names the data they were computed on
-    assert html.count("Reproduced on: <strong>CIFAR-10 (JPEG copy)</strong>") == 4  # + transfer
+    # every table is headed with what ran (student, eps, data), the paper's setting beside it
+    headings = dict(re.findall(r'<h2 id="(\w+)">([^<]*)', html))
+    assert headings["cifar10"] == "Main comparison: wrn-34-10 student, L-inf 8/255, CIFAR-10 (JPEG copy)"
+    assert headings["imagenet"] == "ImageNet comparison: nothing trained here"
+    assert '<span class="paper">the paper: CIFAR-10, WRN-34-10 student, L-inf 8/255</span>' in html
+    # every badge and every method name shown is defined on the page
+    assert "trained here</span>" in html and "paper only</span>" in html and "reproduced" not in html
+    defined = dict(re.findall(r"<dt>([^<]*)</dt><dd>([^<]*)</dd>", html))
+    for table in built["tables"].values():
+        for name in table["method"]:
+            assert defined.get(name) and "no definition" not in defined[name], name
+    assert "TRADES-AWP" in defined and "FreeAT" not in html
     # self-contained: no scripts, no external resources, figures embedded
     assert "script" not in parser.tags and "link" not in parser.tags
     assert [s for s in parser.srcs if not s.startswith(("#", "data:image/png;base64,"))] == []
@@ -478,7 +518,8 @@ def test_html_numbers_trace_to_tables_results_and_paper(built):
     for path in built["files"]:
         allowed |= set(_numbers(json.loads(Path(path).read_text())["metrics"]))
         allowed |= set(_numbers(json.loads(Path(path).read_text())["run"]))
-    allowed |= set(built["costs"]["device_hours"].dropna())
+    for col in ("device_hours", "job_wall_s", "job_cpu_s", "resumed_from_epoch"):  # each run's cost, job
+        allowed |= set(built["costs"][col].dropna().astype(float))
     shown: dict[str, list[float]] = {}
     for kind, table in built["tables"].items():
         cols = [c for c in _DISPLAYED if c in table.columns]
@@ -551,7 +592,7 @@ def test_report_opens_in_headless_chromium(built, tmp_path):
         return int((np.abs(img - colour).sum(-1) == 0).sum())
 
     # the first screen shows the CIFAR-10 table: its header, paper and difference cells and the
-    # "reproduced" badges, each drawn in its own background colour from the template
+    # "trained here" badges, each drawn in its own background colour from the template
     assert count("f6f8fa") > 5000 and count("f3f7fc") > 5000 and count("fdf8ef") > 5000
     assert count("dafbe1") > 500
 
@@ -560,7 +601,7 @@ def test_less_data_figure_draws_autoattack_ticks_the_fractions_and_counts_seeds(
     from mixacm.report.figures import draw_less_data
 
     less = built["tables"]["less_data"].copy()
-    rows = less["status"] == "reproduced"
+    rows = less["status"] == "trained"
     less.loc[rows, "autoattack_mean"] = less.loc[rows, "pgd20_mean"] - 3
     fig = draw_less_data(less)
     ax_rob = fig.axes[0]
@@ -576,67 +617,147 @@ def test_less_data_figure_draws_autoattack_ticks_the_fractions_and_counts_seeds(
     assert "mean ± std" not in draw_less_data(one_seed)._suptitle.get_text()
 
 
-def test_clean_vs_robust_labels_do_not_overlap_and_titles_name_both_settings(built):
-    from mixacm.report.figures import draw_clean_vs_robust
+def _expected_points(tables, paper) -> dict[tuple, set]:
+    """(dataset, kind, name) -> the points a label of that name may mark, from the inputs."""
+    from mixacm.report.tables import row_name
 
-    # crowd the reproduced points onto each other
-    main = built["tables"]["cifar10"].copy()
-    rows = main["status"] == "reproduced"
-    main.loc[rows, "clean_mean"] = 60.0
-    fig, boxes = draw_clean_vs_robust({**built["tables"], "cifar10": main}, load_paper_numbers())
-    assert len(boxes) > 5
+    points: dict[tuple, set] = {}
+    for kind in ("cifar10", "imagenet"):
+        spec = paper["tables"][kind]
+        for prow in spec["rows"]:
+            if prow.get("clean") is not None and prow.get("robust") is not None:
+                points.setdefault((spec["dataset"], "paper", prow["label"]), set()).add((prow["clean"], prow["robust"]))
+        for ref in paper["robustbench"]["models"]:
+            points.setdefault((ref["dataset"], "reference", ref["model"] or ref["label"]), set()).add(
+                (ref["clean"], ref["autoattack"]))
+        rows = tables[kind][tables[kind]["status"] == "trained"]
+        col = robust_column(rows)
+        for _, r in rows.iterrows():
+            points.setdefault((spec["dataset"], "trained", row_name(r)), set()).add((r["clean_mean"], r[f"{col}_mean"]))
+    return points
+
+
+def _check_labels(fig, labels, expected) -> None:
+    """Each label marks its own point (its anchor and leader line), covers no other label or point,
+    stays inside its axes, and is either nearest to its own point or tied to it by a visible line."""
+    from matplotlib.text import Text
+
+    from mixacm.report.figures import _gap
+
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(lab.annotation, renderer) for lab in labels]
+    drawn = {}
+    for lab in labels:
+        drawn.setdefault(lab.annotation.axes, []).append(tuple(lab.annotation.axes.transData.transform(lab.annotation.xy)))
+    for lab, box in zip(labels, boxes):
+        ann, ax = lab.annotation, lab.annotation.axes
+        assert tuple(map(float, ann.xy)) in {tuple(map(float, p)) for p in expected[(lab.dataset, lab.kind, lab.name)]}, \
+            (lab.name, ann.xy)
+        assert ann.xycoords == "data" and ann.arrow_patch is not None  # the leader line ends at xy
+        own = tuple(ax.transData.transform(ann.xy))
+        others = [p for p in drawn[ax] if np.hypot(p[0] - own[0], p[1] - own[1]) > 0.5]
+        frame = ax.get_window_extent(renderer)
+        assert frame.x0 - 1 <= box.x0 and box.x1 <= frame.x1 + 1 and frame.y0 - 1 <= box.y0 and box.y1 <= frame.y1 + 1, \
+            f"{lab.name} runs out of its panel"
+        assert all(_gap(box, *p) > 0 for p in drawn[ax]), f"{lab.name} covers a point"
+        nearest_is_own = all(_gap(box, *p) > _gap(box, *own) for p in others)
+        assert nearest_is_own or _gap(box, *own) >= 8, f"{lab.name} sits nearer another point than its own"
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not a.overlaps(b), (a, b)
-    title = fig.axes[0].get_title()
-    assert title.startswith("paper: CIFAR-10, WRN-34-10 student, L-inf 8/255")
-    student, eps = main.loc[rows, "student"].iloc[0], main.loc[rows, "eps"].iloc[0]
-    assert f"reproduced: {student} at {eps}" in title
 
 
-def test_cpu_jobs_cost_their_cpu_time_not_their_wall_time(tmp_path):
-    # On a loaded machine a job waits: its wall time grows, its CPU time does not.
-    runs = {"cifar10/mixacm/frac0.05/seed0": (900.0, 120.0), "cifar10/mixacm/frac1.0/seed0": (600.0, 480.0)}
+@pytest.mark.parametrize("setting", ["the paper's", "another"])
+def test_clean_vs_robust_labels_mark_their_own_points_one_panel_per_setting(built, setting):
+    from mixacm.report.figures import draw_clean_vs_robust
+
+    # crowd the trained points onto each other
+    main = built["tables"]["cifar10"].copy()
+    rows = main["status"] == "trained"
+    main.loc[rows, "clean_mean"] = 60.0
+    if setting == "another":
+        main.loc[rows, "student"], main.loc[rows, "eps"] = "tiny", "2/255"
+    tables, paper = {**built["tables"], "cifar10": main}, load_paper_numbers()
+    fig, labels = draw_clean_vs_robust(tables, paper)
+    assert sum(lab.kind == "trained" for lab in labels) == rows.sum()
+    _check_labels(fig, labels, _expected_points(tables, paper))
+    titles = [ax.get_title() for ax in fig.axes]
+    paper_panel = next(t for t in titles if t.startswith("the paper's setting: CIFAR-10, WRN-34-10"))
+    if setting == "another":  # what ran has a panel of its own, titled with what ran
+        assert len(titles) == 3 and titles[0].startswith("ran here: tiny student, L-inf 2/255")
+        assert "robust: PGD-20 on 500-1,000 points" in titles[0]
+        assert not any(lab.kind == "trained" and lab.annotation.axes.get_title() == paper_panel for lab in labels)
+    else:  # trained in the paper's setting: beside the paper's points
+        assert len(titles) == 2 and "robust: PGD-20 on 500-1,000 points" in paper_panel
+
+
+def test_transfer_figure_names_each_row_and_has_one_unit():
+    from mixacm.report.figures import draw_transfer
+
+    rows = [{"status": "trained", "method": "MixACM", "method_key": "mixacm", "variant": v, "student": "resnet2b",
+             "eps": "2/255", "data_source": "x", "n_seeds": 1, "pgd20_mean": acc, "pgd20_std": np.nan, "pgd20_n": 100,
+             "pgd20_seeds": 1, "clean_mean": 50.0, "train_device_hours": cost, "train_cost_unit": unit}
+            for v, acc, cost, unit in (("", 30.0, 0.02, "CPU-hours"), ("compute-matched", 31.0, 0.05, "CPU-hours"),
+                                       ("other unit", 33.0, 0.01, "GPU-hours"))]
+    fig, labels = draw_transfer(pd.DataFrame(rows))
+    names = [lab.name for lab in labels]
+    assert names == ["MixACM", "MixACM [compute-matched]"]  # distinct; the GPU-hours row is no point
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("training cost, CPU-hours") and "GPU" not in ax.get_xlabel()
+    assert any("cost in GPU-hours" in t.get_text() for t in ax.texts)
+
+
+def _cost_files(tmp_path: Path, runs: dict) -> list[Path]:
+    """A training summary and a job benchmark per run: name -> (summary keys, job wall s, job CPU s)."""
     paths = []
-    for i, (name, (wall, cpu)) in enumerate(runs.items()):
+    for i, (name, (summary, job_wall, job_cpu)) in enumerate(runs.items()):
         d = tmp_path / "results" / name
         d.mkdir(parents=True)
         (d / "train_summary.json").write_text(json.dumps(
-            {"config_hash": f"h{i}", "name": name, "wall_time_s": wall, "device_hours": wall / 3600,
-             "device": "cpu", "world_size": 1}))
-        bench = tmp_path / "benchmarks" / "train" / f"{name}.tsv"
-        bench.parent.mkdir(parents=True)
-        bench.write_text(f"s\th:m:s\tmax_rss\tcpu_time\n{wall}\t0:10:00\t100.0\t{cpu}\n")
+            {"config_hash": summary.pop("config_hash", f"h{i}"), "name": name, "device": "cpu", "world_size": 1,
+             **summary}))
+        bench = (d / "benchmark_train.tsv" if name.startswith("teachers/")
+                 else tmp_path / "results" / "benchmarks" / "train" / f"{name}.tsv")
+        bench.parent.mkdir(parents=True, exist_ok=True)
+        bench.write_text(f"s\th:m:s\tmax_rss\tcpu_time\n{job_wall}\t0:10:00\t100.0\t{job_cpu}\n")
         paths += [d / "train_summary.json", bench]
+    return paths
+
+
+def test_cpu_runs_cost_the_cpu_time_of_their_training_loop(tmp_path):
+    # The 5 % run's job paid start-up and the image decoding (its benchmark: 30 CPU-s, more than
+    # the full run's 25) and waited for a core (loop wall 40 s); its loop did a twentieth of the work.
+    paths = _cost_files(tmp_path, {
+        "cifar10/mixacm/frac0.05/seed0": ({"train_time_s": 40.0, "train_cpu_time_s": 1.0, "wall_time_s": 41.0}, 90.0, 30.0),
+        "cifar10/mixacm/frac1.0/seed0": ({"train_time_s": 21.0, "train_cpu_time_s": 20.0, "wall_time_s": 22.0}, 28.0, 25.0)})
     costs = collect_costs(paths).set_index("name")
     assert list(costs["cost_unit"]) == ["CPU-hours", "CPU-hours"]
-    assert costs.at["cifar10/mixacm/frac0.05/seed0", "device_hours"] == pytest.approx(120 / 3600)
-    assert costs.at["cifar10/mixacm/frac1.0/seed0", "device_hours"] == pytest.approx(480 / 3600)
-    # without a benchmark: the summary's wall-clock figure, labelled as such
-    only = collect_costs([paths[0]])
-    assert only.at[0, "cost_unit"] == "wall device-hours"
+    assert costs.at["cifar10/mixacm/frac0.05/seed0", "device_hours"] == pytest.approx(1 / 3600)
+    assert costs.at["cifar10/mixacm/frac1.0/seed0", "device_hours"] == pytest.approx(20 / 3600)
+    assert costs.at["cifar10/mixacm/frac0.05/seed0", "job_cpu_s"] == 30.0  # the job's time, kept beside
+    # one summary written before train_cpu_time_s: every CPU run falls back to its job's CPU time
+    # (the benchmark), so the set keeps one unit; a resumed run's last-attempt benchmark is no cost
+    old = json.loads(paths[0].read_text())
+    del old["train_cpu_time_s"]
+    paths[0].write_text(json.dumps(old))
+    costs = collect_costs(paths).set_index("name")
+    assert list(costs["cost_unit"]) == ["CPU-hours (whole job)", "CPU-hours (whole job)"]
+    assert costs.at["cifar10/mixacm/frac1.0/seed0", "device_hours"] == pytest.approx(25 / 3600)
+    resumed = json.loads(paths[2].read_text())
+    paths[2].write_text(json.dumps({**resumed, "resumed_from_epoch": 1}))
+    costs = collect_costs(paths).set_index("name")
+    assert pd.isna(costs.at["cifar10/mixacm/frac1.0/seed0", "device_hours"])
+    assert costs.at["cifar10/mixacm/frac1.0/seed0", "cost_source"].startswith("none: a resumed run")
 
 
 @pytest.mark.parametrize("same_config", [False, True], ids=["own-config", "a-students-config"])
 def test_a_teacher_trained_in_the_dag_costs_cpu_hours_like_its_students(tmp_path, same_config):
     # The transfer table puts the teacher beside its students: one cost unit for all of them.
     # In config/ci.yaml the teacher trains with a student's recipe: one config, one cost row.
-    runs = {"cifar10/at/tiny/frac1.0/seed0": ("h0", 600.0, 300.0),
-            "teachers/cifar10/trained": ("h0" if same_config else "h1", 900.0, 450.0)}
-    paths = []
-    for name, (config_hash, wall, cpu) in runs.items():
-        d = tmp_path / "results" / name
-        d.mkdir(parents=True)
-        (d / "train_summary.json").write_text(json.dumps(
-            {"config_hash": config_hash, "name": name, "wall_time_s": wall, "device_hours": wall / 3600,
-             "device": "cpu", "world_size": 1}))
-        # the teacher's benchmark sits in its run folder (rule train_teacher), the students' in
-        # results/benchmarks/train/
-        bench = (d / "benchmark_train.tsv" if name.startswith("teachers/")
-                 else tmp_path / "results" / "benchmarks" / "train" / f"{name}.tsv")
-        bench.parent.mkdir(parents=True, exist_ok=True)
-        bench.write_text(f"s\th:m:s\tmax_rss\tcpu_time\n{wall}\t0:10:00\t100.0\t{cpu}\n")
-        paths += [d / "train_summary.json", bench]
+    paths = _cost_files(tmp_path, {
+        "cifar10/at/tiny/frac1.0/seed0": ({"config_hash": "h0", "train_time_s": 400.0, "train_cpu_time_s": 300.0}, 600, 310),
+        "teachers/cifar10/trained": ({"config_hash": "h0" if same_config else "h1", "train_time_s": 500.0,
+                                      "train_cpu_time_s": 450.0}, 900, 460)})
     costs = collect_costs(paths).set_index("name")
     # the same rows whatever the order of the files
     assert collect_costs(paths[::-1]).set_index("name").sort_index().equals(costs.sort_index())
@@ -646,6 +767,31 @@ def test_a_teacher_trained_in_the_dag_costs_cpu_hours_like_its_students(tmp_path
         assert len(costs) == 1
     else:
         assert costs.at["teachers/cifar10/trained", "device_hours"] == pytest.approx(450 / 3600)
+        assert costs.at["teachers/cifar10/trained", "job_wall_s"] == 900
+
+
+def test_training_cost_grows_with_the_training_work(tmp_path):
+    # Real runs of the training loop: three times the steps cost more, though both pay the same
+    # start-up and data loading (which the cost leaves out).
+    import torch
+
+    from mixacm.train import train
+    from test_train import make_image_folder, run_config
+
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summaries = [train({**run_config(data, {"name": "at", "eps": 2 / 255, "steps": 2, "step_size": 1 / 255}),
+                            "train": {"progress": False, "max_steps_per_epoch": steps}, "name": f"at{steps}"},
+                           tmp_path / f"run{steps}") for steps in (2, 6)]
+    finally:
+        torch.set_num_threads(before)
+    assert [s["steps"] for s in summaries] == [3 * 2, 3 * 6]
+    costs = collect_costs([tmp_path / f"run{steps}" / "train_summary.json" for steps in (2, 6)]).set_index("name")
+    assert set(costs["cost_unit"]) == {"CPU-hours"}
+    assert costs.at["at2", "device_hours"] < costs.at["at6", "device_hours"]
+    assert all(0 < s["train_cpu_time_s"] <= s["wall_time_s"] * 1.5 for s in summaries)
 
 
 def test_no_difference_across_settings(make_result):
@@ -653,15 +799,20 @@ def test_no_difference_across_settings(make_result):
     files = [make_result("mixacm", 0, {"clean": 20.0, "pgd20": 15.0}, arch="resnet2b",
                          eps=2 / 255, eps_text="2/255")]
     table = build_table("cifar10", collect_results(files))
-    mix = table[(table.status == "reproduced") & (table.method_key == "mixacm")].iloc[0]
+    mix = table[(table.status == "trained") & (table.method_key == "mixacm")].iloc[0]
     assert bool(mix["same_setting"]) is False
     assert pd.isna(mix["diff_clean"]) and pd.isna(mix["diff_robust"])
     assert mix["paper_clean"] > 80  # the paper's number is still shown
 
 
+# Widths, and the most lines any header's own text (its title, not the point count under it) takes.
 WIDTH_PROBE = ("<script>const t = document.querySelector('table[data-kind]');"
+               "const lines = [...t.querySelectorAll('thead th')].map(th => { const tops = new Set();"
+               " for (const n of th.childNodes) { if (n.nodeType !== 3 || !n.textContent.trim()) continue;"
+               " const r = document.createRange(); r.selectNodeContents(n);"
+               " for (const b of r.getClientRects()) tops.add(Math.round(b.top)); } return tops.size; });"
                "document.title = [document.documentElement.scrollWidth, t.getBoundingClientRect().right,"
-               " document.documentElement.clientWidth].join(' ');</script>")
+               " document.documentElement.clientWidth, Math.max(...lines)].join(' ');</script>")
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
@@ -683,9 +834,11 @@ def test_main_table_fits_a_1366_px_window(repo_root, tmp_path):
          f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1366,900", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    page_width, table_right, client_width = map(float, re.search(r"<title>([^<]*)</title>", proc.stdout).group(1).split())
+    page_width, table_right, client_width, header_lines = map(
+        float, re.search(r"<title>([^<]*)</title>", proc.stdout).group(1).split())
     assert page_width <= client_width, "the page scrolls sideways at 1366 px"
     assert table_right <= client_width, f"the main table ends at {table_right} px of {client_width}"
+    assert header_lines <= 2, f"a column header wraps over {header_lines:.0f} lines"
 
 
 def test_run_details_tell_the_two_gammas_apart(built):

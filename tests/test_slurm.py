@@ -108,6 +108,42 @@ def test_profiles_layer_in_a_dry_run(tmp_path):
     assert "slurm_account" not in resources
 
 
+def _with_threads(work: Path, train: int) -> None:
+    cfg = yaml.safe_load((work / "config" / "test.yaml").read_text())
+    cfg["resources"]["cifar10"]["train"]["threads"] = train
+    (work / "config" / "test.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def test_plan_shows_the_threads_to_submit_and_warns_of_the_placeholder_account(tmp_path):
+    # the real profile alone, as a user runs it first: `snakemake -n --profile workflow/profiles/slurm`
+    work = copy_workflow(tmp_path / "wf")
+    _with_threads(work, 3)
+    proc = subprocess.run(snakemake_cmd(work, "-n", "results/cifar10/at/tiny/frac1.0/seed0/model.pt",
+                                        profiles=(PROFILES / "slurm",)),
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, tail(out)
+    assert "never awaited" not in out and "RuntimeWarning" not in out, tail(out)
+    assert "default-resources.slurm_account is the placeholder 'CHANGE_ME'" in out
+    block = out[out.index("rule train_student:"):]
+    block = block[:block.index("Shell command:") + 200]
+    assert "threads: 3" in block and "OMP_NUM_THREADS=3 mixacm train" in block, block
+
+
+def test_the_placeholder_account_stops_a_real_run_before_any_job(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    # the local executor stands in for sbatch: the refusal comes before any executor submits
+    proc = subprocess.run(snakemake_cmd(work, "--executor", "local", "--cores", "1",
+                                        "results/teachers/cifar10/trained/run.yaml", profiles=(PROFILES / "slurm",)),
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "default-resources.slurm_account is the placeholder 'CHANGE_ME'" in out, tail(out)
+    assert not (work / "results").exists()
+
+
 # --- the real cluster ------------------------------------------------------------------------------
 
 def _daemon_pids() -> dict[str, int]:

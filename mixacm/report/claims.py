@@ -27,8 +27,9 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from mixacm.report.tables import FULL_VARIANTS, ResultFileError, norm_variant, row_name
+from mixacm.report.tables import COST_AXIS, FULL_VARIANTS, TRAINED, ResultFileError, norm_variant, row_name
 
+# The robust columns claim (a) compares, each beside PGD-20 on its own points where it has them.
 ROBUST = [("pgd20", "PGD-20"), ("autoattack_apgd", "APGD-CE+APGD-T"), ("autoattack", "AutoAttack (standard)"),
           ("audited", "Audited (mixacm audit)")]
 ABLATION_ORDER = ["ACM only", "ACM + KD", "ACM + mixup", "ACM + KD + mixup"]
@@ -51,7 +52,7 @@ class MissingRows(ResultFileError):
 def _describe(match: Mapping) -> str:
     def show(v):
         return f"{float(v):g}" if isinstance(v, float) else repr(v)  # numpy floats as plain numbers
-    return "a reproduced row with " + ", ".join(f"{k} = {show(v)}" for k, v in match.items())
+    return "a trained row with " + ", ".join(f"{k} = {show(v)}" for k, v in match.items())
 
 
 def _variant_key(v) -> str:
@@ -62,8 +63,8 @@ def _variant_key(v) -> str:
 
 def named_variants(table: pd.DataFrame, method_key: str) -> list[str]:
     """The named variants (tuned variant, compute-matched, fixed steps, ...) of one method's
-    reproduced rows, as written in the table, in table order."""
-    rows = table[(table["status"] == "reproduced") & (table["method_key"] == method_key)]
+    trained rows, as written in the table, in table order."""
+    rows = table[(table["status"] == TRAINED) & (table["method_key"] == method_key)]
     if "variant" not in rows:
         return []
     return list(dict.fromkeys(v for v in rows["variant"] if isinstance(v, str) and _variant_key(v)))
@@ -77,7 +78,7 @@ class _Rows:
         self.name, self.table, self.missing = name, table, []
 
     def one(self, variant: str | None = "", **match) -> pd.Series | None:
-        rows = self.table[self.table["status"] == "reproduced"]
+        rows = self.table[self.table["status"] == TRAINED]
         if variant is not None:  # None: any variant (the ablation rows are named by their label)
             keys = rows["variant"].map(_variant_key) if "variant" in rows else pd.Series("", index=rows.index)
             rows = rows[keys == _variant_key(variant)]
@@ -116,6 +117,7 @@ def claim_a(main: pd.DataFrame, close: float) -> list[str]:
             lines.append(f"| {title} | {_fmt(mix[f'{col}_mean'], mix[f'{col}_std'])} | "
                          f"{_fmt(at[f'{col}_mean'], at[f'{col}_std'])} | {gap:+.2f} | "
                          f"{mix[f'{col}_seeds']} / {at[f'{col}_seeds']} | {mix[f'{col}_n']} |")
+            lines += _same_points_line(mix, at, col, title)
         holds = d_clean > 0 and all(g >= -close for g in gaps)
         verdict = (f"{name}: **{'Holds' if holds else 'Does not hold'}** (criterion: clean above AT's and "
                    f"robust at most {close:g} points below AT's under every attack).")
@@ -127,6 +129,17 @@ def claim_a(main: pd.DataFrame, close: float) -> list[str]:
     return out
 
 
+def _same_points_line(mix: pd.Series, at: pd.Series, col: str, title: str) -> list[str]:
+    """PGD-20 on the points of column ``col`` (fewer than PGD-20's own), where both rows have it."""
+    key = f"{col}_pgd20_mean"
+    if key not in mix or pd.isna(mix.get(key)) or pd.isna(at.get(key)) or mix[f"{col}_n"] == mix["pgd20_n"]:
+        return []
+    return [f"| PGD-20 on the same {mix[f'{col}_n']} points as {title} | "
+            f"{_fmt(mix[key], mix.get(f'{col}_pgd20_std'))} | "
+            f"{_fmt(at[key], at.get(f'{col}_pgd20_std'))} | {mix[key] - at[key]:+.2f} | "
+            f"{mix[f'{col}_seeds']} / {at[f'{col}_seeds']} | {mix[f'{col}_n']} |"]
+
+
 def claim_b(main: pd.DataFrame) -> list[str]:
     need = _Rows("cifar10", main)
     mix, at = need.one(method_key="mixacm"), need.one(method_key="at")
@@ -134,12 +147,15 @@ def claim_b(main: pd.DataFrame) -> list[str]:
     costless = [r["method"] for r in (mix, at) if pd.isna(r["train_device_hours"])]
     if costless:
         raise MissingRows("cifar10", [f"the training cost (train_device_hours) of {', '.join(costless)}"])
-    unit = ", ".join(sorted({str(u) for u in main.get("train_cost_unit", pd.Series(dtype=str)).dropna() if u})) \
-        or "device-hours"
-    lines = [f"| method | training cost, {unit} (mean over seeds) | relative to AT |", "|---|---|---|"]
-    for _, row in main[main["status"] == "reproduced"].iterrows():
-        lines.append(f"| {row_name(row)} | {row['train_device_hours']:.4f} | "
-                     f"{row['train_device_hours'] / at['train_device_hours']:.2f} |")
+    units = sorted({str(u) for u in main.get("train_cost_unit", pd.Series(dtype=str)).dropna() if u})
+    if len(units) > 1 or mix.get("train_cost_unit") != at.get("train_cost_unit"):
+        raise MissingRows("cifar10", [f"training costs in one unit (found {', '.join(units)})"])
+    lines = [f"| method | training cost, {COST_AXIS.get(units[0], units[0]) if units else 'no unit'} "
+             "(mean over seeds) | relative to AT |", "|---|---|---|"]
+    for _, row in main[main["status"] == TRAINED].iterrows():
+        cost = row["train_device_hours"]
+        lines.append(f"| {row_name(row)} | {_fmt(cost) if pd.isna(cost) else f'{cost:.4f}'} | "
+                     f"{_fmt(cost / at['train_device_hours'])} |")
     ratio = mix["train_device_hours"] / at["train_device_hours"]
     return lines + ["", f"MixACM / AT = **{ratio:.2f}** (AT costs {1 / ratio:.1f} times MixACM). "
                         f"**{'Holds' if ratio < 1 else 'Does not hold'}**."]
@@ -158,14 +174,14 @@ def claim_c(less: pd.DataFrame) -> list[str]:
 
 def _claim_c_budget(less: pd.DataFrame, variant: str) -> list[str]:
     need = _Rows("less_data", less)
-    rows = less[less["status"] == "reproduced"]
+    rows = less[less["status"] == TRAINED]
     if "variant" in rows:
         rows = rows[rows["variant"].map(_variant_key) == _variant_key(variant)]
     lines = ["| fraction | MixACM clean | MixACM PGD-20 | kept | AT clean | AT PGD-20 | kept |",
              "|---|---|---|---|---|---|---|"]
     fractions = sorted(rows["data_fraction"].unique())
     if not any(f < 1 for f in fractions):
-        need.missing.append("reproduced rows at a data_fraction below 1")
+        need.missing.append("trained rows at a data_fraction below 1")
     # A budget without full-data rows of its own (e.g. fixed steps, which on all the data is the
     # plain run) is compared with the plain full-data runs.
     own_full = variant and any(abs(f - 1.0) < 1e-9 for f in fractions)

@@ -19,8 +19,20 @@ import jinja2
 import pandas as pd
 
 import mixacm
-from mixacm.report.tables import ATTACK_COLUMNS, ATTACK_TITLES, NO_PAPER_KINDS, TABLE_KINDS, load_paper_numbers
-from mixacm.utils import atomic_write
+from mixacm.report.tables import (
+    ATTACK_COLUMNS,
+    ATTACK_TITLES,
+    CITED,
+    CPU_HOURS,
+    GPU_HOURS,
+    NO_PAPER_KINDS,
+    PAIRED_COLUMNS,
+    TABLE_KINDS,
+    TRAINED,
+    JOB_CPU_HOURS,
+    load_paper_numbers,
+)
+from mixacm.utils import atomic_write, portable_path as display_path
 
 TEMPLATE = "paper_tables.html.j2"
 # Tables in the order the paper presents them, then the robustness-transfer comparison; the
@@ -54,6 +66,17 @@ def training_summary(cost_row) -> str | None:
     return text + (f", {int(images):,} images seen" if images is not None else "")
 
 
+def job_record(cost_row) -> dict[str, Any] | None:
+    """The training job's own time (``wall_s``, ``cpu_s``: start-up and data loading included),
+    over its ``attempts`` where ``mixacm train`` recorded them, else from its Snakemake benchmark
+    (the attempt that finished), and the epoch a resumed run resumed after, beside the loop's
+    cost; None when neither is known."""
+    get = lambda k: _value(cost_row[k]) if k in cost_row else None  # noqa: E731
+    record = {"wall_s": get("job_wall_s"), "cpu_s": get("job_cpu_s"), "attempts": get("attempts"),
+              "resumed": get("resumed_from_epoch") or None}
+    return record if record["wall_s"] is not None or record["resumed"] else None
+
+
 def run_settings(cost_row) -> dict[str, str]:
     """The run's method knobs, optimiser recipe and model selection, labelled so that equal knob
     names of different parts (``gamma``) cannot be mistaken for each other."""
@@ -75,7 +98,7 @@ def run_settings(cost_row) -> dict[str, str]:
 
 def _value(v: Any) -> Any:
     """Plain Python values for the template: NaN and None become None, numpy scalars unwrap."""
-    if v is None:
+    if v is None or v is pd.NA:
         return None
     if hasattr(v, "item"):
         v = v.item()
@@ -90,7 +113,7 @@ def _row_dict(row: pd.Series) -> dict[str, Any]:
 
 def _run_details(row: Mapping[str, Any], results: pd.DataFrame,
                  costs: pd.DataFrame | None) -> list[dict[str, Any]]:
-    """Per training run behind a reproduced row: seed, config, commit, each metric, cost."""
+    """Per training run behind a trained row: seed, config, commit, each metric, cost."""
     files = set((row.get("files") or "").split(";"))
     hashes = set((row.get("config_hashes") or "").split(";"))
     sel = results[results["file"].isin(files) & results["config_hash"].isin(hashes)]
@@ -118,18 +141,80 @@ def _run_details(row: Mapping[str, Any], results: pd.DataFrame,
             "cost_file": None if c is None else c["cost_file"],
             "settings": {} if c is None else run_settings(c),
             "training": None if c is None else training_summary(c),
+            "job": None if c is None else job_record(c),
         })
     return runs
 
 
-def _attack_columns(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The accuracy columns of a section: clean, PGD-20 and each AutoAttack version some row has
-    (the standard version's column stays, empty, when no row has any AutoAttack result)."""
-    have = {c for c in ATTACK_COLUMNS for r in rows if r.get(f"{c}_mean") is not None}
-    cols = [c for c in ATTACK_COLUMNS if c in ("clean", "pgd20") or c in have]
-    if not have & {"autoattack", "autoattack_apgd"}:
-        cols.append("autoattack")
-    return [{"key": c, "title": ATTACK_TITLES[c]} for c in cols]
+# What each badge and mark on the page means (the page defines every one it shows).
+BADGES = {
+    TRAINED: ("trained here", "trained and evaluated by this pipeline; the numbers are this run's, in "
+                              "the setting its row names (student, eps, data), which may not be the paper's"),
+    CITED: ("paper only", "reported by the paper; not trained by this pipeline"),
+}
+COST_UNITS = {
+    CPU_HOURS: "CPU time of the training loop's steps (all threads of the process), in hours",
+    GPU_HOURS: "wall time of the training loop's steps x the GPUs of the run, in hours",
+    JOB_CPU_HOURS: "CPU time of the whole training job from its Snakemake benchmark, in hours: start-up "
+                   "and data loading included (the cost of runs whose training summaries predate the "
+                   "loop's own CPU time; none for a resumed run, whose benchmark timed its last attempt only)",
+}
+
+
+def _attack_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The accuracy columns of a section: those some row has a value in (a column the config
+    never fills is not shown; none in a section of cited rows only). A paired column (AutoAttack,
+    audited) says whether its cells carry PGD-20 on their own points: where some row's points
+    are fewer than its PGD-20 column's."""
+    have = [c for c in ATTACK_COLUMNS if any(r.get(f"{c}_mean") is not None for r in rows)]
+    cols = []
+    for c in have:
+        paired = c in PAIRED_COLUMNS and any(
+            r.get(f"{c}_pgd20_mean") is not None and r.get(f"{c}_n") != r.get("pgd20_n") for r in rows)
+        ns = sorted({r[f"{c}_n"] for r in rows if r.get(f"{c}_n") is not None})
+        cols.append({"key": c, "title": ATTACK_TITLES[c], "paired": paired,
+                     "points": ", ".join(f"{n:,}" for n in ns)})
+    return cols
+
+
+def _filled_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper, difference and cost columns some row has a value in (others are not shown),
+    and the cost unit when every costed row shares one (then the header carries it)."""
+    filled = lambda col: any(r.get(col) is not None for r in rows)  # noqa: E731
+    units = {r.get("train_cost_unit") for r in rows if r.get("train_device_hours") is not None}
+    return {"paper_columns": [c for c in ("clean", "robust") if filled(f"paper_{c}")],
+            "diff_columns": [c for c in ("clean", "robust") if filled(f"diff_{c}")],
+            "has_cost": filled("train_device_hours"),
+            "cost_unit": units.pop() if len(units) == 1 else None}
+
+
+def section_heading(kind: str, spec: Mapping[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
+    """What ran ("Main comparison: resnet2b student, L-inf 2/255, CIFAR-10 (JPEG copy)") and,
+    beside it, the paper's setting ("the paper: CIFAR-10, WRN-34-10 student, L-inf 8/255")."""
+    trained = [r for r in rows if r["status"] == TRAINED]
+    name = spec.get("name") or kind
+    if trained:
+        settings = sorted({(r["student"], r["eps"]) for r in trained})
+        sources = sorted({r["data_source"] for r in trained if r.get("data_source")})
+        ran = "; ".join(f"{s} student, L-inf {e}" for s, e in settings) + (f", {', '.join(sources)}" if sources else "")
+        title = f"{name}: {ran}"
+    else:
+        title = f"{name}: nothing trained here"
+    paper = f"the paper: {spec['title']}" if spec.get("title") and kind not in NO_PAPER_KINDS else ""
+    return {"title": title, "paper": paper}
+
+
+def definitions(paper: Mapping[str, Any], sections: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(name, definition) of every method name the tables show, from ``paper_numbers.yaml``;
+    a name without a definition is listed with none, which the tests refuse."""
+    known = paper.get("definitions") or {}
+    names = []
+    for section in sections:
+        for r in section["rows"]:
+            base = str(r["method"])
+            if base not in names:
+                names.append(base)
+    return [(n, known.get(n)) for n in names]
 
 
 def _figure(path: Path) -> dict[str, str]:
@@ -150,7 +235,7 @@ def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Pa
 
     ``tables`` maps table kinds to ``build_table`` output, ``figures`` are PNG paths (embedded),
     ``results`` is ``collect_results`` output and ``costs`` ``collect_costs`` output; the last two
-    give each reproduced row its per-run details (seed, config hash, commit, attacks, cost);
+    give each trained row its per-run details (seed, config hash, commit, attacks, cost);
     ``teachers`` (``mixacm.report.teachers.teacher_records``) adds the teachers' import checks.
     """
     paper = load_paper_numbers() if paper is None else paper
@@ -163,16 +248,15 @@ def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Pa
         rows = []
         for _, r in tables[kind].iterrows():
             row = _row_dict(r)
-            row["runs"] = (_run_details(row, results, costs)
-                           if row["status"] == "reproduced" else [])
+            row["runs"] = _run_details(row, results, costs) if row["status"] == TRAINED else []
             rows.append(row)
-        sections.append({"kind": kind, "title": spec.get("title", kind), "source": spec.get("source"),
+        sections.append({"kind": kind, **section_heading(kind, spec, rows), "source": spec.get("source"),
                          "student": spec.get("student"), "eps": spec.get("eps"),
                          "has_paper": kind not in NO_PAPER_KINDS, "rows": rows,
                          "description": spec.get("description"),
-                         "attack_columns": _attack_columns(rows),
-                         "data_sources": sorted({r["data_source"] for r in rows
-                                                 if r["status"] == "reproduced" and r.get("data_source")})})
+                         "attack_columns": _attack_columns(rows), **_filled_columns(rows)})
+    units = sorted({u for t in tables.values() if "train_cost_unit" in t
+                    for v in t["train_cost_unit"].dropna() for u in str(v).split(";") if u})
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("mixacm.report", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -184,7 +268,9 @@ def render_report(tables: Mapping[str, pd.DataFrame], figures: Iterable[str | Pa
         paper_citation=paper.get("paper", ""),
         n_files=int(results["file"].nunique()) if len(results) else 0,
         version=mixacm.__version__,
-        config=None if config_path is None else {"path": str(config_path),
+        config=None if config_path is None else {"path": display_path(config_path),
                                                  "header": config_header(config_path)},
+        badges=BADGES, trained=TRAINED, definitions=definitions(paper, sections),
+        cost_units=[(u, COST_UNITS.get(u, "")) for u in units],
     )
     return atomic_write(out_path, lambda p: p.write_text(html, encoding="utf-8"))

@@ -1,21 +1,28 @@
 """Result files -> the paper's tables (pandas), built from the files alone.
 
-A reproduced row aggregates the evaluations of one training set-up (method, loss variant,
-student, teacher, dataset, data fraction, eps) over seeds: for each of clean, PGD-20 and
-AutoAttack the mean and the sample standard deviation (ddof = 1, empty for a single seed) of the
-accuracy in %, the number of test points and the attack's package and version. Beside it stand
-the paper's reported clean and robust accuracy (``paper_numbers.yaml``) and the difference
-reproduced - paper, only where the row is in the paper's setting (student and eps; else the
-differences are empty: a tiny model at 2/255 against WRN-34-10 at 8/255 is no comparison); the
-robust difference uses the strongest attack the row has (standard
-AutoAttack, then APGD-CE + APGD-T, then PGD-20), and ``diff_robust_vs`` says which. Methods the paper cites but the pipeline does not train appear as
-rows with status ``cited``.
+A row trained here (status ``trained``) aggregates the evaluations of one training set-up
+(method, loss variant, student, teacher, dataset, data fraction, eps) over seeds: for each of
+clean, PGD-20, AutoAttack and the audit the mean and the sample standard deviation (ddof = 1,
+empty for a single seed) of the accuracy in %, the number of test points and the attack's package
+and version. AutoAttack and the audit usually run on fewer points than PGD-20 (the first n of the
+same class-balanced order); beside each of them stands PGD-20 on its own points
+(``{autoattack,autoattack_apgd,audited}_pgd20_mean``), the number to compare it with. Beside the
+row stand the paper's reported clean and robust accuracy (``paper_numbers.yaml``) and the
+difference trained - paper, only where the row is in the paper's setting (student and eps; else
+the differences are empty: a tiny model at 2/255 against WRN-34-10 at 8/255 is no comparison);
+the robust difference uses the strongest attack the row has (standard AutoAttack, then APGD-CE +
+APGD-T, then PGD-20), and ``diff_robust_vs`` says which. Methods the paper reports but the
+pipeline does not train appear as rows with status ``cited``.
 
-Training cost (``train_device_hours``, its unit in ``train_cost_unit``): for a CPU job the CPU
-time its Snakemake benchmark recorded (``cpu_time`` / 3600, "CPU-hours"), which a loaded machine
-does not inflate the way it inflates wall time; for a GPU job the benchmark's wall seconds / 3600
-x the GPUs it used ("GPU-hours"). Without a benchmark, the training summary's own wall-clock
-``device_hours`` ("wall device-hours", CPU or GPU), which a busy machine inflates.
+Training cost (``train_device_hours``, its unit in ``train_cost_unit``) counts the training
+loop's steps only, from the training summary (every epoch of every attempt of a resumed run;
+start-up, data decoding, model selection and waiting for a core excluded): a CPU run's CPU time
+in the loop (``train_cpu_time_s``, "CPU-hours"), which a loaded machine does not inflate the way
+it inflates wall time; a GPU run's loop wall time x its GPUs ("GPU-hours"). Snakemake benchmark
+files time the whole job (start-up and data loading included) and only the attempt that
+finished; they stand beside the cost as the job's time. Only where a CPU summary predates
+``train_cpu_time_s`` are the CPU runs of the set costed by their jobs' CPU time instead ("CPU-hours
+(whole job)"; none for a resumed run), so one set of runs never mixes units.
 """
 from __future__ import annotations
 
@@ -37,7 +44,10 @@ TABLE_KINDS = ("cifar10", "imagenet", "less_data", "ablation", "transfer")
 # Tables without the paper's numbers (no paper, difference or reference columns).
 NO_PAPER_KINDS = ("less_data", "transfer")
 # Names of methods that no paper table row names (the transfer table's peers and the teacher).
-EXTRA_LABELS = {"teacher": "Teacher", "ard": "ARD", "rslad": "RSLAD", "awp_at": "AT-AWP", "fat": "FAT-AT"}
+EXTRA_LABELS = {"teacher": "Teacher", "ard": "ARD", "rslad": "RSLAD", "awp_at": "AT-AWP", "fat": "FAT-AT",
+                "standard": "Standard training"}
+# A row's status: trained by this pipeline (results exist), or only reported by the paper.
+TRAINED, CITED = "trained", "cited"
 
 # Table column -> metric keys of a result file, in order of preference. AutoAttack has two columns
 # so that a run evaluated with both versions keeps both: "autoattack" is the standard version (or
@@ -51,7 +61,9 @@ ATTACK_COLUMNS: dict[str, tuple[str, ...]] = {
     "audited": ("audited",),
 }
 ATTACK_TITLES = {"clean": "Clean", "pgd20": "PGD-20", "autoattack": "AutoAttack (standard)",
-                 "autoattack_apgd": "AutoAttack (APGD-CE+APGD-T)", "audited": "Audited robust"}
+                 "autoattack_apgd": "APGD-CE + APGD-T", "audited": "Audited robust"}
+# Columns measured on their own (usually fewer) points, each with PGD-20 on those points beside it.
+PAIRED_COLUMNS = ("autoattack", "autoattack_apgd", "audited")
 AUTOATTACK_VERSIONS = {
     "autoattack": "standard",
     "autoattack-apgd": "APGD-CE+APGD-T",
@@ -115,9 +127,11 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _read_result(path: Path) -> list[dict[str, Any]]:
+def _read_doc(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A result file's top level and its ``run`` section, checked (``run.config_hash`` filled in
+    from the model file's sha256 for a model without a training config)."""
     doc = read_result_file(path)  # every count, eps, schema and provenance agrees with itself
-    run, metrics = doc.get("run"), doc.get("metrics")
+    run = doc.get("run")
     if not isinstance(run, dict):
         raise _fail(path, "'run' is missing or not an object")
     if run.get("config_hash") is None and isinstance(run.get("checkpoint_sha256"), str):
@@ -134,8 +148,53 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
     eps = doc.get("eps")
     if not _is_number(eps) or not 0 < eps <= 1:
         raise _fail(path, f"eps = {eps!r} is not a fraction in (0, 1]")
-    if not isinstance(metrics, dict) or not metrics:
+    if not isinstance(doc.get("metrics"), dict) or not doc["metrics"]:
         raise _fail(path, "'metrics' is missing or empty")
+    return doc, run
+
+
+def _pgd20_on_same_points(doc: Mapping[str, Any], key: str, n: int) -> float | None:
+    """PGD-20 accuracy on the points of metric ``key`` (``n`` of them), where the file has it:
+    the file's own ``pgd20`` metric on as many points (an AutoAttack evaluation that runs PGD-20
+    too), or the audit's PGD-20 on its points (``audit.accuracy_pct.pgd20``)."""
+    if key in ("clean", "pgd20"):
+        return None
+    own = doc["metrics"].get("pgd20")
+    if isinstance(own, dict) and own.get("n") == n and _is_number(own.get("accuracy_pct")):
+        return float(own["accuracy_pct"])
+    audit = doc.get("audit") if key == "audited" and isinstance(doc.get("audit"), dict) else {}
+    value = (audit.get("accuracy_pct") or {}).get("pgd20")
+    return float(value) if _is_number(value) else None
+
+
+def _metric_row(path: Path, doc: Mapping[str, Any], key: str, m: Any) -> dict[str, Any]:
+    where = f"metrics.{key}"
+    if not isinstance(m, dict):
+        raise _fail(path, f"{where} is not an object")
+    acc, n = m.get("accuracy_pct"), m.get("n")
+    if not _is_number(acc) or not 0 <= acc <= 100:
+        raise _fail(path, f"{where}.accuracy_pct = {acc!r} is not a percentage in [0, 100]")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise _fail(path, f"{where}.n = {n!r} is not a positive integer")
+    correct = m.get("correct")
+    if correct is not None and not (isinstance(correct, int) and 0 <= correct <= n):
+        raise _fail(path, f"{where}.correct = {correct!r} is not an integer in [0, n]")
+    attack = m.get("attack")
+    if not isinstance(attack, dict) or not attack.get("name") or not attack.get("package"):
+        raise _fail(path, f"{where}.attack must be an object with 'name' and 'package'")
+    params = {k: v for k, v in attack.items() if k not in ("name", "package", "version")}
+    return {
+        "metric": str(key), "accuracy_pct": float(acc), "correct": correct, "n": n,
+        "pgd20_same_points_pct": _pgd20_on_same_points(doc, key, n),
+        "attack_name": str(attack["name"]), "attack_package": str(attack["package"]),
+        "attack_version": None if attack.get("version") is None else str(attack["version"]),
+        "attack_params": json.dumps(params, sort_keys=True),
+    }
+
+
+def _read_result(path: Path) -> list[dict[str, Any]]:
+    """One row per metric of a result file (``RESULT_COLUMNS``), the run's keys on each."""
+    doc, run = _read_doc(path)
     prov = doc.get("provenance") if isinstance(doc.get("provenance"), dict) else {}
     variant = run.get("variant")
     base = {
@@ -150,8 +209,8 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
         "seed": int(run["seed"]),
         "config_hash": str(run["config_hash"]),
         "checkpoint": run.get("checkpoint"),
-        "eps": float(eps),
-        "eps_text": doc.get("eps_text") or format_eps(eps),
+        "eps": float(doc["eps"]),
+        "eps_text": doc.get("eps_text") or format_eps(doc["eps"]),
         "git_commit": prov.get("git_commit"),
         "git_dirty": prov.get("git_dirty"),
         "eval_device": prov.get("device"),
@@ -159,42 +218,14 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
         # Knobs and other run keys (e.g. MixACM's CHOICE values) travel to the report as they are.
         "run_extra": json.dumps({k: v for k, v in run.items() if k not in _KNOWN_RUN}, sort_keys=True),
     }
-    rows = []
-    for key, m in metrics.items():
-        where = f"metrics.{key}"
-        if not isinstance(m, dict):
-            raise _fail(path, f"{where} is not an object")
-        acc, n = m.get("accuracy_pct"), m.get("n")
-        if not _is_number(acc) or not 0 <= acc <= 100:
-            raise _fail(path, f"{where}.accuracy_pct = {acc!r} is not a percentage in [0, 100]")
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise _fail(path, f"{where}.n = {n!r} is not a positive integer")
-        correct = m.get("correct")
-        if correct is not None and not (isinstance(correct, int) and 0 <= correct <= n):
-            raise _fail(path, f"{where}.correct = {correct!r} is not an integer in [0, n]")
-        attack = m.get("attack")
-        if not isinstance(attack, dict) or not attack.get("name") or not attack.get("package"):
-            raise _fail(path, f"{where}.attack must be an object with 'name' and 'package'")
-        params = {k: v for k, v in attack.items() if k not in ("name", "package", "version")}
-        rows.append({
-            **base,
-            "metric": str(key),
-            "accuracy_pct": float(acc),
-            "correct": correct,
-            "n": n,
-            "attack_name": str(attack["name"]),
-            "attack_package": str(attack["package"]),
-            "attack_version": None if attack.get("version") is None else str(attack["version"]),
-            "attack_params": json.dumps(params, sort_keys=True),
-        })
-    return rows
+    return [{**base, **_metric_row(path, doc, key, m)} for key, m in doc["metrics"].items()]
 
 
 RESULT_COLUMNS = [
     "file", "method", "variant", "arch", "teacher", "dataset", "data_source", "data_fraction",
     "seed", "config_hash", "checkpoint", "eps", "eps_text", "git_commit", "git_dirty",
-    "eval_device", "data_sha256", "run_extra", "metric", "accuracy_pct", "correct", "n", "attack_name",
-    "attack_package", "attack_version", "attack_params",
+    "eval_device", "data_sha256", "run_extra", "metric", "accuracy_pct", "correct", "n", "pgd20_same_points_pct",
+    "attack_name", "attack_package", "attack_version", "attack_params",
 ]
 
 
@@ -203,7 +234,8 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
 
     Raises ``ResultFileError`` naming the file and key for a missing file or a malformed one,
     and naming both files when two report the same metric of the same run (method, config hash,
-    seed, eps).
+    seed, eps) on as many points: the same attack on a subset (PGD-20 beside AutoAttack on its
+    points) is a measurement of its own.
     """
     rows: list[dict[str, Any]] = []
     seen: dict[tuple, str] = {}
@@ -211,11 +243,11 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
         for row in _read_result(Path(p)):
             # The method is part of the key: a teacher trained in the DAG with the same recipe
             # as a student (config/ci.yaml) shares its config hash but is its own result.
-            key = (row["method"], row["config_hash"], row["seed"], row["eps"], row["metric"])
+            key = (row["method"], row["config_hash"], row["seed"], row["eps"], row["metric"], row["n"])
             if key in seen:
                 raise ResultFileError(
                     f"result files {seen[key]} and {row['file']} both report metric "
-                    f"{row['metric']!r} of run {row['config_hash']} seed {row['seed']}")
+                    f"{row['metric']!r} of run {row['config_hash']} seed {row['seed']} on {row['n']} points")
             seen[key] = row["file"]
             rows.append(row)
     check_same_test_points(rows)  # one table, one test set: no two data folders mixed
@@ -225,9 +257,13 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 # Training cost
 
-COST_COLUMNS = ["config_hash", "name", "device_hours", "cost_unit", "wall_time_s", "devices", "device",
-                "cost_source", "cost_file", "epochs", "steps", "images", "knobs", "recipe", "selection"]
-CPU_HOURS, GPU_HOURS, WALL_HOURS = "CPU-hours", "GPU-hours", "wall device-hours"
+COST_COLUMNS = ["config_hash", "name", "device_hours", "cost_unit", "train_time_s", "train_cpu_time_s",
+                "devices", "device", "cost_source", "cost_file", "job_wall_s", "job_cpu_s", "job_file", "attempts",
+                "epochs", "steps", "images", "resumed_from_epoch", "knobs", "recipe", "selection"]
+CPU_HOURS, GPU_HOURS, JOB_CPU_HOURS = "CPU-hours", "GPU-hours", "CPU-hours (whole job)"
+# How a figure's axis names each unit.
+COST_AXIS = {CPU_HOURS: "CPU-hours of the training loop", GPU_HOURS: "GPU-hours of the training loop",
+             JOB_CPU_HOURS: "CPU-hours of the whole training job"}
 
 
 def _devices(summary: Mapping[str, Any]) -> int:
@@ -259,58 +295,73 @@ def read_benchmark_times(path: str | Path) -> tuple[float, float | None]:
     return float(frame["s"].mean()), (float(cpu) if cpu is not None and pd.notna(cpu) else None)
 
 
-def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Training cost per run, from ``train_summary.json`` files and Snakemake benchmark TSVs.
+def _is_cpu(summary: Mapping[str, Any]) -> bool:
+    return str(summary.get("device") or "cpu").startswith("cpu")
 
-    A summary gives ``config_hash``, ``name`` (the run id) and its own ``device_hours``. A
-    benchmark file belongs to the run whose name ends its path without the suffix (e.g.
-    ``benchmarks/train/cifar10/mixacm/tiny/seed0.tsv`` for run ``cifar10/mixacm/tiny/seed0``),
-    or, named ``benchmark_train.tsv``, to the run whose name ends its folder (a teacher trained
-    in the DAG: ``results/teachers/cifar10/trained/benchmark_train.tsv``), and, when present,
-    replaces the summary's figure: it times the whole job; except for a resumed run
-    (``resumed_from_epoch`` > 0), whose benchmark timed only the last job while its summary adds
-    up every epoch. One row per training config: where two runs share one (a teacher trained with
-    a student's recipe), the student's name is kept.
-    """
-    summaries: list[tuple[Path, dict[str, Any]]] = []
-    benchmarks: list[Path] = []
-    for p in map(Path, paths):
-        if p.suffix == ".json":
-            summary = read_json(p, "training summary")
-            check_train_summary(summary, p)
-            if not summary.get("config_hash"):
-                raise ResultFileError(f"training summary {p}: config_hash is missing")
-            summaries.append((p, summary))
-        else:
-            benchmarks.append(p)
-    rows = {}
-    aliases: dict[str, dict[str, Any]] = {}  # run name -> the cost row of its training config
+
+def loop_cost(summary: Mapping[str, Any]) -> tuple[float | None, str | None]:
+    """(hours, unit) of a training summary's loop: a CPU run's CPU time in the loop, a GPU run's
+    loop wall time, x the devices (DDP ranks) either way. (None, None) where the summary lacks it
+    (a CPU run's summary written before ``train_cpu_time_s`` was recorded)."""
+    devices = _devices(summary)
+    if _is_cpu(summary):
+        cpu = summary.get("train_cpu_time_s")
+        return (cpu * devices / 3600, CPU_HOURS) if _is_number(cpu) else (None, None)
+    if _is_number(summary.get("train_time_s")):
+        return summary["train_time_s"] * devices / 3600, GPU_HOURS
+    return None, None
+
+
+def _read_summaries(paths: Iterable[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    summaries = []
+    for p in paths:
+        summary = read_json(p, "training summary")
+        check_train_summary(summary, p)
+        if not summary.get("config_hash"):
+            raise ResultFileError(f"training summary {p}: config_hash is missing")
+        summaries.append((p, summary))
     # students before teachers, each by name: the row a shared config keeps does not depend on
     # the order the files were given in
-    summaries.sort(key=lambda ps: (str(ps[1].get("name") or "").startswith("teachers/"), str(ps[1].get("name"))))
-    for p, s in summaries:
-        if s["config_hash"] in rows:
-            # The same training config twice (a teacher trained in the DAG with a student's
-            # recipe, config/ci.yaml): one cost row; the first summary given keeps its name.
-            aliases[s.get("name")] = rows[s["config_hash"]]
-            continue
-        wall = s.get("wall_time_s")
-        dh = s.get("device_hours")
-        if not _is_number(dh):
-            dh = wall * _devices(s) / 3600 if _is_number(wall) else None
-        rows[s["config_hash"]] = {
-            "config_hash": s["config_hash"], "name": s.get("name"), "device_hours": dh,
-            "cost_unit": WALL_HOURS if dh is not None else None, "wall_time_s": wall, "devices": _devices(s), "device": s.get("device"),
-            "cost_source": "train_summary", "cost_file": str(p),
-            # a resumed run's benchmark timed only the job that finished it (Snakemake rewrites
-            # the file per job); its summary adds up every epoch's time
-            "resumed": bool(s.get("resumed_from_epoch")),
-            # how much training the cost bought: "epochs: 2" alone hides 30 steps an epoch
-            **{k: s.get(k) for k in ("epochs", "steps", "images")},
-            # The values a run used (MixACM's CHOICE knobs, the optimiser recipe, checkpoint
-            # selection) travel to the report's per-run details.
-            **{k: json.dumps(s[k], sort_keys=True) if k in s else None
-               for k in ("knobs", "recipe", "selection")}}
+    return sorted(summaries, key=lambda ps: (str(ps[1].get("name") or "").startswith("teachers/"),
+                                             str(ps[1].get("name"))))
+
+
+def read_attempts(path: Path) -> list[dict[str, Any]]:
+    """The attempts ``mixacm train`` recorded in a run folder (``attempts.jsonl``: one JSON line
+    each, with ``wall_s`` and ``cpu_s``); [] where there is no such file."""
+    if not path.is_file():
+        return []
+    try:
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ResultFileError(f"attempts file {path}: a line is not JSON ({err})") from None
+    for i, line in enumerate(lines):
+        if not (isinstance(line, dict) and _is_number(line.get("wall_s")) and _is_number(line.get("cpu_s"))):
+            raise ResultFileError(f"attempts file {path}: line {i + 1} lacks wall_s or cpu_s")
+    return lines
+
+
+def _cost_row(path: Path, s: Mapping[str, Any]) -> dict[str, Any]:
+    hours, unit = loop_cost(s)
+    attempts = read_attempts(path.parent / "attempts.jsonl")
+    return {
+        "config_hash": s["config_hash"], "name": s.get("name"), "device_hours": hours, "cost_unit": unit,
+        "train_time_s": s.get("train_time_s"), "train_cpu_time_s": s.get("train_cpu_time_s"),
+        "devices": _devices(s), "device": s.get("device"), "cost_file": str(path),
+        "cost_source": "train_summary (training loop)" if unit else None,
+        # the job's own time over every attempt (mixacm train records each), where recorded
+        "job_wall_s": sum(a["wall_s"] for a in attempts) if attempts else None,
+        "job_cpu_s": sum(a["cpu_s"] for a in attempts) if attempts else None,
+        "job_file": str(path.parent / "attempts.jsonl") if attempts else None, "attempts": len(attempts) or None,
+        # how much training the cost bought: "epochs: 2" alone hides 30 steps an epoch
+        **{k: s.get(k) for k in ("epochs", "steps", "images", "resumed_from_epoch")},
+        # The values a run used (MixACM's CHOICE knobs, the optimiser recipe, checkpoint
+        # selection) travel to the report's per-run details.
+        **{k: json.dumps(s[k], sort_keys=True) if k in s else None for k in ("knobs", "recipe", "selection")}}
+
+
+def _attach_benchmarks(benchmarks: Iterable[Path], rows: Mapping[str, dict], aliases: Mapping[str, dict]) -> None:
+    """Each benchmark's job time on the cost row of the run whose name ends its path."""
     def ends_with(stem: str, name: str | None) -> bool:
         return bool(name) and (stem == name or stem.endswith("/" + name))
 
@@ -319,31 +370,61 @@ def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
         match = [r for r in rows.values() if ends_with(stem, r["name"])]
         alias = [r for name, r in aliases.items() if ends_with(stem, name)]
         if not match and len(alias) == 1:
-            # The benchmark of the second run of a config: the first run's cost row stands, timed
-            # by the first run's own benchmark where one is given.
-            if alias[0]["cost_source"] == "benchmark":
-                continue
-            match = alias
+            # the second run of a config: the first run's cost row stands
+            continue
         if len(match) != 1:
             names = ", ".join(sorted([str(r["name"]) for r in rows.values()] + list(map(str, aliases)))) or "none"
             raise ResultFileError(
                 f"benchmark file {b} matches {len(match)} training summaries; its path without "
                 f"the suffix must end with exactly one run name (run names given: {names})")
+        if match[0]["attempts"]:
+            continue  # every attempt's record beats the benchmark of the last one
         seconds, cpu_seconds = read_benchmark_times(b)
-        run = match[0]
-        if run.get("resumed"):
-            run["cost_source"] = "train_summary (resumed run: its benchmark timed the last job only)"
+        match[0].update(job_wall_s=seconds, job_cpu_s=cpu_seconds, job_file=str(b))
+
+
+def _cost_by_job(row: dict[str, Any]) -> None:
+    """A CPU run without the loop's CPU time: the job's CPU time (every attempt's, or its
+    benchmark's), unless the run resumed and only the benchmark of its last attempt is known, or
+    it has none: then no cost."""
+    ok = row["job_cpu_s"] is not None and (bool(row["attempts"]) or not row["resumed_from_epoch"])
+    row.update(device_hours=row["job_cpu_s"] / 3600 if ok else None, cost_unit=JOB_CPU_HOURS if ok else None,
+               cost_source="benchmark (whole job: start-up and data loading included)" if ok else
+               "none: a resumed run's benchmark timed its last attempt only" if row["job_cpu_s"] is not None
+               else None)
+
+
+def collect_costs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Training cost per run (``COST_COLUMNS``), from ``train_summary.json`` files; the job's own
+    time stands beside it: every attempt's from the ``attempts.jsonl`` that ``mixacm train``
+    writes beside the summary, else the Snakemake benchmark TSV's (the attempt that finished).
+
+    The cost is the training loop's (``loop_cost``): CPU-hours for CPU runs, GPU-hours for GPU
+    runs. If any CPU summary lacks ``train_cpu_time_s`` (written before it was recorded), every
+    CPU run of the set is costed by its job's CPU time from its benchmark instead ("CPU-hours
+    (whole job)"; none for a resumed run, whose benchmark timed its last attempt only), so the
+    CPU runs of one set share one unit. A benchmark file belongs to the run whose name ends its
+    path without the suffix (``benchmarks/train/cifar10/mixacm/tiny/seed0.tsv`` for run
+    ``cifar10/mixacm/tiny/seed0``), or, named ``benchmark_train.tsv``, to the run whose name ends
+    its folder (a teacher trained in the DAG). One row per training config: where two runs share
+    one (a teacher trained with a student's recipe), the student's name is kept.
+    """
+    paths = list(map(Path, paths))
+    summaries = _read_summaries(p for p in paths if p.suffix == ".json")
+    rows: dict[str, dict[str, Any]] = {}
+    aliases: dict[str, dict[str, Any]] = {}  # run name -> the cost row of its training config
+    for p, s in summaries:
+        if s["config_hash"] in rows:
+            # The same training config twice (a teacher trained in the DAG with a student's
+            # recipe, config/ci.yaml): one cost row; the first summary given keeps its name.
+            aliases[s.get("name")] = rows[s["config_hash"]]
             continue
-        if str(run["device"] or "cpu").startswith("cpu") and cpu_seconds is not None:
-            # CPU time, not wall time: on a loaded machine wall time measures the load
-            run.update(wall_time_s=seconds, device_hours=cpu_seconds / 3600, cost_unit=CPU_HOURS,
-                       cost_source="benchmark", cost_file=str(b))
-        elif not str(run["device"] or "cpu").startswith("cpu"):
-            run.update(wall_time_s=seconds, device_hours=seconds / 3600 * run["devices"],
-                       cost_unit=GPU_HOURS, cost_source="benchmark", cost_file=str(b))
-        else:
-            run.update(wall_time_s=seconds, device_hours=seconds / 3600 * run["devices"],
-                       cost_unit=WALL_HOURS, cost_source="benchmark", cost_file=str(b))
+        rows[s["config_hash"]] = _cost_row(p, s)
+    _attach_benchmarks([p for p in paths if p.suffix != ".json"], rows, aliases)
+    cpu_rows = [r for r in rows.values() if str(r["device"] or "cpu").startswith("cpu")]
+    if any(r["cost_unit"] is None for r in cpu_rows):
+        for row in cpu_rows:
+            _cost_by_job(row)
     return pd.DataFrame(list(rows.values()), columns=COST_COLUMNS)
 
 
@@ -391,8 +472,56 @@ def _round(x: float | None, nd: int = 4) -> float:
     return float("nan") if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, nd)
 
 
+def _attack_cells(col: str, key: str | None, group: pd.DataFrame) -> dict[str, Any]:
+    """One accuracy column of a row: mean / std over seeds, points, seeds, package; per seed the
+    measurement on the most points (PGD-20 on all points, not the one beside AutoAttack)."""
+    m = group[group["metric"] == key].sort_values(["seed", "n"]).groupby("seed").tail(1)
+    acc = m["accuracy_pct"]
+    cells = {f"{col}_mean": _round(acc.mean() if len(m) else None),
+             f"{col}_std": _round(acc.std(ddof=1) if len(m) > 1 else None),
+             f"{col}_n": int(m["n"].min()) if len(m) else None,
+             f"{col}_seeds": int(m["seed"].nunique()),
+             f"{col}_package": "; ".join(_unique(
+                 f"{p} {v}" if v else p for p, v in zip(m["attack_package"], m["attack_version"])))}
+    if col in PAIRED_COLUMNS:
+        same = m["pgd20_same_points_pct"].dropna().astype(float)
+        # only where every seed has it: a mean over some seeds is not the column's points
+        complete = len(same) == len(m) and len(m) > 0
+        cells[f"{col}_pgd20_mean"] = _round(same.mean() if complete else None)
+        cells[f"{col}_pgd20_std"] = _round(same.std(ddof=1) if complete and len(same) > 1 else None)
+    if col == "autoattack":
+        cells["autoattack_version"] = AUTOATTACK_VERSIONS.get(key, "") if len(m) else ""
+    if col == "audited":
+        # mixacm audit's failed checks, each with its reason (mixacm.audit), per seed.
+        flags = [f"seed {sd}: {reason}" for sd, p in zip(m["seed"], m["attack_params"])
+                 for reason in json.loads(p).get("flags", [])]
+        cells["audit_flags"] = " | ".join(flags) if len(m) else ""
+    return cells
+
+
+def _cost_cells(hashes: list[str], costs: pd.DataFrame | None) -> dict[str, Any]:
+    """Mean training cost over the runs (config hashes) that have one, with its unit(s)."""
+    dh, src, units, steps = [], [], [], []
+    if costs is not None and len(costs):
+        c = costs.set_index("config_hash")
+        for h in hashes:
+            if h not in c.index:
+                continue
+            src.append(c.at[h, "cost_source"])  # also why a run has no cost
+            if pd.notna(c.at[h, "device_hours"]):
+                dh.append(float(c.at[h, "device_hours"]))
+                units.append(c.at[h, "cost_unit"] if "cost_unit" in c.columns else None)
+                if "steps" in c.columns and pd.notna(c.at[h, "steps"]):
+                    steps.append(float(c.at[h, "steps"]))
+    return {"train_device_hours": _round(sum(dh) / len(dh), 6) if dh else float("nan"),
+            # the work the cost bought: optimiser steps, mean over the costed runs
+            "train_steps": _round(sum(steps) / len(steps), 1) if steps and len(steps) == len(dh) else float("nan"),
+            "train_cost_unit": ";".join(_unique(u for u in units if isinstance(u, str))),
+            "cost_runs": len(dh), "cost_source": ";".join(_unique(x for x in src if isinstance(x, str)))}
+
+
 def _aggregate(group: pd.DataFrame, costs: pd.DataFrame | None) -> dict[str, Any]:
-    """One reproduced row: per-attack mean / std over seeds, test points, package, cost."""
+    """One trained row: per-attack mean / std over seeds, test points, package, cost."""
     by_seed = group.groupby("seed")["config_hash"].nunique()
     if (by_seed > 1).any():
         seed = int(by_seed[by_seed > 1].index[0])
@@ -403,35 +532,9 @@ def _aggregate(group: pd.DataFrame, costs: pd.DataFrame | None) -> dict[str, Any
     row: dict[str, Any] = {"n_seeds": int(group["seed"].nunique()),
                            "seeds": ";".join(map(str, sorted(group["seed"].unique())))}
     for col, keys in ATTACK_COLUMNS.items():
-        key = next((k for k in keys if (group["metric"] == k).any()), None)
-        m = group[group["metric"] == key]
-        acc = m["accuracy_pct"]
-        row[f"{col}_mean"] = _round(acc.mean() if len(m) else None)
-        row[f"{col}_std"] = _round(acc.std(ddof=1) if len(m) > 1 else None)
-        row[f"{col}_n"] = int(m["n"].min()) if len(m) else None
-        row[f"{col}_seeds"] = int(m["seed"].nunique())
-        row[f"{col}_package"] = "; ".join(_unique(
-            f"{p} {v}" if v else p for p, v in zip(m["attack_package"], m["attack_version"])))
-        if col == "autoattack":
-            row["autoattack_version"] = AUTOATTACK_VERSIONS.get(key, "") if len(m) else ""
-        if col == "audited":
-            # mixacm audit's failed checks, each with its reason (mixacm.audit), per seed.
-            flags = [f"seed {sd}: {reason}" for sd, p in zip(m["seed"], m["attack_params"])
-                     for reason in json.loads(p).get("flags", [])]
-            row["audit_flags"] = " | ".join(flags) if len(m) else ""
+        row.update(_attack_cells(col, next((k for k in keys if (group["metric"] == k).any()), None), group))
     hashes = _unique(group["config_hash"])
-    dh, src, units = [], [], []
-    if costs is not None and len(costs):
-        c = costs.set_index("config_hash")
-        for h in hashes:
-            if h in c.index and pd.notna(c.at[h, "device_hours"]):
-                dh.append(float(c.at[h, "device_hours"]))
-                src.append(c.at[h, "cost_source"])
-                units.append(c.at[h, "cost_unit"] if "cost_unit" in c.columns else None)
-    row["train_device_hours"] = _round(sum(dh) / len(dh), 6) if dh else float("nan")
-    row["train_cost_unit"] = ";".join(_unique(u for u in units if isinstance(u, str)))
-    row["cost_runs"] = len(dh)
-    row["cost_source"] = ";".join(_unique(src))
+    row.update(_cost_cells(hashes, costs))
     row["config_hashes"] = ";".join(hashes)
     row["git_commits"] = ";".join(_unique(group["git_commit"]))
     row["files"] = ";".join(_unique(group["file"]))
@@ -445,11 +548,13 @@ TABLE_COLUMNS = [
     "status", "method", "method_key", "variant", "student", "teacher", "dataset", "data_source",
     "data_fraction", "eps", "n_seeds", "seeds",
     *[f"{c}_{s}" for c in ATTACK_COLUMNS for s in ("mean", "std", "n", "seeds", "package")],
+    *[f"{c}_pgd20_{s}" for c in PAIRED_COLUMNS for s in ("mean", "std")],
     "autoattack_version", "audit_flags",
     "paper_student", "paper_eps", "same_setting", "paper_clean", "paper_robust", "paper_note",
     "paper_source", "diff_clean", "diff_robust", "diff_robust_vs",
     "ref_clean", "ref_autoattack", "ref_source",
-    "train_device_hours", "train_cost_unit", "cost_runs", "cost_source", "config_hashes", "git_commits", "files",
+    "train_device_hours", "train_cost_unit", "train_steps", "cost_runs", "cost_source", "config_hashes",
+    "git_commits", "files",
 ]
 # Whole numbers: a nullable integer type, so that the empty cells of cited rows do not turn them
 # into floats ("50.0 test points") in the CSV.
@@ -481,42 +586,69 @@ def _paper_columns(prow: Mapping[str, Any] | None, spec: Mapping[str, Any],
     }
 
 
+def method_labels(paper: Mapping[str, Any], dataset: str) -> dict[str, str]:
+    """Registry name -> the name the tables give a method: the paper's label in a full-data
+    table of the dataset, else ``EXTRA_LABELS`` (methods no paper row names)."""
+    return {**EXTRA_LABELS, **{r["method"]: r["label"] for t in paper["tables"].values()
+                               if t.get("dataset") == dataset for r in t["rows"]
+                               if r.get("method") and not r.get("variant")}}
+
+
+def _differences(row: dict[str, Any], prow: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
+    """Fill ``same_setting`` and, only in the paper's setting, the differences trained - paper:
+    across settings (another student or eps) the numbers stand side by side, no difference."""
+    row["same_setting"] = row["student"] == spec.get("student") and row["eps"] == spec.get("eps")
+    if not row["same_setting"]:
+        return
+    if prow.get("clean") is not None:
+        row["diff_clean"] = _round(row["clean_mean"] - prow["clean"])
+    robust_col = next((c for c in ROBUST_PREFERENCE if pd.notna(row[f"{c}_mean"])), "pgd20")
+    if prow.get("robust") is not None and pd.notna(row[f"{robust_col}_mean"]):
+        row["diff_robust"] = _round(row[f"{robust_col}_mean"] - prow["robust"])
+        row["diff_robust_vs"] = robust_label(robust_col, row["autoattack_version"])
+
+
+def _order(kind: str, table: pd.DataFrame, spec: Mapping[str, Any]) -> pd.DataFrame:
+    if kind == "less_data":
+        return table.sort_values(["method", "student", "teacher", "eps", "data_fraction"],
+                                 kind="stable", ignore_index=True)
+    if kind == "transfer":
+        order = {m: i for i, m in enumerate(spec.get("methods", []))}
+        return table.sort_values(["method_key", "student", "eps"], key=lambda c: c.map(order) if c.name ==
+                                 "method_key" else c, kind="stable", ignore_index=True)
+    return table
+
+
 def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | None = None,
                 costs: pd.DataFrame | None = None) -> pd.DataFrame:
     """One of the paper's tables (``TABLE_KINDS``) from ``collect_results`` output.
 
     ``costs`` is ``collect_costs`` output (joined on the run's config hash). Columns are
     ``TABLE_COLUMNS``; the less-data table has no paper, difference or reference columns.
-    Accuracies are in %, rounded to 4 decimals; ``*_std`` is empty for a single seed.
+    Accuracies are in %, rounded to 4 decimals; ``*_std`` is empty for a single seed. Rows the
+    pipeline trained have status ``trained`` (in the paper's order, then the others), rows only
+    the paper reports ``cited``.
     """
     if kind not in TABLE_KINDS:
         raise ValueError(f"unknown table kind {kind!r}; valid kinds: {', '.join(TABLE_KINDS)}")
     paper = load_paper_numbers() if paper is None else paper
     spec = paper["tables"][kind]
     source = f"{paper.get('paper', 'paper')}: {spec.get('source', '')}"
-    refs = [r for r in paper.get("robustbench", {}).get("models", [])
-            if r.get("dataset") == spec["dataset"]]
-    # Reproduced methods the table has no paper row for (the less-data table has none) take the
-    # paper's name of the method from the full-data table of the same dataset.
-    labels = {**EXTRA_LABELS, **{r["method"]: r["label"] for t in paper["tables"].values()
-                                 if t.get("dataset") == spec["dataset"] for r in t["rows"]
-                                 if r.get("method") and not r.get("variant")}}
-    paper_rows = {}
-    for prow in spec["rows"]:
-        keys = [prow.get("variant")] + list(prow.get("aliases", []))
-        for v in keys:
-            paper_rows[_paper_key(kind, prow.get("method") or f"cited:{prow['label']}", v)] = prow
+    refs = [r for r in paper.get("robustbench", {}).get("models", []) if r.get("dataset") == spec["dataset"]]
+    labels = method_labels(paper, spec["dataset"])
+    paper_rows = {_paper_key(kind, prow.get("method") or f"cited:{prow['label']}", v): prow
+                  for prow in spec["rows"] for v in [prow.get("variant"), *prow.get("aliases", [])]}
 
     sel = _select(kind, results, spec).copy()
     sel["variant_key"] = sel["variant"].map(norm_variant)
     sel["teacher"] = sel["teacher"].where(sel["teacher"].notna(), "")
-    reproduced: dict[int, list[dict[str, Any]]] = {}
+    trained: dict[int, list[dict[str, Any]]] = {}
     extra: list[dict[str, Any]] = []
     for key, group in sel.groupby(_GROUP_KEYS, dropna=False, sort=True):
         ident = dict(zip(_GROUP_KEYS, key))
         prow = paper_rows.get(_paper_key(kind, ident["method"], group["variant"].iloc[0]))
         row = {
-            "status": "reproduced",
+            "status": TRAINED,
             "method": prow["label"] if prow else labels.get(ident["method"], ident["method"]),
             "method_key": ident["method"],
             "variant": "" if pd.isna(group["variant"].iloc[0]) else group["variant"].iloc[0],
@@ -525,42 +657,20 @@ def build_table(kind: str, results: pd.DataFrame, paper: Mapping[str, Any] | Non
             "data_fraction": ident["data_fraction"], "eps": ident["eps_text"],
             **_aggregate(group, costs), **_paper_columns(prow, spec, refs, source),
         }
-        if prow is not None:
-            row["same_setting"] = (row["student"] == spec.get("student")
-                                   and row["eps"] == spec.get("eps"))
-            robust_col = next((c for c in ROBUST_PREFERENCE if pd.notna(row[f"{c}_mean"])), "pgd20")
-            # A difference across settings (another student or eps) is no comparison: the paper's
-            # numbers stay beside the row, the differences stay empty.
-            if not row["same_setting"]:
-                pass
-            elif prow.get("clean") is not None:
-                row["diff_clean"] = _round(row["clean_mean"] - prow["clean"])
-            if row["same_setting"] and prow.get("robust") is not None and pd.notna(row[f"{robust_col}_mean"]):
-                row["diff_robust"] = _round(row[f"{robust_col}_mean"] - prow["robust"])
-                row["diff_robust_vs"] = robust_label(robust_col, row["autoattack_version"])
-            reproduced.setdefault(id(prow), []).append(row)
-        else:
+        if prow is None:
             extra.append(row)
+            continue
+        _differences(row, prow, spec)
+        trained.setdefault(id(prow), []).append(row)
 
     rows = []
     for prow in spec["rows"]:
-        if id(prow) in reproduced:
-            rows.extend(reproduced[id(prow)])
-        else:
-            rows.append({"status": "cited", "method": prow["label"],
-                         "method_key": prow.get("method") or "", "variant": prow.get("variant") or "",
-                         "dataset": spec["dataset"], **_paper_columns(prow, spec, refs, source)})
-    rows.extend(extra)
+        rows.extend(trained.get(id(prow)) or [{
+            "status": CITED, "method": prow["label"], "method_key": prow.get("method") or "",
+            "variant": prow.get("variant") or "", "dataset": spec["dataset"],
+            **_paper_columns(prow, spec, refs, source)}])
     columns = [c for c in TABLE_COLUMNS if kind not in NO_PAPER_KINDS or c not in _PAPER_ONLY]
-    table = _with_count_types(pd.DataFrame(rows, columns=columns))
-    if kind == "less_data":
-        table = table.sort_values(["method", "student", "teacher", "eps", "data_fraction"],
-                                  kind="stable", ignore_index=True)
-    if kind == "transfer":
-        order = {m: i for i, m in enumerate(spec.get("methods", []))}
-        table = table.sort_values(["method_key", "student", "eps"], key=lambda c: c.map(order) if c.name ==
-                                  "method_key" else c, kind="stable", ignore_index=True)
-    return table
+    return _order(kind, _with_count_types(pd.DataFrame(rows + extra, columns=columns)), spec)
 
 
 def _with_count_types(frame: pd.DataFrame) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mixacm.report.tables import ResultFileError
+from mixacm.utils import portable_path
 
 
 def teacher_records(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
@@ -29,7 +30,7 @@ def teacher_records(paths: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
         meta, check = blob["meta"], blob["meta"].get("accuracy_check") or {}
         source = meta.get("teacher_source") or {}
         rows.append({
-            "file": str(path),
+            "file": portable_path(path),
             "arch": (blob.get("model") or {}).get("name"),
             "source": source.get("path") or source.get("url") or source.get("robustbench")
             or ("trained in the workflow" if meta.get("role") != "teacher" else None),

@@ -28,6 +28,7 @@ rule audit_model:
         f"{LOG_PATTERN}/audit.log",
     benchmark:
         f"{RUN_PATTERN}/benchmark_audit.tsv"
+    priority: AUDIT_CHAIN_PRIORITY
     conda:
         "../../environment.yml"
     shell:
@@ -67,6 +68,8 @@ rule render_eps_sweep:
         audits=lambda w: AUDIT_RESULTS,
     output:
         "results/figures/eps_sweep.png",
+    params:
+        config=CONFIG_FILE,
     threads: 1
     resources:
         mem_mb=2000,
@@ -79,4 +82,4 @@ rule render_eps_sweep:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm sweep-figure --audits {input.audits:q} --out {output} > {log} 2>&1"
+        "mixacm sweep-figure --audits {input.audits:q} --config {params.config:q} --out {output} > {log} 2>&1"

@@ -13,6 +13,7 @@ from shlex import quote as shell_quote
 from types import SimpleNamespace
 
 import yaml
+from snakemake.logging import logger
 from snakemake.utils import update_config, validate
 
 from mixacm.config import (ConfigError, check_pipeline_recipe, check_recipe_block, check_recipe_label,
@@ -20,7 +21,7 @@ from mixacm.config import (ConfigError, check_pipeline_recipe, check_recipe_bloc
 from mixacm.inputs import PipelineInputError, check_pipeline_data, check_pipeline_inputs
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
-from mixacm.utils import YAMLFileError, load_yaml, parse_linf_eps
+from mixacm.utils import YAMLFileError, load_yaml, parse_linf_eps, portable_path
 
 
 # Snakemake reads the config files with YAML's last-key-wins; read each again with the project's
@@ -205,10 +206,33 @@ def _check_feature_names(cfg, exp_name, exp):
 TEACHER_METHODS = {name for name in METHODS.names() if METHODS.get(name).needs_teacher}
 
 
-# Before the first job of a real run (a dry run needs no data): data roots and teacher files of
-# the datasets the jobs about to run use, every problem at once, each named by its pipeline key
-# (mixacm.inputs).
+# The SLURM profile ships the account as a placeholder to fill in (docs/slurm.md). A plan (-n)
+# shows it with a warning; a real run stops before its first job, naming the key.
+SLURM_ACCOUNT_PLACEHOLDER = "CHANGE_ME"
+
+
+def placeholder_account():
+    """The message for a placeholder slurm_account among the default resources, else None."""
+    defaults = workflow.resource_settings.default_resources
+    for arg in getattr(defaults, "args", None) or []:
+        key, _, value = str(arg).partition("=")
+        if key.strip() == "slurm_account" and value.strip().strip("'\"") == SLURM_ACCOUNT_PLACEHOLDER:
+            return (f"default-resources.slurm_account is the placeholder {SLURM_ACCOUNT_PLACEHOLDER!r} "
+                    "(workflow/profiles/slurm/config.yaml): set it to your account (sacctmgr -nP show "
+                    "assoc user=$USER format=account), or delete the line on a cluster without accounts")
+    return None
+
+
+if placeholder_account():
+    logger.warning(f"Warning: {placeholder_account()}; a real run stops before submitting any job.")
+
+
+# Before the first job of a real run (a dry run needs no data): the SLURM account, then the data
+# roots and teacher files of the datasets the jobs about to run use, every problem at once, each
+# named by its pipeline key (mixacm.inputs).
 onstart:
+    if placeholder_account():
+        raise WorkflowError(placeholder_account())
     try:
         _datasets = _datasets_of_jobs(workflow.dag.needrun_jobs())
         check_pipeline_inputs(config, datasets=_datasets)
@@ -440,13 +464,16 @@ def eval_args(subject):
 
 def eval_spec(dataset, kind):
     """(--attacks value, --n argument) of evaluation {kind}: clean_pgd (every run), autoattack
-    (evaluation.<dataset>.autoattack) or autoattack_standard (the standard version)."""
+    (evaluation.<dataset>.autoattack) or autoattack_standard (the standard version). An AutoAttack
+    evaluation on other points than clean_pgd's also runs PGD-20 on its own points, so that the
+    tables compare the two on the same points."""
     ev = config["evaluation"][dataset]
     if kind == "clean_pgd":
         return ",".join(ev["clean_pgd"]["attacks"]), n_arg(ev["clean_pgd"]["n"])
-    if kind == "autoattack":
-        return ev["autoattack"]["version"], n_arg(ev["autoattack"]["n"])
-    return "autoattack", n_arg(ev["autoattack_standard"]["n"])
+    version, n = (ev["autoattack"]["version"], ev["autoattack"]["n"]) if kind == "autoattack" else \
+        ("autoattack", ev["autoattack_standard"]["n"])
+    same_points = n == ev["clean_pgd"]["n"] or "pgd20" not in ev["clean_pgd"]["attacks"]
+    return (version if same_points else f"pgd20,{version}"), n_arg(n)
 
 
 # The resources.<dataset> entry each evaluation kind is scheduled with.
@@ -472,6 +499,10 @@ def n_arg(n):
 # -- tables, figures, report ---------------------------------------------------------------------
 
 TABLE_NAMES = ["cifar10", "imagenet", "less_data", "ablation", "transfer"]
+# The config file in use (the last --configfile, else config/quick.yaml), relative to the
+# checkout: the report names it and shows its header, which states the run's scale, and the
+# figures of a config that calls itself a smoke run say so.
+CONFIG_FILE = portable_path(workflow.configfiles[-1])
 TABLES = expand("results/table_{table}.csv", table=TABLE_NAMES)
 FIGURES = expand("results/figures/{figure}", figure=FIGURE_NAMES)
 
@@ -620,6 +651,19 @@ def teacher_audit_inputs(w):
     if config["experiments"]["transfer"].get("autoattack", True) is not False:
         inputs["aa"] = f"results/teachers/{w.dataset}/eval_autoattack.json"
     return inputs
+
+
+# Scheduling (Snakemake priorities, higher first): the DAG-trained teacher first (rule
+# train_teacher: every distilled student waits for it), then the longest chain after it, a run
+# that is audited: its training, its AutoAttack evaluation, its audit.
+TEACHER_PRIORITY, AUDIT_CHAIN_PRIORITY = 100, 50
+
+
+def audit_chain_priority(w):
+    """AUDIT_CHAIN_PRIORITY for the training of a run that is audited, else 0."""
+    key = (w.dataset, w.method, w.arch, w.fraction, w.seed)
+    audited = any(_run_key(r) == key for n in config["experiments"] for r in evaluated_runs(n, "audit"))
+    return AUDIT_CHAIN_PRIORITY if audited else 0
 
 
 TEACHER_AUDITS = _teacher_audits()

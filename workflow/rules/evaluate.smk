@@ -3,7 +3,8 @@
 # ({dataset}/{method}/{arch}/frac{fraction}/seed{seed}) or teachers/{dataset}; {kind} is
 #   clean_pgd            clean + PGD (evaluation.<dataset>.clean_pgd), every model
 #   autoattack           evaluation.<dataset>.autoattack, runs of experiments with autoattack: true
-#                        and the teacher
+#                        and the teacher; with PGD-20 on the same points when they are fewer than
+#                        clean_pgd's (the tables set AutoAttack beside PGD-20 on its own points)
 #   autoattack_standard  the standard AutoAttack, for the recipes an experiment lists under
 #                        autoattack_standard
 # AutoAttack is by far the slower one and takes the resources.<dataset>.autoattack entry
@@ -40,6 +41,7 @@ rule evaluate_model:
         "logs/{subject}/evaluate_{kind}.log",
     benchmark:
         "results/{subject}/benchmark_evaluate_{kind}.tsv"
+    priority: lambda w: 0 if w.kind == "clean_pgd" else AUDIT_CHAIN_PRIORITY
     conda:
         "../../environment.yml"
     shell:

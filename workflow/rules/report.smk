@@ -39,6 +39,7 @@ rule render_figures:
         FIGURES,
     params:
         out_dir=lambda w, output: Path(output[0]).parent,
+        config=CONFIG_FILE,
     threads: 1
     resources:
         mem_mb=2000,
@@ -51,7 +52,8 @@ rule render_figures:
     conda:
         "../../environment.yml"
     shell:
-        "mixacm figures --tables {input.tables:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "mixacm figures --tables {input.tables:q} --config {params.config:q} --out-dir {params.out_dir}"
+        " > {log} 2>&1"
 
 
 rule render_report:
@@ -64,9 +66,7 @@ rule render_report:
     output:
         "report/paper_tables.html",
     params:
-        # the config file in use (the last --configfile, else config/quick.yaml): the report
-        # names it and shows its header, which states the run's scale
-        config=workflow.configfiles[-1],
+        config=CONFIG_FILE,
     threads: 1
     resources:
         mem_mb=2000,

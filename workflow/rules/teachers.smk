@@ -91,6 +91,7 @@ rule write_teacher_config:
         "logs/teachers/{dataset}/write_config.log",
     benchmark:
         "results/benchmarks/write_teacher_config/{dataset}.tsv"
+    priority: TEACHER_PRIORITY  # its job is the teacher's first step (Snakemake does not pass priorities up)
     conda:
         "../../environment.yml"
     run:
@@ -98,7 +99,8 @@ rule write_teacher_config:
 
 
 # state.pt, metrics.jsonl and the log stay outside the declared outputs, so a killed job keeps
-# its checkpoint and `mixacm train` resumes from it on the next run.
+# its checkpoint and `mixacm train` resumes from it on the next run. The teacher is the critical
+# path: every distilled student waits for it, so it starts before the jobs that do not need it.
 rule train_teacher:
     input:
         "results/teachers/{dataset}/trained/run.yaml",
@@ -117,6 +119,7 @@ rule train_teacher:
         "logs/teachers/{dataset}/train.log",
     benchmark:
         "results/teachers/{dataset}/trained/benchmark_train.tsv"
+    priority: TEACHER_PRIORITY
     conda:
         "../../environment.yml"
     shell:

@@ -20,6 +20,7 @@ rule write_run_config:
         f"{LOG_PATTERN}/write_run_config.log",
     benchmark:
         f"results/benchmarks/write_run_config/{RUN_ID}.tsv"
+    priority: audit_chain_priority
     conda:
         "../../environment.yml"
     run:
@@ -54,6 +55,7 @@ rule train_student:
         f"{LOG_PATTERN}/train_student.log",
     benchmark:
         TRAIN_BENCHMARK
+    priority: audit_chain_priority
     conda:
         "../../environment.yml"
     shell:
