@@ -475,6 +475,8 @@ def check_teacher_accuracy(model: torch.nn.Module, dataset: str, data_root: str 
         data = load_dataset(dataset, "test", root=data_root)
     except (DataError, RuntimeError) as exc:
         record.update(status="not run", reason=f"no {dataset} test data at hand ({str(exc).splitlines()[0][:160]})")
+        warnings.warn(f"teacher {what}: accuracy check not run: {record['reason']}; set the data root "
+                      f"(--data-root, or $MIXACM_DATA_{dataset.upper()}) to measure it", stacklevel=2)
         return record
     n = min(int(settings["n"]), len(data))
     result = evaluate(model, data, ["clean"], eps=1 / 255, n=n, progress=False, device="cpu")
