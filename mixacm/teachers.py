@@ -303,7 +303,7 @@ def _from_robustbench(source: Mapping[str, Any], out_path: Path, num_classes: in
     except Exception as exc:  # not installed, or failing at import
         raise TeacherError(
             f"teacher source robustbench {name!r}: the robustbench package is not usable here "
-            f"({type(exc).__name__}: {exc}). Install it with `pip install 'mixacm[robustbench]'` "
+            f"({type(exc).__name__}: {exc}). Install it with `pip install -e '.[robustbench]'` "
             f"(robustbench 1.1.1 with setuptools<81; the README says more); its model downloads need "
             f"internet access, or a checkpoint placed in its model folder. Without it, give the "
             f"teacher as a local file ({{path: FILE, arch: ...}}) or as {{url: URL, sha256: HEX, arch: ...}}"

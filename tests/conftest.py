@@ -46,6 +46,17 @@ def shared_models() -> Path:
 
 
 @pytest.fixture(scope="session")
+def robustbench_extra() -> None:
+    """Skips where the `robustbench` extra is not installed: the workflow refuses a config with
+    RobustBench teachers (config/config.yaml) without it, dry runs included."""
+    from mixacm.inputs import ROBUSTBENCH_EXTRA, ROBUSTBENCH_INSTALL, missing_extra
+
+    missing = missing_extra(ROBUSTBENCH_EXTRA)
+    if missing:
+        pytest.skip(f"the robustbench extra is not installed ({'; '.join(missing)}): {ROBUSTBENCH_INSTALL}")
+
+
+@pytest.fixture(scope="session")
 def place_robustbench_checkpoint():
     """``place(model_dir, dataset, name, seed)``: a checkpoint with random weights (and random
     BatchNorm statistics, so a normalisation or BN mix-up changes the logits) of RobustBench

@@ -16,7 +16,7 @@ import yaml
 from snakemake.utils import update_config, validate
 
 from mixacm.config import ConfigError, check_pipeline_recipe, check_recipe_block, pipeline_run_config, teacher_source
-from mixacm.inputs import PipelineInputError, check_pipeline_inputs
+from mixacm.inputs import PipelineInputError, check_pipeline_inputs, robustbench_errors
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
 from mixacm.utils import parse_eps
@@ -302,6 +302,13 @@ def teacher_res(key):
 
 
 _check_config(config)
+
+
+# A RobustBench teacher without the `robustbench` extra would fail at its first job: refused now,
+# on a dry run too, with the install line that works (mixacm.inputs).
+_robustbench_errors = robustbench_errors(config)
+if _robustbench_errors:
+    raise WorkflowError(_robustbench_errors[0])
 
 
 def teacher_source_json(tid):
