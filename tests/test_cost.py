@@ -191,7 +191,7 @@ def test_the_config_states_the_estimated_price_of_its_lessons_and_in_total():
     assert stated == [round(prices[k]) for k in ("seeds", "fixed steps", "search")], prices
     cfg = pipeline()
     jobs = cost.pipeline_jobs(cfg)
-    total, disk = re.search(r"about ([\d,]+) GPU-hours on H100s as configured here, ([\d,]+) GB of disk", text).groups()
+    total, disk = re.search(r"about ([\d,]+) GPU-hours of an H200 as configured here, ([\d,]+) GB of disk", text).groups()
     assert (int(total.replace(",", "")), int(disk)) == (round(_total(cfg)), round(cost.disk_gb(cfg, jobs))), \
         (_total(cfg), cost.disk_gb(cfg, jobs))
     # the grid file's own price line
@@ -205,3 +205,15 @@ def test_time_limits_cover_the_estimated_wall_time_of_every_job():
         limit_h = cfg["resources"][job.dataset][cost.JOB_RESOURCES[job.kind]]["runtime"] / 60
         assert limit_h <= 48, (job.kind, job.dataset, "beyond most clusters' MaxTime")
         assert job.wall_hours * 2 <= limit_h, (job, limit_h)
+
+
+def test_the_utilisation_benchmark_runs(capsys):
+    # benchmarks/bench_utilisation.py measured cost.yaml's utilisations on a GPU; a smoke run here
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_utilisation
+    finally:
+        sys.path.pop(0)
+    bench_utilisation.main(["--device", "cpu", "--archs", "tiny", "--batch", "4", "--steps", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert [row.split(" | ")[1] for row in rows] == ["bf16 + channels_last", "fp32 (TF32)"]
