@@ -1,7 +1,8 @@
 """config/config.yaml end to end on the CPU: smaller in size, identical in wiring (slow).
 
-The paper config runs through its whole DAG as a user with GPUs starts it (``snakemake --cores
-all --configfile config/config.yaml --config ...``, the default profile included): both teachers
+The paper config runs through its whole DAG as a user with GPUs starts it (``snakemake
+--configfile config/config.yaml``, the default profile included, with ``--config`` overrides
+below and two jobs at a time): both teachers
 loaded by their RobustBench names (Carmon2019Unlabeled, a WRN-28-10; Salman2020Do_R50, a
 ResNet-50) from checkpoints of their real architectures placed in RobustBench's model folder;
 every student of every table with its official recipe; the ImageNet students through torchrun
@@ -46,7 +47,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from snakemake.utils import validate
 
 from mixacm import cost
