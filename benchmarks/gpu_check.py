@@ -280,8 +280,8 @@ def estimate_config_hours(config: dict, img_per_s: dict[str, float], eval_s_per_
             if exp["dataset"] != "cifar10":
                 unmeasured.append(f"{exp['dataset']}/{recipe_name}")
                 continue
-            for fraction in exp.get("fractions", [1.0]):
-                for seed in exp.get("seeds", seeds):
+            for fraction in exp.get("recipe_fractions", {}).get(recipe_name, exp.get("fractions", [1.0])):
+                for seed in exp.get("recipe_seeds", {}).get(recipe_name, exp.get("seeds", seeds)):
                     runs.setdefault((recipe_name, float(fraction), int(seed)), {"tables": []})["tables"].append(exp_name)
     ev = config["evaluation"]["cifar10"]
     n_pgd = ev["clean_pgd"].get("n") or CIFAR_TEST_IMAGES
@@ -291,7 +291,12 @@ def estimate_config_hours(config: dict, img_per_s: dict[str, float], eval_s_per_
         spec = config["recipes"][recipe_name]
         method = spec["method"]
         recipe = _recipe(method, spec.get("knobs", {}), spec.get("optim", {}))
-        images = math.floor((CIFAR_TRAIN_IMAGES - holdout) * fraction) * recipe["epochs"]
+        n_train = math.floor((CIFAR_TRAIN_IMAGES - holdout) * fraction)
+        if recipe.get("steps"):  # a budget in steps: as many epochs of these images as it takes (mixacm.train)
+            steps_per_epoch = n_train // recipe["batch_size"]
+            recipe["epochs"] = max(1, round(recipe["steps"] / steps_per_epoch))
+            n_train = steps_per_epoch * recipe["batch_size"]
+        images = n_train * recipe["epochs"]
         speed = img_per_s.get(method)
         train_h = images / speed / 3600 if speed else None
         pgd_h = n_pgd * eval_s_per_point["pgd20"] / 3600 if eval_s_per_point.get("pgd20") else None

@@ -20,9 +20,12 @@ def test_estimate_of_the_paper_config_from_measured_speeds():
               "awp_at": 450.0, "fat": 600.0, "igam": 900.0, "ard": 480.0, "rslad": 470.0}
     est = gpu_check.estimate_config_hours(config, speeds, {"pgd20": 0.001, "autoattack": 0.01})
     jobs = {j["run"]: j for j in est["jobs"]}
-    # Runs shared by tables are trained once: cifar10 (10 recipes), less_data (2 x 4 fractions,
-    # frac 1.0 shared), ablation (5, the full one shared); the transfer table's runs are all cifar10's.
-    assert len(jobs) == 10 + 6 + 4
+    # Runs shared by tables are trained once: cifar10 (8 recipes, MixACM and AT with 3 seeds) and
+    # the transfer table's ARD and RSLAD; less_data (MixACM and AT at 3 more fractions, the
+    # fixed-steps pair at those 3); ablation (4 more recipes x 3 seeds, the full one shared).
+    assert len(jobs) == (8 + 2 + 2) + 2 + (6 + 6) + 4 * 3
+    fixed = jobs["cifar10/at_fixed_steps/frac0.1/seed0"]  # the full-data run's 200 x 382 steps on 10 %
+    assert (fixed["epochs"], fixed["train_images"]) == (2011, 2011 * 38 * 128)
     at = jobs["cifar10/at/frac1.0/seed0"]
     assert at["epochs"] == 200 and at["train_images"] == (50_000 - 1000) * 200
     assert at["train_gpu_hours"] == pytest.approx(49_000 * 200 / 500 / 3600)

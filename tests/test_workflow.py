@@ -268,8 +268,9 @@ def test_ci_config_end_to_end(tmp_path, cifar10_jpeg_root):
     wf = copy_workflow(tmp_path / "wf")
     env = snakemake_env(MIXACM_DATA_CIFAR10=str(cifar10_jpeg_root),
                         MIXACM_CACHE_DIR=str(tmp_path / "cache"))
+    # (a hang guard: CI runs it beside another pytest worker on the same two cores)
     proc = snakemake(wf, "--profile", "workflow/profiles/local", "--cores", "2",
-                     "--configfile", "config/ci.yaml", env=env)
+                     "--configfile", "config/ci.yaml", env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert (wf / "report" / "paper_tables.html").stat().st_size > 0
     for fig in ("less_data", "clean_vs_robust", "training_cost", "transfer", "eps_sweep"):
