@@ -50,7 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from mixacm.config import check_pipeline_recipe, method_class, method_knobs, resolve_recipe, validate  # noqa: E402
+from mixacm.config import (check_pipeline_recipe, evaluated_runs, experiment_runs, method_class,  # noqa: E402
+                           method_knobs, resolve_recipe, validate)
 from mixacm.data import load_dataset  # noqa: E402
 from mixacm.distributed import cpus_per_rank  # noqa: E402
 from mixacm.loader import make_train_loader  # noqa: E402
@@ -148,13 +149,22 @@ def recipe_run(pipeline: dict, dataset: str, recipe: str, arch: str) -> dict:
             "gpus": gpus, "amp": cfg["train"]["amp"], "channels_last": cfg["train"]["channels_last"]}
 
 
+def step_key(job: dict) -> tuple:
+    """What decides a training job's images/s: dataset, architecture, method and knobs, batch
+    and precision. Recipes that differ only in their budget (epochs, steps) share it."""
+    return (job["dataset"], job["arch"], json.dumps(job["cfg"]["method"], sort_keys=True),
+            job["resolved"]["batch_size"], job["amp"], job["channels_last"])
+
+
 def config_recipes(pipeline: dict, dataset: str) -> list[dict]:
-    """Every recipe the experiments of ``dataset`` train, in the config's order, each once."""
-    seen: dict[str, dict] = {}
+    """Every distinct training step the experiments of ``dataset`` run, in the config's order,
+    each once (a budget-only variant such as ``mixacm_fixed_steps`` is timed as its base)."""
+    seen: dict[tuple, dict] = {}
     for exp in pipeline["experiments"].values():
         if exp["dataset"] == dataset:
             for recipe in exp["recipes"]:
-                seen.setdefault(recipe, recipe_run(pipeline, dataset, recipe, exp["arch"]))
+                job = recipe_run(pipeline, dataset, recipe, exp["arch"])
+                seen.setdefault(step_key(job), job)
     return list(seen.values())
 
 
@@ -465,29 +475,43 @@ def ddp_phase(pipeline: dict, args) -> dict:
 def planned_evaluations(pipeline: dict) -> dict[tuple, set[str]]:
     """The evaluation jobs the workflow plans for each (dataset, recipe, fraction, seed) run:
     ``clean_pgd``, ``autoattack`` (the version of evaluation.<dataset>.autoattack) and
-    ``autoattack_standard``, as rules/common.smk plans them (each file once however many tables
-    use the run)."""
+    ``autoattack_standard``, from the workflow's own run lists (``mixacm.config.experiment_runs``
+    / ``evaluated_runs``: seeds, fractions and per-recipe lists as the DAG has them), each file
+    once however many tables use the run."""
     runs: dict[tuple, set[str]] = {}
     for name, exp in pipeline["experiments"].items():
-        seeds_default = exp.get("seeds", pipeline["seeds"])
-        aa = exp.get("autoattack", True)
+        with_aa = set(evaluated_runs(pipeline, name, "autoattack"))
         standard = set(exp.get("autoattack_standard", []))
-        for recipe in exp["recipes"]:
-            for fraction in exp.get("recipe_fractions", {}).get(recipe, exp.get("fractions", [1.0])):
-                for seed in exp.get("recipe_seeds", {}).get(recipe, seeds_default):
-                    kinds = runs.setdefault((exp["dataset"], recipe, float(fraction), int(seed)), set())
-                    kinds.add("clean_pgd")
-                    if aa is True or (isinstance(aa, list) and recipe in aa):
-                        kinds.add("autoattack")
-                    if recipe in standard:
-                        kinds.add("autoattack_standard")
+        for run in experiment_runs(pipeline, name):
+            dataset, recipe, _, fraction, seed = run
+            kinds = runs.setdefault((dataset, recipe, float(fraction), int(seed)), set())
+            kinds.add("clean_pgd")
+            if run in with_aa:
+                kinds.add("autoattack")
+            if recipe in standard:
+                kinds.add("autoattack_standard")
     return runs
 
 
-def _speed(rows: list[dict], job: dict) -> float | None:
+def train_images(job: dict, n_train: int) -> tuple[int, int]:
+    """``(epochs, new images)`` of a run on ``n_train`` training images: the recipe's epochs, or
+    a budget in ``steps`` turned into epochs of this training set as ``mixacm.train.setup`` does
+    (then each epoch's last partial batch is dropped)."""
+    recipe = job["resolved"]
+    if recipe.get("steps"):
+        per_epoch = n_train // recipe["batch_size"]
+        epochs = max(1, round(recipe["steps"] / per_epoch))
+        return epochs, per_epoch * recipe["batch_size"] * epochs
+    return recipe["epochs"], n_train * recipe["epochs"]
+
+
+def _speed(rows: list[dict], job: dict, timed: dict[tuple, str]) -> float | None:
+    """Measured images/s of ``job``'s recipe, or of the timed recipe with the same step
+    (``timed``: step_key -> recipe); None where neither was measured at the job's precision."""
+    names = {job["recipe"], timed.get(step_key(job))}
     for row in rows:
-        if (row["recipe"], row["dataset"], row["amp"], row["channels_last"]) == (
-                job["recipe"], job["dataset"], job["amp"], job["channels_last"]):
+        if row["recipe"] in names and (row["dataset"], row["amp"], row["channels_last"]) == (
+                job["dataset"], job["amp"], job["channels_last"]):
             return row["images_per_s"]
     return None
 
@@ -518,6 +542,7 @@ def estimate_config_hours(pipeline: dict, rows: list[dict], per_point: dict[str,
     leaves the job's hours and the totals None.
     """
     jobs_of = {}
+    timed = {step_key(j): j["recipe"] for d in ("cifar10", "imagenet") for j in config_recipes(pipeline, d)}
     out = []
     for (dataset, recipe, fraction, seed), kinds in sorted(planned_evaluations(pipeline).items()):
         key = (dataset, recipe)
@@ -526,10 +551,10 @@ def estimate_config_hours(pipeline: dict, rows: list[dict], per_point: dict[str,
             jobs_of[key] = recipe_run(pipeline, dataset, recipe, arch)
         job = jobs_of[key]
         holdout = pipeline["data"][dataset]["holdout"]
-        images = math.floor((IMAGES[dataset][0] - holdout) * fraction) * job["resolved"]["epochs"]
-        speed = _speed(rows, job)
+        epochs, images = train_images(job, math.floor((IMAGES[dataset][0] - holdout) * fraction))
+        speed = _speed(rows, job, timed)
         row = {"run": f"{dataset}/{recipe}/frac{fraction}/seed{seed}", "method": job["cfg"]["method"]["name"],
-               "amp": job["amp"], "channels_last": job["channels_last"], "epochs": job["resolved"]["epochs"],
+               "amp": job["amp"], "channels_last": job["channels_last"], "epochs": epochs,
                "gpus": job["gpus"], "train_images": images, "train_gpu_hours": images / speed / 3600 if speed else None}
         for kind in ("clean_pgd", "autoattack", "autoattack_standard"):
             seconds = _eval_seconds(pipeline, dataset, kind, per_point) if kind in kinds else 0.0

@@ -359,6 +359,38 @@ def pipeline_run_config(pipeline: Mapping[str, Any], *, dataset: str, recipe: st
     }
 
 
+def experiment_runs(pipeline: Mapping[str, Any], name: str) -> list[tuple[str, str, str, float, int]]:
+    """(dataset, recipe, arch, fraction, seed) of every training run behind experiment ``name``
+    of the validated pipeline config (none when it has no such experiment): each recipe at each
+    of its fractions (``recipe_fractions`` over ``fractions``) and seeds (``recipe_seeds`` over
+    the experiment's ``seeds`` over the config's)."""
+    exp = pipeline["experiments"].get(name)
+    if exp is None:
+        return []
+    seeds = exp.get("seeds", pipeline["seeds"])
+    recipe_seeds = exp.get("recipe_seeds", {})
+    recipe_fractions = exp.get("recipe_fractions", {})
+    return [
+        (exp["dataset"], recipe, exp["arch"], fraction, seed)
+        for recipe in exp["recipes"]
+        for fraction in recipe_fractions.get(recipe, exp["fractions"])
+        for seed in recipe_seeds.get(recipe, seeds)
+    ]
+
+
+def evaluated_runs(pipeline: Mapping[str, Any], name: str, key: str) -> list[tuple[str, str, str, float, int]]:
+    """The runs of experiment ``name`` that get evaluation ``key``: "autoattack"
+    (``experiments.<name>.autoattack``, default true) or "audit" (``experiments.<name>.audit``,
+    default true for ``experiments.cifar10``, the main comparison, false otherwise). true: every
+    run; false: none; a list: the runs of those recipes."""
+    exp = pipeline["experiments"].get(name) or {}
+    value = exp.get(key, True if key == "autoattack" else name == "cifar10")
+    runs = experiment_runs(pipeline, name)
+    if isinstance(value, bool):
+        return runs if value else []
+    return [run for run in runs if run[1] in value]
+
+
 # Where a run config key comes from in the pipeline config's recipe.
 _RECIPE_KEYS = {"method": "knobs", "optim": "optim", "train": "train"}
 

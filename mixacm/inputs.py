@@ -1,18 +1,21 @@
-"""Inputs of a pipeline config checked before any job: data roots, teacher files, and what the
-data folders say about themselves.
+"""Inputs of a pipeline config checked before any job: data roots, teacher files, what the
+data folders say about themselves, and the packages a RobustBench teacher needs.
 
 A wrong data root used to fail inside a training job, minutes into a run, in a job log, naming
 the run-config key ``dataset.root``. :func:`pipeline_input_errors` finds every such problem at
 once, without loading any data, and names the pipeline's own keys (``data.cifar10.root``,
 ``teachers.cifar10.path``). The workflow calls :func:`check_pipeline_inputs` before its first job
 (``onstart``: real runs only, a dry run needs no data), then :func:`check_pipeline_data`, which
-reads the data (``mixacm.data.verify_dataset``: every image checked, splits compared); both are
-plain Python, callable from a test or a notebook with the config dict.
+reads the data (``mixacm.data.verify_dataset``: every image checked, splits compared), and
+:func:`robustbench_errors` while it reads the config (dry runs too: a missing package is no data,
+and the plan is worthless without it); all plain Python, callable from a test or a notebook with
+the config dict.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 PRETTY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
@@ -104,16 +107,71 @@ def teacher_errors(cfg: Mapping, datasets: Iterable[str] | None = None) -> list[
     return errors
 
 
+# The optional dependencies of RobustBench teachers (pyproject.toml's `robustbench` extra) and the
+# install line that works from a checkout: mixacm is not on PyPI, and a bare `pip install
+# robustbench` does not import (robustbench 1.1.1 needs pkg_resources, gone from setuptools >= 81).
+ROBUSTBENCH_EXTRA = "robustbench"
+ROBUSTBENCH_INSTALL = "pip install -e '.[robustbench]'"
+
+
+def missing_extra(extra: str, version: Callable[[str], str] = importlib.metadata.version) -> list[str]:
+    """The requirements of mixacm's optional dependency group ``extra`` (its installed metadata,
+    i.e. pyproject.toml) that this environment does not meet, each as ``"<requirement> (not
+    installed | found <version>)"``; empty when all are met. ``version`` looks up an installed
+    distribution's version (``importlib.metadata.version``; raises PackageNotFoundError)."""
+    from packaging.requirements import Requirement
+
+    try:
+        declared = importlib.metadata.requires("mixacm") or []
+    except importlib.metadata.PackageNotFoundError:
+        return ["mixacm (not installed)"]
+    missing = []
+    for line in declared:
+        req = Requirement(line)
+        if req.marker is None or "extra" not in str(req.marker) or not req.marker.evaluate({"extra": extra}):
+            continue
+        try:
+            found = version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(f"{req.name}{req.specifier} (not installed)")
+            continue
+        if not req.specifier.contains(found, prereleases=True):
+            missing.append(f"{req.name}{req.specifier} (found {found})")
+    return missing
+
+
+def robustbench_teachers(cfg: Mapping) -> list[str]:
+    """The config keys of the teacher blocks that load a RobustBench model by name: the
+    datasets' (``teachers.<dataset>``) and the recipes' own (``recipes.<name>.teacher``)."""
+    blocks = [(f"teachers.{ds}", t) for ds, t in cfg.get("teachers", {}).items()]
+    blocks += [(f"recipes.{name}.teacher", r["teacher"]) for name, r in cfg.get("recipes", {}).items()
+               if r.get("teacher")]
+    return [key for key, block in blocks if block.get("source") == "robustbench"]
+
+
+def robustbench_errors(cfg: Mapping, version: Callable[[str], str] = importlib.metadata.version) -> list[str]:
+    """A sentence naming the first RobustBench teacher of ``cfg`` when the ``robustbench`` extra
+    is not installed here (what is missing, and the install line); empty otherwise."""
+    keys = robustbench_teachers(cfg)
+    missing = missing_extra(ROBUSTBENCH_EXTRA, version) if keys else []
+    if not missing:
+        return []
+    also = f" (and {', '.join(keys[1:])})" if len(keys) > 1 else ""
+    return [f"{keys[0]}.source{also}: a RobustBench teacher needs the `{ROBUSTBENCH_EXTRA}` extra, "
+            f"missing here: {'; '.join(missing)}. Install it from the checkout with {ROBUSTBENCH_INSTALL} "
+            "(a bare `pip install robustbench` does not import)."]
+
+
 def pipeline_input_errors(cfg: Mapping, env: Mapping[str, str] | None = None,
                           datasets: Iterable[str] | None = None) -> list[str]:
     """Every missing input of a (schema-validated) pipeline config, one sentence each naming its
-    pipeline key; empty when all are there. ``datasets`` limits the check to the datasets the
+    pipeline key (the robustbench extra included); empty when all are there. ``datasets`` limits the check to the datasets the
     jobs about to run use (a run of the CIFAR-10 table needs no ImageNet). Relative paths are
     taken from the working directory (Snakemake's: the checkout)."""
     wanted = set(datasets_used(cfg)) if datasets is None else set(datasets) & set(datasets_used(cfg))
     errors = [e for ds in sorted(wanted)
               if (e := data_error(ds, cfg.get("data", {}).get(ds), env)) is not None]
-    return errors + teacher_errors(cfg, None if datasets is None else set(datasets))
+    return errors + teacher_errors(cfg, None if datasets is None else set(datasets)) + robustbench_errors(cfg)
 
 
 def check_pipeline_inputs(cfg: Mapping, env: Mapping[str, str] | None = None,

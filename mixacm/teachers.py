@@ -303,7 +303,7 @@ def _from_robustbench(source: Mapping[str, Any], out_path: Path, num_classes: in
     except Exception as exc:  # not installed, or failing at import
         raise TeacherError(
             f"teacher source robustbench {name!r}: the robustbench package is not usable here "
-            f"({type(exc).__name__}: {exc}). Install it with `pip install 'mixacm[robustbench]'` "
+            f"({type(exc).__name__}: {exc}). Install it with `pip install -e '.[robustbench]'` "
             f"(robustbench 1.1.1 with setuptools<81; the README says more); its model downloads need "
             f"internet access, or a checkpoint placed in its model folder. Without it, give the "
             f"teacher as a local file ({{path: FILE, arch: ...}}) or as {{url: URL, sha256: HEX, arch: ...}}"
@@ -470,7 +470,9 @@ def check_teacher_accuracy(model: torch.nn.Module, dataset: str, data_root: str 
     try:
         data = load_dataset(dataset, "test", root=data_root)
     except (DataError, RuntimeError) as exc:
-        record.update(status="not run", reason=f"no {dataset} test data at hand ({str(exc).splitlines()[0][:160]})")
+        record.update(status="not run", reason=f"no {dataset} test data at hand ({str(exc).splitlines()[0]})")
+        warnings.warn(f"teacher {what}: accuracy check not run: {record['reason']}; set the data root "
+                      f"(--data-root, or $MIXACM_DATA_{dataset.upper()}) to measure it", stacklevel=2)
         return record
     n = min(int(settings["n"]), len(data))
     result = evaluate(model, data, ["clean"], eps=1 / 255, n=n, progress=False, device="cpu")

@@ -11,6 +11,9 @@ is never loaded.
     python scripts/tune_holdout.py config/tuning/cifar10_cpu.yaml --out-dir results/tuning \
         --csv docs/results/cifar10_cpu/tuning.csv
 
+On GPUs, ``--devices cuda:0 cuda:1 ...`` trains one candidate on each device at a time (the
+device replaces the grid's ``device``); config/tuning/paper.yaml is the paper-scale grid.
+
 The grid file has ``base`` (a run config shared by all candidates) and ``candidates``
 (``{name: overrides}``, merged into ``base`` key by key at the top level sections).
 """
@@ -20,6 +23,7 @@ import argparse
 import copy
 import json
 import os
+import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", help="candidate names to run (default: all)")
     ap.add_argument("--jobs", type=int, default=2, help="candidates trained at once")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per candidate")
+    ap.add_argument("--devices", nargs="+",
+                    help="train one candidate on each of these devices at a time (e.g. cuda:0 cuda:1); "
+                         "replaces the grid's device and --jobs")
     args = ap.parse_args(argv)
 
     try:
@@ -98,8 +105,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     names = args.only or list(grid["candidates"])
     cfgs = {n: merge(grid["base"], grid["candidates"][n] or {}) for n in names}
-    with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda n: run_one(n, cfgs[n], args.out_dir, args.threads), names))
+    free: queue.Queue[str | None] = queue.Queue()
+    for device in args.devices or [None] * args.jobs:
+        free.put(device)
+
+    def on_a_free_device(name: str) -> dict:
+        device = free.get()
+        try:
+            cfg = cfgs[name] if device is None else {**cfgs[name], "device": device}
+            return run_one(name, cfg, args.out_dir, args.threads)
+        finally:
+            free.put(device)
+
+    with ThreadPoolExecutor(free.qsize()) as pool:
+        rows = list(pool.map(on_a_free_device, names))
     table = pd.DataFrame(rows)
     if args.csv.is_file():  # keep the rows of candidates not rerun now
         old = pd.read_csv(args.csv)

@@ -12,8 +12,28 @@ SHARED = Path(os.environ.get("MIXACM_SHARED", REPO.parent / "shared"))
 CIFAR10_JPEG = SHARED / "data" / "cifar10-jpeg"
 SHARED_MODELS = SHARED / "models"
 
-# Two threads is what the CI machine has; tests must not oversubscribe it.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two threads is what the CI machine has; tests must not oversubscribe it. Under pytest-xdist (CI
+# runs two workers) each worker is one core.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+
+
+def _uses_a_module_fixture(item: pytest.Item) -> bool:
+    return any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values())
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """For pytest-xdist (CI: ``-n 2 --dist loadgroup --no-loadscope-reorder``): the long tests first
+    (slow and slurm: the end-to-end runs), so that the workers start them early and the short ones
+    fill in around them; tests that share something built once stay on one worker (xdist groups):
+    the SLURM tests their local cluster ("slurm"), the tests of a module its module-scoped
+    fixtures (a trained model, a workflow copy), which another worker would build again."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif not item.get_closest_marker("xdist_group") and _uses_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: not (item.get_closest_marker("slow") or item.get_closest_marker("slurm")))
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +63,17 @@ def shared_models() -> Path:
     if not (SHARED_MODELS / "resnet4b.pth").is_file():
         pytest.skip(f"shared teacher checkpoints not found in {SHARED_MODELS} (set MIXACM_SHARED)")
     return SHARED_MODELS
+
+
+@pytest.fixture(scope="session")
+def robustbench_extra() -> None:
+    """Skips where the `robustbench` extra is not installed: the workflow refuses a config with
+    RobustBench teachers (config/config.yaml) without it, dry runs included."""
+    from mixacm.inputs import ROBUSTBENCH_EXTRA, ROBUSTBENCH_INSTALL, missing_extra
+
+    missing = missing_extra(ROBUSTBENCH_EXTRA)
+    if missing:
+        pytest.skip(f"the robustbench extra is not installed ({'; '.join(missing)}): {ROBUSTBENCH_INSTALL}")
 
 
 @pytest.fixture(scope="session")

@@ -44,9 +44,17 @@ def test_estimate_of_the_paper_config_from_measured_speeds(pipeline):
     per_point = {"cifar10/clean_pgd": 0.001, "cifar10/autoattack-apgd": 0.01, "cifar10/autoattack": 0.03}
     est = gpu_check.estimate_config_hours(pipeline, rows, per_point)
     jobs = {j["run"]: j for j in est["jobs"]}
-    # Runs shared by tables are trained once: cifar10 (10 recipes with the transfer table's ARD and
-    # RSLAD), less_data (2 x 3 smaller fractions), ablation (4; the full one shared); ImageNet 3.
-    assert len(jobs) == 10 + 6 + 4 + 3
+    # Runs shared by tables are trained once: cifar10 (8 recipes, MixACM and AT with 3 seeds) and
+    # the transfer table's ARD and RSLAD; less_data (MixACM and AT at 3 more fractions, the
+    # fixed-steps pair at those 3); ablation (4 more recipes x 3 seeds, the full one shared);
+    # ImageNet's 3 recipes.
+    assert len(jobs) == (8 + 2 + 2) + 2 + (6 + 6) + 4 * 3 + 3
+    fixed = jobs["cifar10/at_fixed_steps/frac0.1/seed0"]  # the full-data run's 200 x 382 steps on 10 %
+    assert (fixed["epochs"], fixed["train_images"]) == (2011, 2011 * 38 * 128)
+    # its step is AT's (only the budget differs): timed once, priced at AT's speed
+    assert fixed["train_gpu_hours"] == pytest.approx(2011 * 38 * 128 / 600 / 3600)
+    timed = [j["recipe"] for j in gpu_check.config_recipes(pipeline, "cifar10")]
+    assert "at" in timed and not any(r.endswith("_fixed_steps") for r in timed)
     at = jobs["cifar10/at/frac1.0/seed0"]
     assert (at["epochs"], at["amp"], at["train_images"]) == (200, "bf16", (50_000 - 1000) * 200)
     assert at["train_gpu_hours"] == pytest.approx(49_000 * 200 / 600 / 3600)
@@ -124,9 +132,9 @@ def test_dry_run_writes_every_phase(tmp_path):
     data = json.loads(out.read_text())
     assert rc == 0 and data["completed"] and data["skipped"] == []
     recipes = [r["recipe"] for r in data["train"]]
-    assert recipes[0] == "mixacm" and {"at", "awp_trades", "awp_at", "fat", "igam", "ard", "rslad"} <= set(recipes)
+    assert recipes[0] == "mixacm" and {"at", "awp_trades", "awp_at", "fat_trades", "igam", "ard", "rslad"} <= set(recipes)
     rows = {r["recipe"]: r for r in data["train"]}
-    assert rows["awp_trades"]["last_metrics"]["awp"] == 1.0 and rows["fat"]["last_metrics"]["tau"] == 2.0
+    assert rows["awp_trades"]["last_metrics"]["awp"] == 1.0 and rows["fat_trades"]["last_metrics"]["tau"] == 3.0
     assert [r["recipe"] for r in data["imagenet"]] == ["mixacm_imagenet", "free_at_imagenet", "fast_at_imagenet"]
     goals = data["goals"]
     assert goals["loader"]["images_per_s"] > 0 and goals["bare_and_teacher"]["teacher"] == "tiny"

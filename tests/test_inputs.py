@@ -100,3 +100,70 @@ def test_a_wrong_data_root_stops_snakemake_before_any_job(tmp_path):
     assert f"data.cifar10.root: {tmp_path / 'nowhere'} does not exist." in out
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
     assert "Traceback" not in out
+
+
+# -- the robustbench extra -------------------------------------------------------------------------
+
+
+def _versions(**found):
+    """An importlib.metadata.version stand-in: the given versions, the rest not installed."""
+    from importlib.metadata import PackageNotFoundError
+
+    def version(name):
+        if name not in found:
+            raise PackageNotFoundError(name)
+        return found[name]
+
+    return version
+
+
+def test_missing_extra_reads_the_declared_requirements():
+    import tomllib
+
+    from mixacm.inputs import missing_extra
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["robustbench"]
+    assert declared == ["robustbench==1.1.1", "setuptools<81"]  # the messages below quote them
+    assert missing_extra("robustbench", _versions(robustbench="1.1.1", setuptools="80.9.0")) == []
+    assert missing_extra("robustbench", _versions(setuptools="81.0.0")) == [
+        "robustbench==1.1.1 (not installed)", "setuptools<81 (found 81.0.0)"]
+
+
+def test_a_robustbench_teacher_without_the_extra_is_refused_with_the_install_line():
+    from mixacm.inputs import robustbench_errors
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    (error,) = robustbench_errors(cfg, _versions(robustbench="1.1.1", setuptools="81.0.0"))
+    assert error.startswith("teachers.cifar10.source (and teachers.imagenet): a RobustBench teacher needs the "
+                            "`robustbench` extra, missing here: setuptools<81 (found 81.0.0).")
+    assert "pip install -e '.[robustbench]'" in error
+    assert robustbench_errors(cfg, _versions(robustbench="1.1.1", setuptools="80.9.0")) == []
+    # listed with the other inputs before the first job; configs without such a teacher need nothing
+    assert robustbench_errors(config(), _versions()) == []
+    cfg["teachers"] = {}
+    cfg["recipes"]["mixacm"]["teacher"] = {"source": "robustbench", "name": "Carmon2019Unlabeled"}
+    (error,) = robustbench_errors(cfg, _versions())
+    assert error.startswith("recipes.mixacm.teacher.source: ") and "robustbench==1.1.1 (not installed)" in error
+
+
+def test_a_dry_run_refuses_a_robustbench_teacher_without_the_extra(tmp_path):
+    # The environment `pip install -e . && pip install robustbench` gives: a setuptools >= 81, which
+    # robustbench 1.1.1 cannot import with. Its metadata, first on the path, stands for it here.
+    import shutil
+
+    fake = tmp_path / "site" / "setuptools-81.0.0.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: setuptools\nVersion: 81.0.0\n")
+    for name in ("workflow", "config"):
+        shutil.copytree(REPO / name, tmp_path / name)
+    shutil.copy(REPO / "environment.yml", tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXACM_DATA_")}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONPATH=str(tmp_path / "site"))
+    proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--configfile", "config/config.yaml"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "teachers.cifar10.source (and teachers.imagenet): a RobustBench teacher needs the `robustbench` extra, " \
+           "missing here: setuptools<81 (found 81.0.0). Install it from the checkout with pip install -e " \
+           "'.[robustbench]'" in out, out
+    assert "Traceback" not in out and not (tmp_path / "results").exists()

@@ -62,7 +62,21 @@ def preact18_params(classes: int = 10) -> int:
     return total
 
 
+def bottleneck_resnet_params(layers: list[int], classes: int = 1000) -> int:
+    """torchvision's bottleneck ResNet: 7x7 stem conv + BN; per block 1x1 (c_in -> w), 3x3 (w -> w),
+    1x1 (w -> 4w), each with BN, and a 1x1 projection + BN in the first block of a stage; fc."""
+    total, c_in = 3 * 64 * 49 + _bn(64), 64
+    for width, blocks in zip((64, 128, 256, 512), layers):
+        for i in range(blocks):
+            total += c_in * width + 9 * width * width + width * 4 * width + _bn(width) * 2 + _bn(4 * width)
+            if i == 0:
+                total += c_in * 4 * width + _bn(4 * width)
+            c_in = 4 * width
+    return total + 2048 * classes + classes
+
+
 PARAMS.update({
+    "wrn-10-1": wrn_params(10, 1),
     "wrn-28-10": wrn_params(28, 10),
     "wrn-34-10": wrn_params(34, 10),
     "wrn-34-20": wrn_params(34, 20),
@@ -78,6 +92,22 @@ def test_hand_counts_agree_with_published_figures() -> None:
     # Rice et al.'s PreAct ResNet-18 ends with BN + ReLU before pooling: 1,024 parameters more than
     # the often-quoted 11,171,146 of the variant without that final BN.
     assert preact18_params() == 11_171_146 + _bn(512)
+    assert bottleneck_resnet_params([3, 4, 6, 3]) == 25_557_032  # torchvision's ResNet-50
+    assert wrn_params(10, 1) == 77_850
+
+
+def test_resnet26_is_resnet50s_block_type_with_two_blocks_a_stage() -> None:
+    from torchvision.models.resnet import Bottleneck
+
+    small, big = on_meta("resnet26", num_classes=1000), on_meta("resnet50", num_classes=1000)
+    assert n_params(small) == bottleneck_resnet_params([2, 2, 2, 2])  # timm's resnet26: 16.0 M
+    assert type(small) is type(big)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        blocks = getattr(small.model, stage)
+        assert len(blocks) == 2 and all(isinstance(b, Bottleneck) for b in blocks)
+    x = torch.empty(2, 3, 224, 224, device="meta")
+    shapes = [{k: tuple(v.shape) for k, v in m(x, features=m.feature_names)[1].items()} for m in (small, big)]
+    assert shapes[0] == shapes[1]  # the same features for the ACM path, block for block
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
@@ -156,6 +186,7 @@ SMALL = {
     "wide_resnet": ({"depth": 10, "widen_factor": 1}, 32),
     "preact_resnet18": ({}, 32),
     "resnet50": ({"num_classes": 10}, 64),
+    "resnet26": ({"num_classes": 10}, 64),
     "tiny": ({}, 32),
     "resnet2b": ({}, 32),
     "resnet4b": ({}, 32),
@@ -197,7 +228,7 @@ def test_unknown_model_is_a_key_error_listing_names() -> None:
 CIFAR = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 NORMALISATION = {"resnet2b": CIFAR, "resnet4b": CIFAR, "tiny": CIFAR, "wide_resnet": CIFAR,
-                 "preact_resnet18": CIFAR, "resnet50": IMAGENET}
+                 "preact_resnet18": CIFAR, "resnet50": IMAGENET, "resnet26": IMAGENET}
 
 
 @pytest.mark.parametrize("name", sorted(NORMALISATION))

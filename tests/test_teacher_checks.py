@@ -105,10 +105,25 @@ def test_without_data_the_check_is_recorded_as_not_run(shared_models, tmp_path, 
     monkeypatch.delenv("MIXACM_DATA_CIFAR10", raising=False)
     monkeypatch.setenv("MIXACM_DATA_HOME", str(tmp_path / "nodata"))
     out = tmp_path / "teacher.pt"
-    acquire_teacher({"path": str(shared_models / "resnet2b.pth"), "arch": "resnet2b"}, out)
+    with pytest.warns(UserWarning, match=r"accuracy check not run: no cifar10 test data at hand .*MIXACM_DATA_CIFAR10"):
+        acquire_teacher({"path": str(shared_models / "resnet2b.pth"), "arch": "resnet2b"}, out)
     check = load_model_file(out)[1]["meta"]["accuracy_check"]
     assert check["status"] == "not run" and "no cifar10 test data" in check["reason"]
     assert check["stated_clean_acc_pct"] == pytest.approx(69.25)
+
+
+def test_cli_says_on_stderr_that_the_check_was_not_run(shared_models, tmp_path, monkeypatch):
+    # The JSON on stdout records it; a user reading the terminal (or a job log) sees it too.
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MIXACM_DATA_CIFAR10", raising=False)
+    monkeypatch.setenv("MIXACM_DATA_HOME", str(tmp_path / "nodata"))
+    proc = subprocess.run([sys.executable, "-m", "mixacm.cli", "teacher", "--path", str(shared_models / "resnet2b.pth"),
+                           "--arch", "resnet2b", "--out", str(tmp_path / "t.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["accuracy_check"]["status"] == "not run"
+    assert "UserWarning: teacher" in proc.stderr and "accuracy check not run" in proc.stderr
 
 
 def test_cli_refuses_in_one_line_and_accepts_normalization_none(folded, cifar10_jpeg_root, tmp_path, capsys):

@@ -1,6 +1,9 @@
-"""ResNet-50 for ImageNet: torchvision's definition (He et al. 2016) with normalisation inside.
+"""Bottleneck ResNets for ImageNet: torchvision's definition (He et al. 2016), normalisation inside.
 
-The network is ``torchvision.models.resnet50(weights=None)`` held as ``self.model``, so the state
+``resnet50`` is ``torchvision.models.resnet50(weights=None)``; ``resnet26`` is the same network
+with two bottleneck blocks a stage instead of 3, 4, 6, 3 (timm's ``resnet26``: the same block type,
+stage widths and feature shapes, 16.0 M parameters instead of 25.6 M, 2.4 instead of 4.1 GMACs at
+224 px), the smaller member of the family. The network is held as ``self.model``, so the state
 dict keys are ``model.<torchvision key>``: the layout of RobustBench's ImageNet models
 (``Sequential(normalize, model)``), and plain torchvision state dicts load after the prefix is
 added (``adapt_state_dict``). ImageNet mean/std are the normalisation buffers.
@@ -40,10 +43,21 @@ class TorchvisionResNet(FeatureClassifier):
         return super().adapt_state_dict(sd)
 
 
-@MODELS.register("resnet50")
-def resnet50(num_classes: int = 1000, **kwargs) -> TorchvisionResNet:
+def _bottleneck_resnet(layers: list[int], num_classes: int, **kwargs) -> TorchvisionResNet:
     # Imported here: torchvision's import takes seconds (it loads torch._dynamo), and the
     # workflow's config check imports the model registry without building this network.
-    from torchvision.models import resnet50 as tv_resnet50
+    from torchvision.models.resnet import Bottleneck, ResNet
 
-    return TorchvisionResNet(tv_resnet50(weights=None, num_classes=num_classes), **kwargs)
+    return TorchvisionResNet(ResNet(Bottleneck, layers, num_classes=num_classes), **kwargs)
+
+
+@MODELS.register("resnet50")
+def resnet50(num_classes: int = 1000, **kwargs) -> TorchvisionResNet:
+    """ResNet-50: bottleneck blocks 3, 4, 6, 3 (``torchvision.models.resnet50``)."""
+    return _bottleneck_resnet([3, 4, 6, 3], num_classes, **kwargs)
+
+
+@MODELS.register("resnet26")
+def resnet26(num_classes: int = 1000, **kwargs) -> TorchvisionResNet:
+    """ResNet-26: bottleneck blocks 2, 2, 2, 2 (timm's ``resnet26``; torchvision's ResNet class)."""
+    return _bottleneck_resnet([2, 2, 2, 2], num_classes, **kwargs)

@@ -98,5 +98,7 @@ def _register_preset(depth: int, widen_factor: int) -> None:
     MODELS.register(f"wrn-{depth}-{widen_factor}")(preset)
 
 
-for _depth, _width in ((28, 10), (34, 10), (34, 20), (70, 16)):
+# The robust-training sizes, and WRN-10-1 (one block a group, widths 16/32/64; 0.08 M parameters):
+# the same code and feature path at a size a CPU test can train.
+for _depth, _width in ((10, 1), (28, 10), (34, 10), (34, 20), (70, 16)):
     _register_preset(_depth, _width)

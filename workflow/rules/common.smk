@@ -7,6 +7,7 @@
 
 import json
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from shlex import quote as shell_quote
@@ -18,7 +19,9 @@ from snakemake.utils import update_config, validate
 
 from mixacm.config import (ConfigError, check_pipeline_recipe, check_recipe_block, check_recipe_label,
                            pipeline_run_config, run_config_hash, teacher_source)
-from mixacm.inputs import PipelineInputError, check_pipeline_data, check_pipeline_inputs
+from mixacm.config import evaluated_runs as pipeline_evaluated_runs, experiment_runs as pipeline_experiment_runs
+from mixacm.cost import summary as cost_summary
+from mixacm.inputs import PipelineInputError, check_pipeline_data, check_pipeline_inputs, robustbench_errors
 from mixacm.methods import METHODS
 from mixacm.report.figures import FIGURE_NAMES
 from mixacm.utils import YAMLFileError, load_yaml, parse_linf_eps, portable_path
@@ -283,18 +286,7 @@ TRAIN_BENCHMARK = f"results/benchmarks/train/{RUN_ID}.tsv"
 
 def experiment_runs(name):
     """(dataset, recipe, arch, fraction, seed) of every training run behind one table."""
-    exp = config["experiments"].get(name)
-    if exp is None:
-        return []
-    seeds = exp.get("seeds", config["seeds"])
-    recipe_seeds = exp.get("recipe_seeds", {})
-    recipe_fractions = exp.get("recipe_fractions", {})
-    return [
-        (exp["dataset"], recipe, exp["arch"], fraction, seed)
-        for recipe in exp["recipes"]
-        for fraction in recipe_fractions.get(recipe, exp["fractions"])
-        for seed in recipe_seeds.get(recipe, seeds)
-    ]
+    return pipeline_experiment_runs(config, name)
 
 
 def experiment_files(name, filename):
@@ -351,6 +343,20 @@ def teacher_res(key):
 
 
 _check_config(config)
+
+
+# A RobustBench teacher without the `robustbench` extra would fail at its first job: refused now,
+# on a dry run too, with the install line that works (mixacm.inputs).
+_robustbench_errors = robustbench_errors(config)
+if _robustbench_errors:
+    raise WorkflowError(_robustbench_errors[0])
+
+
+# A config that asks for GPUs says its price before the plan (dry runs too): the estimated
+# GPU-hours, the longest job against its time limit and the disk (mixacm.cost; the table per job
+# is in docs/benchmarks.md). Only the Snakemake the user started prints it, not each cluster job's.
+if workflow.is_main_process and any(job["gpu"] for ds in config["resources"].values() for job in ds.values()):
+    print(cost_summary(config), file=sys.stderr)
 
 
 def teacher_source_json(tid):
@@ -576,16 +582,9 @@ def report_teachers():
 
 
 def evaluated_runs(name, key):
-    """The runs of experiment {name} that get evaluation {key}: "autoattack"
-    (experiments.<name>.autoattack, default true) or "audit" (experiments.<name>.audit, default
-    true for experiments.cifar10, the main comparison, false otherwise). true: every run;
-    false: none; a list: the runs of those recipes."""
-    exp = config["experiments"].get(name) or {}
-    value = exp.get(key, True if key == "autoattack" else name == "cifar10")
-    runs = experiment_runs(name)
-    if isinstance(value, bool):
-        return runs if value else []
-    return [run for run in runs if run[1] in value]
+    """The runs of experiment {name} that get evaluation {key} ("autoattack" or "audit";
+    mixacm.config.evaluated_runs says which by default)."""
+    return pipeline_evaluated_runs(config, name, key)
 
 
 def _run_key(run):

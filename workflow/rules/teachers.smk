@@ -94,8 +94,10 @@ rule write_teacher_config:
     priority: TEACHER_PRIORITY  # its job is the teacher's first step (Snakemake does not pass priorities up)
     conda:
         "../../environment.yml"
-    run:
-        Path(output[0]).write_text(params.text)
+    # A shell command, not a `run:` block: Snakemake runs each `run:` job in a new Snakemake
+    # process that parses the whole workflow again (seconds per job, for one small file).
+    shell:
+        "printf '%s' {params.text:q} > {output} 2> {log}"
 
 
 # state.pt, metrics.jsonl and the log stay outside the declared outputs, so a killed job keeps

@@ -23,8 +23,10 @@ rule write_run_config:
     priority: audit_chain_priority
     conda:
         "../../environment.yml"
-    run:
-        Path(output[0]).write_text(params.text)
+    # A shell command, not a `run:` block: Snakemake runs each `run:` job in a new Snakemake
+    # process that parses the whole workflow again (seconds per job, for one small file).
+    shell:
+        "printf '%s' {params.text:q} > {output} 2> {log}"
 
 
 # state.pt (rolling, every epoch) and metrics.jsonl are deliberately not outputs: Snakemake
