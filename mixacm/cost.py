@@ -24,7 +24,6 @@ submitting, until a GPU measures the throughputs (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path

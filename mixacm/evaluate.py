@@ -406,26 +406,34 @@ def evaluate(
     finally:
         model.train(was_training)
 
-    result = {
-        "schema": RESULT_SCHEMA,
-        "eps": eps_value,
-        "eps_text": format_eps(eps),
-        "n": len(indices),
-        "subset": {"selection": "balanced_first_n", "indices_sha256": key["indices_sha256"]},
-        "data": data,
-        "seed": int(seed),
-        "batch_size": int(batch_size),
-        "batch_size_rule": batch_rule,
-        "model_sha256": key["model_sha256"],
-        "model_check": model_check,
-        "precision": precision_label,
-        "precision_detail": precision_detail,
-        "metrics": _metrics(state["done"], built),
-        "provenance": {**provenance(dev), "wall_time_s": prior_wall + time.perf_counter() - t0},
-    }
+    result = _result(eps, key, batch_rule, data, model_check, (precision_label, precision_detail),
+                     _metrics(state["done"], built), {**provenance(dev), "wall_time_s": prior_wall + time.perf_counter() - t0})
     if state_file is not None:
         state_file.unlink(missing_ok=True)
     return result
+
+
+def _result(eps: float | str, key: dict[str, Any], batch_rule: str, data: dict[str, Any],
+            model_check: dict[str, Any], precision: tuple[str, Any], metrics: dict[str, Any],
+            prov: dict[str, Any]) -> dict[str, Any]:
+    """The result dict of ``evaluate`` (docs/architecture.md) from its parts."""
+    return {
+        "schema": RESULT_SCHEMA,
+        "eps": key["eps"],
+        "eps_text": format_eps(eps),
+        "n": key["n"],
+        "subset": {"selection": "balanced_first_n", "indices_sha256": key["indices_sha256"]},
+        "data": data,
+        "seed": key["seed"],
+        "batch_size": key["batch_size"],
+        "batch_size_rule": batch_rule,
+        "model_sha256": key["model_sha256"],
+        "model_check": model_check,
+        "precision": precision[0],
+        "precision_detail": precision[1],
+        "metrics": metrics,
+        "provenance": prov,
+    }
 
 
 def _build_attacks(attacks: list[str], eps: float, attack_kwargs: dict[str, dict[str, Any]],

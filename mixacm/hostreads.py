@@ -17,13 +17,12 @@ plus a patch of ``Tensor.tolist`` / ``Tensor.numpy``, which do not go through th
 """
 from __future__ import annotations
 
-import contextlib
 import traceback
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
@@ -56,21 +55,8 @@ class HostReadCounter(TorchDispatchMode):
         self.where: Counter[str] = Counter()
         self.keep_stacks = keep_stacks
         self._patched: dict[str, Any] = {}
-        self.active = True
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Leave out what runs inside (e.g. a CPU data loader whose reads never wait on a device)."""
-        self.active = False
-        try:
-            with _disable_current_modes():
-                yield
-        finally:
-            self.active = True
 
     def _record(self, kind: str) -> None:
-        if not self.active:
-            return
         self.count += 1
         self.kinds[kind] += 1
         if self.keep_stacks:

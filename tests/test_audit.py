@@ -167,8 +167,6 @@ def test_cli_audit_bad_input_exits_2_in_one_line_with_no_file(folder_and_models,
 
 
 def test_table_and_report_show_the_audited_column_and_flags(net, tmp_path):
-    import pandas as pd
-
     from mixacm.evaluate import evaluate
     from mixacm.report import build_table, collect_results, render_report
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from mixacm.cli import main
-from mixacm.report import ResultFileError, read_table, write_table
+from mixacm.report import read_table, write_table
 from mixacm.report.claims import claims_markdown
 
 

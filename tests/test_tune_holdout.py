@@ -7,7 +7,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from mixacm.config import load_run_config, resolve_recipe
