@@ -52,6 +52,8 @@ from snakemake.utils import validate
 from mixacm import cost
 from mixacm.checkpoint import load_model_file
 from mixacm.config import experiment_runs
+from mixacm.methods.base import phase_start
+from mixacm.methods.igam import IGAMKnobs
 from mixacm.models import build_model
 from mixacm.report.figures import FIGURE_NAMES
 
@@ -85,13 +87,24 @@ SMALLER = {"wrn-34-10": "wrn-10-1", "resnet50": "resnet26"}
 BUDGET_OPTIM_KEYS = {"epochs", "steps", "batch_size"}
 
 
+def least_epochs(recipe: dict) -> int:
+    """1, or for a method whose loss starts late (IGAM's ``ce_only_fraction``, the official 0.875
+    unless the recipe sets it) the fewest epochs that leave one epoch of its later phase, so the
+    run trains with the method's own loss (8 for 0.875)."""
+    if recipe["method"] != "igam":
+        return 1
+    fraction = recipe.get("knobs", {}).get("ce_only_fraction", IGAMKnobs.ce_only_fraction)
+    return next(e for e in range(1, 1000) if phase_start(fraction, e) < e)
+
+
 def budget_overrides(cfg: dict) -> dict[str, object]:
-    """Dotted key -> value: one epoch of one step a recipe (ImageNet: one image a rank of its four),
+    """Dotted key -> value: one epoch of one step a recipe (IGAM: least_epochs; ImageNet: one image a rank of its four),
     a handful of test points, small audit and teacher-check samples, the smaller students."""
     imagenet = {r for e in cfg["experiments"].values() if e["dataset"] == "imagenet" for r in e["recipes"]}
     out: dict[str, object] = {}
     for name, recipe in cfg["recipes"].items():
-        out[f"recipes.{name}.optim.{'steps' if recipe.get('optim', {}).get('steps') else 'epochs'}"] = 1
+        out[f"recipes.{name}.optim.{'steps' if recipe.get('optim', {}).get('steps') else 'epochs'}"] = \
+            least_epochs(recipe)
         out[f"recipes.{name}.optim.batch_size"] = 4 if name in imagenet else 2
         out[f"recipes.{name}.train.max_steps_per_epoch"] = 1
         if recipe.get("train", {}).get("selection") == "best_pgd":
