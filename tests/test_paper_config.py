@@ -72,6 +72,7 @@ ALLOWED_OVERRIDES = [
     ("budget", "data.cifar10.holdout"),
     ("budget", "evaluation.*.clean_pgd.n"),
     ("budget", "evaluation.*.autoattack.n"),
+    ("budget", "evaluation.*.autoattack_standard.n"),
     ("budget", "evaluation.*.audit.n"),
     ("budget", "evaluation.*.audit.subset_n"),
     ("budget", "evaluation.*.audit.pgd_steps"),
@@ -113,6 +114,8 @@ def budget_overrides(cfg: dict) -> dict[str, object]:
     for ds in ("cifar10", "imagenet"):
         out[f"evaluation.{ds}.clean_pgd.n"] = 2 if ds == "cifar10" else 1
         out[f"evaluation.{ds}.autoattack.n"] = 1
+        if "autoattack_standard" in cfg["evaluation"][ds]:
+            out[f"evaluation.{ds}.autoattack_standard.n"] = 1
         out[f"teachers.{ds}.check.n"] = 8
     audit = {"n": 2, "subset_n": 1, "pgd_steps": 2, "pgd_restarts": 1, "square_queries": 10, "sweep_steps": 2}
     out.update({f"evaluation.cifar10.audit.{k}": v for k, v in audit.items()})
