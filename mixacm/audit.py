@@ -65,6 +65,8 @@ def audit_settings(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
         raise AuditError(f"audit: unknown key(s) {unknown}; valid: {sorted(AUDIT_DEFAULTS)}")
     s = {**AUDIT_DEFAULTS, **given}
     for key in ("n", "batch_size", "pgd_steps", "pgd_restarts", "subset_n", "square_queries", "sweep_steps"):
+        if key == "batch_size" and s[key] == "auto":
+            continue
         if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
             raise AuditError(f"audit.{key}: must be a positive integer, got {s[key]!r}")
     for key in ("margin_pct", "sweep_max_acc_pct", "gap_pct"):
@@ -216,19 +218,20 @@ def run_audit(model: nn.Module, dataset: Dataset, eps: float | str, *,
     # Imported here: mixacm.data loads torchvision (seconds), and the workflow's config check
     # imports this module for audit_settings alone.
     from mixacm.data import balanced_first_n, data_digest, dataset_labels
-    from mixacm.evaluate import check_model, checked_first_batch, dataset_num_classes
+    from mixacm.evaluate import check_model, checked_first_batch, dataset_num_classes, resolve_batch_size
 
     labels = dataset_labels(dataset)
     num_classes = dataset_num_classes(dataset)
     indices = balanced_first_n(labels, min(s["n"], len(labels)))
     subset = set(balanced_first_n(labels, min(s["subset_n"], len(indices))).tolist())
+    for src in sources.values():  # on the device before an "auto" batch size measures its free memory
+        src.to(dev).eval()
+    s["batch_size"], s["batch_size_rule"] = resolve_batch_size(s["batch_size"], model, dataset, indices, dev)
     batches = [indices[i:i + s["batch_size"]].tolist() for i in range(0, len(indices), s["batch_size"])]
     attacks = _attacks(eps_value, s, num_classes)
 
     was_training = model.training
     model.to(dev).eval()
-    for src in sources.values():
-        src.to(dev).eval()
     x0 = checked_first_batch(dataset, batches[0], num_classes).to(dev)  # [0, 1] float images, fixed
     attacked, record = check_model(model, x0, num_classes)
     cascade = _Cascade(attacked, {name: check_model(src, x0, num_classes)[0] for name, src in sources.items()},

@@ -609,7 +609,8 @@ def _add_audit(sub, fmt) -> None:
     p.add_argument("--settings", metavar="JSON",
                    help="audit settings over mixacm.audit.AUDIT_DEFAULTS, e.g. '{\"subset_n\": 200}'")
     p.add_argument("--n", type=int, default=None, help="points (default: settings n, 1000)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: settings batch_size, 256)")
+    p.add_argument("--batch-size", type=_int_or_auto, default=None,
+                   help="batch size, or auto (the rule of mixacm evaluate) (default: settings batch_size, 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--run-info", metavar="JSON", help="JSON object merged into the result's run section")

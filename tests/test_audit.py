@@ -149,6 +149,21 @@ def test_cli_audit_writes_flags_and_the_run_section(folder_and_models, tmp_path,
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_cli_audit_takes_the_evaluations_auto_batch_size(folder_and_models, tmp_path):
+    """The workflow passes evaluation.<dataset>.batch_size, "auto" in the paper config, to the
+    audit as to the evaluations: the same rule resolves it (256 on the CPU) and the result says so."""
+    from mixacm.cli import main
+
+    data, files = folder_and_models
+    out = tmp_path / "audit.json"
+    assert main(_audit_args(data, files["net"], out, "--batch-size", "auto")) == 0
+    result = json.loads(out.read_text())
+    assert result["batch_size"] == 256 and result["audit"]["settings"]["batch_size_rule"]["rule"] == "auto: 256 on the cpu"
+    with pytest.raises(AuditError, match="audit.batch_size"):
+        audit_settings({"batch_size": "big"})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 @pytest.mark.parametrize("extra,match", [
     (["--source", "teacher"], "--source 'teacher': expected NAME=MODEL.pt"),
     (["--source", "teacher=/nonexistent/t.pt"], "/nonexistent/t.pt: no such file"),
