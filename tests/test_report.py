@@ -191,6 +191,24 @@ def test_both_autoattack_versions_keep_their_own_columns(make_result):
     assert robust_column(table[table.status == "trained"]) == "autoattack_apgd"
 
 
+def test_autoattack_files_pgd20_on_all_points_is_a_companion_not_a_duplicate(make_result):
+    """The paper config evaluates clean + PGD-20, APGD-CE + APGD-T and the standard AutoAttack on
+    all 10,000 points, each AutoAttack file with PGD-20 on its points: three PGD-20 metrics of one
+    run on as many points. The PGD-20 column is the evaluation's own; each AutoAttack column's
+    same-points PGD-20 is its file's. A file given twice is still refused."""
+    files = [
+        make_result("at", 0, {"clean": 80.0, "pgd20": 50.0}, config_hash="a0", n=1000, teacher=None),
+        make_result("at", 0, {"pgd20": 50.5, "autoattack-apgd": 47.0}, config_hash="a0", n=1000, teacher=None),
+        make_result("at", 0, {"pgd20": 50.2, "autoattack": 46.0}, config_hash="a0", n=1000, teacher=None),
+    ]
+    row = _row(build_table("cifar10", collect_results(files)), "at")
+    assert row["pgd20_mean"] == 50.0 and row["pgd20_n"] == 1000
+    assert row["autoattack_apgd_mean"] == 47.0 and row["autoattack_apgd_pgd20_mean"] == 50.5
+    assert row["autoattack_mean"] == 46.0 and row["autoattack_pgd20_mean"] == 50.2
+    with pytest.raises(ResultFileError, match=r"result2.json both report metric"):
+        collect_results([*files, files[1]])
+
+
 def test_transfer_table_puts_the_teacher_and_the_peers_in_order(make_result):
     files = [
         make_result("rslad", 0, {"clean": 80.0, "pgd20": 50.0}, config_hash="r0"),

@@ -218,13 +218,17 @@ def _read_result(path: Path) -> list[dict[str, Any]]:
         # Knobs and other run keys (e.g. MixACM's CHOICE values) travel to the report as they are.
         "run_extra": json.dumps({k: v for k, v in run.items() if k not in _KNOWN_RUN}, sort_keys=True),
     }
-    return [{**base, **_metric_row(path, doc, key, m)} for key, m in doc["metrics"].items()]
+    aa_file = any("autoattack" in key for key in doc["metrics"])
+    # PGD-20 inside an AutoAttack result is the companion of its AutoAttack metric (the same
+    # points, for pgd20_same_points_pct), not a PGD-20 evaluation of its own.
+    return [{**base, **_metric_row(path, doc, key, m), "companion": aa_file and key == "pgd20"}
+            for key, m in doc["metrics"].items()]
 
 
 RESULT_COLUMNS = [
     "file", "method", "variant", "arch", "teacher", "dataset", "data_source", "data_fraction",
     "seed", "config_hash", "checkpoint", "eps", "eps_text", "git_commit", "git_dirty",
-    "eval_device", "data_sha256", "run_extra", "metric", "accuracy_pct", "correct", "n", "pgd20_same_points_pct",
+    "eval_device", "data_sha256", "run_extra", "metric", "accuracy_pct", "correct", "n", "pgd20_same_points_pct", "companion",
     "attack_name", "attack_package", "attack_version", "attack_params",
 ]
 
@@ -235,7 +239,8 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
     Raises ``ResultFileError`` naming the file and key for a missing file or a malformed one,
     and naming both files when two report the same metric of the same run (method, config hash,
     seed, eps) on as many points: the same attack on a subset (PGD-20 beside AutoAttack on its
-    points) is a measurement of its own.
+    points) is a measurement of its own, and so is an AutoAttack file's PGD-20 (``companion``)
+    beside the clean + PGD-20 evaluation's on as many points (the paper config: all 10,000).
     """
     rows: list[dict[str, Any]] = []
     seen: dict[tuple, str] = {}
@@ -243,7 +248,8 @@ def collect_results(paths: Iterable[str | Path]) -> pd.DataFrame:
         for row in _read_result(Path(p)):
             # The method is part of the key: a teacher trained in the DAG with the same recipe
             # as a student (config/ci.yaml) shares its config hash but is its own result.
-            key = (row["method"], row["config_hash"], row["seed"], row["eps"], row["metric"], row["n"])
+            key = (row["method"], row["config_hash"], row["seed"], row["eps"], row["metric"], row["n"],
+                   row["companion"] and row["file"])
             if key in seen:
                 raise ResultFileError(
                     f"result files {seen[key]} and {row['file']} both report metric "
@@ -474,8 +480,10 @@ def _round(x: float | None, nd: int = 4) -> float:
 
 def _attack_cells(col: str, key: str | None, group: pd.DataFrame) -> dict[str, Any]:
     """One accuracy column of a row: mean / std over seeds, points, seeds, package; per seed the
-    measurement on the most points (PGD-20 on all points, not the one beside AutoAttack)."""
-    m = group[group["metric"] == key].sort_values(["seed", "n"]).groupby("seed").tail(1)
+    measurement on the most points (PGD-20 on all points, not the one beside AutoAttack; on as
+    many points, the evaluation's own PGD-20 before an AutoAttack file's companion)."""
+    m = (group[group["metric"] == key].sort_values(["seed", "n", "companion"], ascending=[True, True, False])
+         .groupby("seed").tail(1))
     acc = m["accuracy_pct"]
     cells = {f"{col}_mean": _round(acc.mean() if len(m) else None),
              f"{col}_std": _round(acc.std(ddof=1) if len(m) > 1 else None),
