@@ -216,11 +216,11 @@ def test_every_table_has_its_reproduced_rows(paper_run):
         # AutoAttack as the config asks: APGD-CE + APGD-T for every CIFAR-10 run, the standard
         # version for the runs autoattack_standard lists (the transfer table's teacher: APGD only)
         # and for ImageNet's runs.
-        students = rows[rows["method"] != "teacher"] if "method" in rows else rows
+        students = rows[rows["method_key"] != "teacher"]
         if exp["dataset"] == "cifar10":
             assert rows["autoattack_apgd_mean"].notna().all(), table
         listed = {cfg["recipes"][r]["method"] for r in exp.get("autoattack_standard", [])}
-        standard = students[students["method"].isin(listed)] if exp["dataset"] == "cifar10" else students
+        standard = students[students["method_key"].isin(listed)] if exp["dataset"] == "cifar10" else students
         if exp["dataset"] == "imagenet" or listed:
             assert len(standard) and standard["autoattack_mean"].notna().all(), table
             assert set(standard["autoattack_version"]) == {"standard"}, table
