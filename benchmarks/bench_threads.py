@@ -36,8 +36,9 @@ WORKLOADS = ("train-at", "train-mixacm", "eval-pgd20")
 SCENARIOS = {"1 thread": [1], "2 threads": [2], "2 x 1 thread": [1, 1], "2 threads + 1": [2, 1]}
 
 
-def _workload(name: str):
-    """A function doing one unit of the job kind's work, and the images it processes."""
+def _workload(name: str, batch: int | None = None):
+    """A function doing one unit of the job kind's work, and the images it processes (``batch``;
+    default 250 for PGD-20, the CPU evaluation batch, and 128 for training)."""
     import torch
 
     from mixacm.attacks import build_attack
@@ -46,7 +47,7 @@ def _workload(name: str):
     from mixacm.train import training_step
 
     torch.manual_seed(0)
-    batch = 250 if name == "eval-pgd20" else 128
+    batch = batch or (250 if name == "eval-pgd20" else 128)
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     model = build_model("tiny", 10)
     if name == "eval-pgd20":
@@ -63,11 +64,11 @@ def _workload(name: str):
     return (lambda: training_step(method, opt, scaler, x, y, extra_params=extra)), batch
 
 
-def worker(name: str, threads: int, seconds: float, warmup: int) -> None:
+def worker(name: str, threads: int, seconds: float, warmup: int, batch: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    step, batch = _workload(name)
+    step, batch = _workload(name, batch)
     for _ in range(warmup):
         step()
     n, t0 = 0, time.perf_counter()
@@ -81,7 +82,8 @@ def scenario(name: str, threads: list[int], args) -> list[float]:
     """Start one process per entry of ``threads`` at once; their images/s."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", name, "--threads", str(t),
-                               "--seconds", str(args.seconds), "--warmup", str(args.warmup)],
+                               "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+                               *(["--batch", str(args.batch)] if args.batch else [])],
                               stdout=subprocess.PIPE, text=True, env=env) for t in threads]
     return [json.loads(p.communicate()[0])["img_s"] for p in procs]
 
@@ -91,11 +93,13 @@ def main(argv=None) -> None:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per process")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images a step (default: 250 for eval-pgd20, 128 for training, as the jobs use)")
     p.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.threads, args.seconds, args.warmup)
+        return worker(args.worker, args.threads, args.seconds, args.warmup, args.batch)
     before = os.getloadavg()[0]
     rows = []
     for name in args.workloads:

@@ -67,9 +67,9 @@ SUBSTITUTIONS = [
      ': "needs CUDA, not run" #',
      "needs a GPU (the GPU checks run it where there is one)"),
     ("docs/benchmarks.md", "python benchmarks/bench_threads.py",
-     "python benchmarks/bench_threads.py --seconds 0.2 --warmup 1 --workloads eval-pgd20",
-     "the full measurement takes about 2 minutes; one job kind for a fraction of a second runs the "
-     "same code"),
+     "python benchmarks/bench_threads.py --seconds 0.2 --warmup 1 --workloads eval-pgd20 --batch 10",
+     "the full measurement takes about 2 minutes; one job kind for a fraction of a second on a "
+     "small batch runs the same code"),
     ("docs/report.md", "scripts/render_example.sh cifar10_cpu config/cifar10_cpu.yaml",
      ": re-rendering skipped",
      "renders every table, figure and the report of the published run again (about 80 s on 2 "
