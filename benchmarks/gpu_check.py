@@ -41,7 +41,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -156,16 +156,31 @@ def step_key(job: dict) -> tuple:
             job["resolved"]["batch_size"], job["amp"], job["channels_last"])
 
 
-def config_recipes(pipeline: dict, dataset: str) -> list[dict]:
-    """Every distinct training step the experiments of ``dataset`` run, in the config's order,
-    each once (a budget-only variant such as ``mixacm_fixed_steps`` is timed as its base)."""
-    seen: dict[tuple, dict] = {}
+def recipe_runs(pipeline: dict, dataset: str) -> dict[str, dict]:
+    """recipe -> ``recipe_run`` of every recipe the experiments of ``dataset`` train, in the
+    config's order (the first experiment's architecture for a recipe in several)."""
+    runs: dict[str, dict] = {}
     for exp in pipeline["experiments"].values():
         if exp["dataset"] == dataset:
             for recipe in exp["recipes"]:
-                job = recipe_run(pipeline, dataset, recipe, exp["arch"])
-                seen.setdefault(step_key(job), job)
+                if recipe not in runs:
+                    runs[recipe] = recipe_run(pipeline, dataset, recipe, exp["arch"])
+    return runs
+
+
+def distinct_steps(jobs: Iterable[dict]) -> list[dict]:
+    """The first job of each ``step_key`` (a budget-only variant such as ``mixacm_fixed_steps``
+    is timed as its base)."""
+    seen: dict[tuple, dict] = {}
+    for job in jobs:
+        seen.setdefault(step_key(job), job)
     return list(seen.values())
+
+
+def config_recipes(pipeline: dict, dataset: str) -> list[dict]:
+    """Every distinct training step the experiments of ``dataset`` run, in the config's order,
+    each once."""
+    return distinct_steps(recipe_runs(pipeline, dataset).values())
 
 
 # ----------------------------------------------------------------------------- training steps
@@ -541,15 +556,11 @@ def estimate_config_hours(pipeline: dict, rows: list[dict], per_point: dict[str,
     ``<dataset>/autoattack-apgd``, ``<dataset>/autoattack``. A figure that was not measured
     leaves the job's hours and the totals None.
     """
-    jobs_of = {}
-    timed = {step_key(j): j["recipe"] for d in ("cifar10", "imagenet") for j in config_recipes(pipeline, d)}
+    jobs_of = {(d, recipe): job for d in ("cifar10", "imagenet") for recipe, job in recipe_runs(pipeline, d).items()}
+    timed = {step_key(j): j["recipe"] for j in distinct_steps(jobs_of.values())}
     out = []
     for (dataset, recipe, fraction, seed), kinds in sorted(planned_evaluations(pipeline).items()):
-        key = (dataset, recipe)
-        if key not in jobs_of:
-            arch = next(e["arch"] for e in pipeline["experiments"].values() if e["dataset"] == dataset and recipe in e["recipes"])
-            jobs_of[key] = recipe_run(pipeline, dataset, recipe, arch)
-        job = jobs_of[key]
+        job = jobs_of[(dataset, recipe)]
         holdout = pipeline["data"][dataset]["holdout"]
         epochs, images = train_images(job, math.floor((IMAGES[dataset][0] - holdout) * fraction))
         speed = _speed(rows, job, timed)
