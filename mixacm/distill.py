@@ -168,8 +168,11 @@ def _acm_map(feat: Tensor, o: Mapping[str, Any]) -> Tensor:
 
 def _acm(s: Tensor, t: Tensor, proj: nn.Module, o: Mapping[str, Any]) -> Tensor:
     # The student map goes through the projector, then is normalised again so that both sides
-    # are compared as unit vectors (a no-op for the identity).
-    return acm_distance(normalize_acm(proj(_acm_map(s, o)), o["normalize"]), _acm_map(t, o))
+    # are compared as unit vectors (skipped for the identity, where it changes nothing).
+    a_s = _acm_map(s, o)
+    if not isinstance(proj, nn.Identity):
+        a_s = normalize_acm(proj(a_s), o["normalize"])
+    return acm_distance(a_s, _acm_map(t, o))
 
 
 _register(Term(

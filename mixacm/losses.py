@@ -44,6 +44,50 @@ def normalize_acm(a: Tensor, normalize: str = "l2") -> Tensor:
     return F.normalize(a, p=2.0, dim=1) if normalize == "l2" else a
 
 
+class _PooledPower(torch.autograd.Function):
+    """``pool_{h,w}(A ** p)`` of a B x C x H x W tensor for p in {1, 2}, as B x C in at least float32,
+    reading A once and writing one gradient tensor in A's dtype.
+
+    Why by hand: under autocast ``A.pow(p).mean((2, 3))`` casts the whole map to float32, keeps a
+    float32 copy for the backward and casts the gradient back, about six passes over each feature
+    map (the bulk of MixACM's step overhead over a bare step on a GPU). Here the forward is one
+    reduction that accumulates in float32 (``linalg.vector_norm`` / ``sum`` with ``dtype``; on CUDA
+    they read bf16 and fp16 directly) and the backward one broadcast product in A's dtype. No
+    library fuses this without compiling the step (``torch.compile``).
+    """
+
+    @staticmethod
+    def forward(ctx, feat: Tensor, p: int, scale: float) -> Tensor:
+        dtype = _at_least_fp32(feat).dtype
+        with torch.autocast(feat.device.type, enabled=False):
+            if p == 2:
+                out = torch.linalg.vector_norm(feat, 2, dim=(2, 3), dtype=dtype).square().mul_(scale)
+            else:
+                out = feat.sum(dim=(2, 3), dtype=dtype).mul_(scale)
+        ctx.save_for_backward(feat if p == 2 else None)
+        ctx.p, ctx.scale, ctx.shape = p, scale, feat.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (feat,) = ctx.saved_tensors
+        if ctx.p == 2:  # d/dA of scale * sum A^2 = 2 * scale * A
+            return feat * (grad * (2.0 * ctx.scale)).to(feat.dtype)[:, :, None, None], None, None
+        g = (grad * ctx.scale)[:, :, None, None].expand(ctx.shape)
+        return g, None, None
+
+
+def pooled_power(feat: Tensor, p: int = 2, pooling: str = "mean") -> Tensor:
+    """``pool_{h,w}(feat ** p)``: B x C x H x W -> B x C, spatial ``mean`` or ``sum`` of the p-th power
+    (p in {1, 2}), in float32 for bf16 / fp16 / float32 input (float64 stays float64), with or
+    without autocast. Raises ValueError for another p or pooling."""
+    _check_choice("pooling", pooling, POOLINGS)
+    if p not in (1, 2):
+        raise ValueError(f"p={p!r} must be 1 or 2")
+    scale = 1.0 / (feat.shape[2] * feat.shape[3]) if pooling == "mean" else 1.0
+    return _PooledPower.apply(feat, int(p), scale)
+
+
 def activated_channel_map(
     feat: Tensor,
     p: float = 2,
@@ -51,11 +95,12 @@ def activated_channel_map(
     normalize: str = "l2",
     activation: str = "relu",
 ) -> Tensor:
-    """Map a B x C x H x W feature tensor to its B x C activated channel map.
+    """Map a B x C x H x W feature tensor to its B x C activated channel map (at least float32).
 
     ``activation`` is applied first (``"relu"`` for block outputs that are pre-activation, e.g.
     pre-act ResNets and WideResNets, whose residual sums can be negative), then the p-th power,
-    then pooling over H and W, then normalisation across channels.
+    then pooling over H and W (``pooled_power`` for p in {1, 2}: one pass over the map), then
+    normalisation across channels.
     """
     if feat.dim() != 4:
         raise ValueError(f"feat must be B x C x H x W, got shape {tuple(feat.shape)}")
@@ -64,8 +109,11 @@ def activated_channel_map(
     _check_choice("pooling", pooling, POOLINGS)
     _check_choice("activation", activation, ACTIVATIONS)
     a = F.relu(feat) if activation == "relu" else feat
-    a = a.pow(p)
-    a = a.mean(dim=(2, 3)) if pooling == "mean" else a.sum(dim=(2, 3))
+    if p in (1, 2):
+        a = pooled_power(a, int(p), pooling)
+    else:
+        a = _at_least_fp32(a).pow(p)
+        a = a.mean(dim=(2, 3)) if pooling == "mean" else a.sum(dim=(2, 3))
     return normalize_acm(a, normalize)
 
 
@@ -160,6 +208,7 @@ def mixup_ce(logits: Tensor, y_a: Tensor, y_b: Tensor, lam: float | Tensor) -> T
 
 __all__ = [
     "activated_channel_map",
+    "pooled_power",
     "normalize_acm",
     "acm_distance",
     "kd_kl",

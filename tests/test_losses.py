@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixacm.losses import acm_distance, activated_channel_map, kd_kl, mixup, mixup_ce, trades_kl
+from mixacm.losses import acm_distance, activated_channel_map, kd_kl, mixup, mixup_ce, pooled_power, trades_kl
 
 
 @pytest.fixture
@@ -52,6 +52,50 @@ def test_acm_rejects_bad_options(feat):
             activated_channel_map(feat, **kwargs)
     with pytest.raises(ValueError, match="B x C x H x W"):
         activated_channel_map(feat[0])
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_pooled_power_equals_the_formula_and_its_gradient(p, pooling):
+    # pool(A^p) and its float64 gradient (gradcheck) against the written-out formula.
+    torch.manual_seed(0)
+    feat = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    ref = feat.pow(p).mean((2, 3)) if pooling == "mean" else feat.pow(p).sum((2, 3))
+    torch.testing.assert_close(pooled_power(feat, p, pooling), ref)
+    assert torch.autograd.gradcheck(lambda t: pooled_power(t, p, pooling), (feat,))
+
+
+def test_pooled_power_of_bf16_maps_is_float32_and_keeps_their_layout():
+    # Under autocast a bf16 channels_last map pools to float32 values equal to the float32
+    # formula on the same bf16 numbers; its gradient is bf16 and channels_last (no float32 copy of
+    # the map), within bf16 rounding of the float32 gradient.
+    torch.manual_seed(0)
+    feat = torch.randn(4, 8, 6, 6).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    feat.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = pooled_power(feat, 2, "mean")
+    assert a.dtype == torch.float32
+    f32 = feat.detach().float().requires_grad_(True)
+    ref = f32.pow(2).mean((2, 3))
+    torch.testing.assert_close(a, ref)
+    w = torch.randn_like(ref)
+    (g,) = torch.autograd.grad((a * w).sum(), feat)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), f32)
+    assert g.dtype == torch.bfloat16 and g.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(g.float(), g_ref, rtol=2 ** -7, atol=1e-6)
+
+
+def test_pooled_power_rejects_other_powers():
+    with pytest.raises(ValueError, match="p=3"):
+        pooled_power(torch.ones(1, 1, 2, 2), 3)
+    with pytest.raises(ValueError, match="pooling"):
+        pooled_power(torch.ones(1, 1, 2, 2), 2, "max")
+
+
+def test_acm_with_another_power_uses_the_formula(feat):
+    # p = 3 (not a knob value, but the function takes it): relu, cube, mean, no normalisation.
+    a = activated_channel_map(feat, p=3, normalize="none")
+    torch.testing.assert_close(a, torch.tensor([[24.0 / 4, 64.0 / 4]]))
 
 
 def test_acm_distance_hand_computed():
