@@ -146,14 +146,15 @@ def recipe_run(pipeline: dict, dataset: str, recipe: str, arch: str) -> dict:
     cfg = check_pipeline_recipe(pipeline, recipe, dataset=dataset, arch=arch, teacher="teacher.pt")
     gpus = max(1, int(pipeline["resources"].get(dataset, {}).get("train", {}).get("gpu", 1)))
     return {"recipe": recipe, "dataset": dataset, "arch": arch, "cfg": cfg, "resolved": resolve_recipe(cfg),
-            "gpus": gpus, "amp": cfg["train"]["amp"], "channels_last": cfg["train"]["channels_last"]}
+            "gpus": gpus, "amp": cfg["train"]["amp"], "channels_last": cfg["train"]["channels_last"],
+            "cuda_graphs": cfg["train"]["cuda_graphs"]}
 
 
 def step_key(job: dict) -> tuple:
     """What decides a training job's images/s: dataset, architecture, method and knobs, batch
     and precision. Recipes that differ only in their budget (epochs, steps) share it."""
     return (job["dataset"], job["arch"], json.dumps(job["cfg"]["method"], sort_keys=True),
-            job["resolved"]["batch_size"], job["amp"], job["channels_last"])
+            job["resolved"]["batch_size"], job["amp"], job["channels_last"], job["cuda_graphs"])
 
 
 def recipe_runs(pipeline: dict, dataset: str) -> dict[str, dict]:
@@ -199,6 +200,8 @@ def build_step(job: dict, precision: dict, args, device: torch.device) -> tuple[
         teacher = build_model(_arch(args.teacher_arch[dataset], args), classes).to(device, memory_format=fmt)
         teacher = teacher.eval().requires_grad_(False)
     method = cls(model, teacher=teacher, dataset=dataset, **method_knobs(cfg))
+    if cfg["train"]["cuda_graphs"] and device.type == "cuda":  # as mixacm.train.setup
+        method.use_cuda_graphs()
     recipe = resolve_recipe(cfg, method)
     method.recipe = {**getattr(method, "recipe", {}), **recipe}
     method.begin_epoch(recipe["epochs"] - 1, recipe["epochs"])  # AWP on, FAT's tau at its largest
@@ -238,6 +241,7 @@ def time_recipe(job: dict, precision: dict, args, device: torch.device) -> dict:
     amp = None if precision["amp"] == "none" else precision["amp"]
     row = {"recipe": job["recipe"], "method": method.name, "dataset": job["dataset"], "arch": _arch(job["arch"], args),
            **precision, "precision": compute_precision(device, amp)["label"], "attacks": _attack_label(job, precision),
+           "cuda_graphs": method.graphs is not None,
            "batch_per_gpu": batch, "gpus_of_job": job["gpus"], "replays": replays, "steps": steps, "seconds": seconds,
            # Free-AT's optimiser steps replay one minibatch m times: images/s counts new images.
            "images_per_s": steps * batch / replays / seconds, "step_ms": 1000 * seconds / steps,

@@ -6,7 +6,8 @@ beside the parts the issue's goal compares it with, and variants that change one
 
 * ``bare``: the student's CE forward, backward and SGD step; ``teacher``: the teacher's forward;
   ``bare_plus_teacher``: both in one call (what a MixACM step should cost);
-* ``mixacm``: ``mixacm.train.training_step`` of the recipe as it is;
+* ``mixacm``: ``mixacm.train.training_step`` of the recipe, eager (``train.cuda_graphs`` off);
+* ``mixacm_graphs``: the same with ``train.cuda_graphs`` on (``mixacm.graphs``; CUDA only);
 * ``mixacm_unfused``: the same with the channel map written as ``A.pow(p).mean((2, 3))`` under
   autocast (the implementation before ``mixacm.losses.pooled_power``);
 * ``mixacm_no_acm``: MixACM without its ACM term (mixup CE + KD; the teacher still runs).
@@ -83,8 +84,10 @@ def _parts(job: dict, args, device: torch.device) -> dict[str, Callable[[], Any]
     return {"bare": bare, "teacher": teacher_forward, "bare_plus_teacher": both}
 
 
-def _mixacm(job: dict, args, device: torch.device, unfused: bool = False, **knobs) -> Callable[[], Any]:
-    job = {**job, "cfg": {**job["cfg"], "method": {**job["cfg"]["method"], **knobs}}}
+def _mixacm(job: dict, args, device: torch.device, unfused: bool = False, graphs: bool = False,
+            **knobs) -> Callable[[], Any]:
+    cfg = job["cfg"]
+    job = {**job, "cfg": {**cfg, "method": {**cfg["method"], **knobs}, "train": {**cfg["train"], "cuda_graphs": graphs}}}
     _, step, _ = gpu_check.build_step(job, gpu_check._precision(job, device), args, device)
     if not unfused:
         return step
@@ -103,6 +106,8 @@ def _mixacm(job: dict, args, device: torch.device, unfused: bool = False, **knob
 def variants(job: dict, args, device: torch.device) -> dict[str, Callable[[], Any]]:
     out = _parts(job, args, device)
     out["mixacm"] = _mixacm(job, args, device)
+    if device.type == "cuda":
+        out["mixacm_graphs"] = _mixacm(job, args, device, graphs=True)
     out["mixacm_unfused"] = _mixacm(job, args, device, unfused=True)
     out["mixacm_no_acm"] = _mixacm(job, args, device, acm=False, ablation="custom")
     return out
@@ -197,13 +202,14 @@ def main(argv=None) -> int:
     report["steps"] = time_rounds(fns, args, device)
     steps = report["steps"]
     base = steps["bare"]["step_ms"] + steps["teacher"]["step_ms"]
-    report["ratios"] = {name: steps[name]["step_ms"] / base for name in ("mixacm", "mixacm_unfused", "mixacm_no_acm",
-                                                                         "bare_plus_teacher")}
+    report["ratios"] = {name: steps[name]["step_ms"] / base for name in steps if name not in ("bare", "teacher")}
     print(json.dumps({"steps": {k: round(v["step_ms"], 3) for k, v in steps.items()}, "ratios": report["ratios"]}),
           flush=True)
     atomic_json_dump(report, Path(args.out))
     report["profile"] = {}
-    for name in ("bare_plus_teacher", "mixacm", "mixacm_unfused"):
+    for name in ("bare_plus_teacher", "mixacm", "mixacm_graphs", "mixacm_unfused"):
+        if name not in fns:
+            continue
         report["profile"][name] = profile_kernels(fns[name], device, args.profile_steps, args.top)
         prof = report["profile"][name]
         print(json.dumps({"profile": name, **{k: v for k, v in prof.items() if k != "top"}}), flush=True)

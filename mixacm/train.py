@@ -181,10 +181,12 @@ def build_datasets(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset | None, Dat
 # ----------------------------------------------------------------------------- the loop
 
 
-def _autocast(device: torch.device, amp: str):
+def _autocast(device: torch.device, amp: str, cache: bool = True):
+    """The step's autocast; ``cache=False`` recasts the weights at every use (CUDA graphs need it:
+    a cached cast would be captured once and go stale after the first optimiser step)."""
     if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp], cache_enabled=cache)
 
 
 _SINGLE = ddp.DistContext()
@@ -203,7 +205,7 @@ def training_step(method: Any, optimizer: torch.optim.Optimizer, scaler: torch.a
     is written. (A ``GradScaler`` for fp16 reads its inf check back itself; bf16 needs none.)
     """
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(x.device, amp):
+    with _autocast(x.device, amp, cache=getattr(method, "graphs", None) is None):
         loss, metrics = method.loss(x, y)
     scaler.scale(loss).backward()
     method.after_backward()
@@ -357,6 +359,8 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
         method = cls(net, teacher=teacher, dataset=cfg["dataset"]["name"], **method_knobs(cfg))
     except ValueError as err:
         raise ConfigError(f"method: {err}") from None
+    if tcfg["cuda_graphs"]:
+        use_cuda_graphs(method, ctx)
     extra = method.extra_modules().to(device)
     if state is not None:
         extra.load_state_dict(state["extra"])
@@ -393,6 +397,20 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
                source=dataset_source(full), spec=spec, model=model, net=net, method=method, extra=extra,
                recipe=recipe, local_batch_size=local_bs, loader=loader, steps_per_epoch=steps_per_epoch,
                memory_format=memory_format, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+
+def use_cuda_graphs(method: Any, ctx: ddp.DistContext) -> None:
+    """``train.cuda_graphs``: the method's network calls replayed from CUDA graphs
+    (``mixacm.graphs``). ConfigError off CUDA, under DDP, or for a method without support."""
+    if ctx.device.type != "cuda":
+        raise ConfigError(f"train.cuda_graphs: needs a CUDA device, this run is on {ctx.device}")
+    if ctx.world_size > 1:
+        raise ConfigError(f"train.cuda_graphs: one process only (DDP's gradient hooks are not captured); "
+                          f"this run has {ctx.world_size}")
+    try:
+        method.use_cuda_graphs()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def sgd_param_groups(modules: list[nn.Module], exempt: list[str]) -> list[dict]:
@@ -751,7 +769,7 @@ def _finish(run: Run, state: TrainState) -> dict:
         "images_per_s": totals["images"] / totals["train_time_s"] if totals["train_time_s"] > 0 else None,
         "device": str(ctx.device), "world_size": ctx.world_size,
         "device_hours": totals["wall_time_s"] * ctx.world_size / 3600.0,
-        "amp": tcfg["amp"], "channels_last": tcfg["channels_last"],
+        "amp": tcfg["amp"], "channels_last": tcfg["channels_last"], "cuda_graphs": tcfg["cuda_graphs"],
         "precision": _precision_record(tcfg, ctx.device),
         "selection": selection, "provenance": prov,
     }

@@ -168,6 +168,10 @@ class Method:
 
     name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = False
+    # Whether ``use_cuda_graphs`` can capture the step's network calls (``train.cuda_graphs``):
+    # methods whose calls have fixed shapes and no attack loop of their own.
+    supports_cuda_graphs: ClassVar[bool] = False
+    graphs: Any = None
     replays: int = 1
     Knobs: ClassVar[type] = NoKnobs
     recipes: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -272,6 +276,12 @@ class Method:
         that sum to the loss). No host read: no ``.item()``, ``float(t)``, ``bool(t)``,
         ``if tensor`` or boolean-mask indexing here, in ``after_backward`` or in an attack."""
         raise NotImplementedError
+
+    def use_cuda_graphs(self) -> None:
+        """Replay the step's network calls from CUDA graphs (``train.cuda_graphs``; see
+        ``mixacm.graphs``). ValueError for a method that does not support it."""
+        raise ValueError(f"train.cuda_graphs: method {self.name!r} does not support CUDA graphs "
+                         "(supported: the methods whose network calls have fixed shapes, e.g. mixacm)")
 
     def after_backward(self) -> None:
         """Called by the loop after ``loss.backward()`` and before the optimiser step."""

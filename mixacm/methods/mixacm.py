@@ -141,6 +141,7 @@ class MixACM(Method):
     recipe: the paper gives none."""
 
     needs_teacher = True
+    supports_cuda_graphs = True
     Knobs = MixACMKnobs
     recipes = {
         "cifar10": sgd_recipe(source="method.md section 1 (MixACM paper, CIFAR-10 WRN-34-10)",
@@ -226,6 +227,25 @@ class MixACM(Method):
     def extra_modules(self) -> nn.ModuleDict:
         return self.transforms
 
+    def use_cuda_graphs(self) -> None:
+        """The student's and the teacher's calls replayed from CUDA graphs (``mixacm.graphs``),
+        captured on the first step's batch."""
+        from mixacm.graphs import GraphedCalls
+
+        calls = {"student": (self.model, self._s_names, self._activated)}
+        if self.bound:  # the teacher runs only for the distillation terms
+            calls["teacher"] = (self.teacher, self._t_names, self._activated)
+        self.graphs = GraphedCalls(calls)
+
+    def _features(self, role: str, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(logits, {name: feature})`` of the student or the teacher on ``x``."""
+        if self.graphs is not None:
+            return self.graphs(role, x)
+        net, names = (self.model, self._s_names) if role == "student" else (self.teacher, self._t_names)
+        if not names:
+            return net(x), {}
+        return net(x, features=names, activated=self._activated)
+
     def channel_map(self, feat: Tensor) -> Tensor:
         """The ACM of one feature tensor with this run's p, pooling, normalisation, activation
         (``network``: the features come from the forward already activated by the network)."""
@@ -277,10 +297,7 @@ class MixACM(Method):
         if k.input_noise > 0:
             x_in = (x_in + torch.empty_like(x_in).uniform_(-k.input_noise, k.input_noise)).clamp(0.0, 1.0)
 
-        if self._s_names:
-            logits, s_feats = self.model(x_in, features=self._s_names, activated=self._activated)
-        else:
-            logits, s_feats = self.model(x_in), {}
+        logits, s_feats = self._features("student", x_in)
         ce = mixup_ce(logits, y_a, y_b, lam) if k.mixup else F.cross_entropy(logits, y)
 
         zero = logits.new_zeros(())
@@ -288,13 +305,10 @@ class MixACM(Method):
         loss = k.ce_weight * ce
         terms = {("term_mixup_ce" if k.mixup else "term_ce"): loss}
         if self.bound:
-            # Guard against a loop that switched every module to train mode.
-            self.teacher.eval()
+            if self.teacher.training:  # a loop that switched every module to train mode
+                self.teacher.eval()
             with torch.no_grad():
-                if self._t_names:
-                    t_logits, t_feats = self.teacher(x_in, features=self._t_names, activated=self._activated)
-                else:
-                    t_logits, t_feats = self.teacher(x_in), {}
+                t_logits, t_feats = self._features("teacher", x_in)
             for b, name in zip(self.bound, self.metric_names):
                 value = evaluate_term(b, self.transforms, logits, t_logits, s_feats, t_feats)
                 values[name] = value

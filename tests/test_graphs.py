@@ -1,0 +1,122 @@
+"""``train.cuda_graphs`` (mixacm.graphs): refused where capture cannot be right, checked before any
+job; on a GPU (``-m gpu``) a MixACM run with graphs equals the eager run step by step."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mixacm.config import ConfigError, check_pipeline_recipe, load_run_config
+from mixacm.distributed import DistContext
+from mixacm.graphs import FeatureCall, GraphedCalls
+from mixacm.methods import build_method
+from mixacm.models import build_model
+from mixacm.train import training_step, use_cuda_graphs
+
+
+def test_a_method_without_support_is_refused_before_any_job():
+    with pytest.raises(ConfigError, match=r"^train\.cuda_graphs: method 'at' does not support"):
+        load_run_config({"method": {"name": "at"}, "train": {"cuda_graphs": True}})
+    cfg = load_run_config({"teacher": "t.pt", "train": {"cuda_graphs": True}})
+    assert cfg["train"]["cuda_graphs"] is True
+    assert load_run_config({"teacher": "t.pt"})["train"]["cuda_graphs"] is False  # the default
+
+
+def test_a_student_with_dropout_is_refused():
+    with pytest.raises(ConfigError, match="dropout"):
+        load_run_config({"teacher": "t.pt", "model": {"name": "wrn-10-1", "kwargs": {"dropout": 0.3}},
+                         "train": {"cuda_graphs": True}})
+
+
+def test_a_multi_gpu_training_job_is_refused_under_the_pipeline_key():
+    from test_pipeline_config import pipeline  # snakemake's validate (not on GPU machines)
+
+    cfg = copy.deepcopy(pipeline())
+    cfg["recipes"]["mixacm"].setdefault("train", {})["cuda_graphs"] = True
+    check_pipeline_recipe(cfg, "mixacm", dataset="cifar10", arch="tiny", teacher="t.pt")  # one GPU: fine
+    cfg["resources"].setdefault("cifar10", {}).setdefault("train", {})["gpu"] = 2
+    with pytest.raises(ConfigError, match=r"^recipes\.mixacm\.train\.cuda_graphs: one process only"):
+        check_pipeline_recipe(cfg, "mixacm", dataset="cifar10", arch="tiny", teacher="t.pt")
+
+
+def _mixacm(device="cpu", seed=0, student="wrn-10-1"):
+    torch.manual_seed(seed)
+    s, t = build_model(student).to(device), build_model("wrn-10-1").to(device)
+    return build_method("mixacm", s, t.eval().requires_grad_(False))
+
+
+def test_runtime_refusals_off_cuda_and_under_ddp():
+    method = _mixacm()
+    with pytest.raises(ConfigError, match="needs a CUDA device, this run is on cpu"):
+        use_cuda_graphs(method, DistContext())
+    with pytest.raises(ConfigError, match="one process only"):
+        use_cuda_graphs(method, DistContext(world_size=2, device=torch.device("cuda", 0)))
+    at = build_method("at", build_model("wrn-10-1"))
+    with pytest.raises(ConfigError, match="method 'at' does not support CUDA graphs"):
+        use_cuda_graphs(at, DistContext(device=torch.device("cuda", 0)))
+    assert method.graphs is None and at.graphs is None
+
+
+def test_capture_refuses_dropout_and_a_cpu_batch():
+    with pytest.raises(ValueError, match="dropout"):
+        GraphedCalls({"student": (build_model("wrn-10-1", dropout=0.1), ("layer1",), True)})
+    calls = GraphedCalls({"student": (build_model("wrn-10-1"), ("layer1",), True)})
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        calls("student", torch.rand(2, 3, 32, 32))
+
+
+def test_feature_call_is_the_network_call_as_a_flat_tuple():
+    net = build_model("wrn-10-1").eval()
+    x = torch.rand(2, 3, 32, 32)
+    logits, feats = net(x, features=("layer1", "layer3"), activated=True)
+    out = FeatureCall(net, ("layer1", "layer3"), True)(x)
+    for a, b in zip(out, (logits, feats["layer1"], feats["layer3"])):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(FeatureCall(net, (), True)(x)[0], net(x))
+
+
+def _run(method, x, y, steps, amp, graphs):
+    """``steps`` loop steps (SGD with momentum and weight decay); per-step loss and metrics."""
+    if graphs:
+        method.use_cuda_graphs()
+    params = [*method.model.parameters(), *method.extra_modules().parameters()]
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    torch.manual_seed(123)  # the same mixup draws in both runs
+    out = []
+    for i in range(steps):
+        xb = x[i % 2]  # two batches, so a stale static input would show
+        loss, metrics = training_step(method, opt, scaler, xb, y[i % 2], amp=amp)
+        out.append({"loss": loss.clone(), **{k: v.clone() for k, v in metrics.items()}})
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_graphed_mixacm_equals_the_eager_run_step_by_step(amp):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    x = [torch.rand(16, 3, 32, 32, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+         for _ in range(2)]
+    y = [torch.randint(0, 10, (16,), generator=g).to(device) for _ in range(2)]
+    runs = {}
+    for graphs in (False, True):
+        method = _mixacm(device)
+        method.model.to(memory_format=torch.channels_last).train()
+        runs[graphs] = (_run(method, x, y, 6, amp, graphs), method)
+    (eager, m_e), (graphed, m_g) = runs[False], runs[True]
+    assert m_g.graphs is not None and m_g.graphs.graphed is not None  # captured and replayed
+    for a, b in zip(eager, graphed):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    for (name, p_e), p_g in zip(m_e.model.state_dict().items(), m_g.model.state_dict().values()):
+        # weights after six updates, and the BatchNorm statistics (the warm-up passes undone)
+        torch.testing.assert_close(p_g, p_e, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    # Another batch size runs eagerly instead of replaying the graph of 16.
+    loss, _ = training_step(m_g, torch.optim.SGD(m_g.model.parameters(), lr=0.0), torch.amp.GradScaler("cuda", enabled=False),
+                            x[0][:8], y[0][:8], amp=amp)
+    assert torch.isfinite(loss)
