@@ -22,7 +22,7 @@ after every row, so whatever finished before the time limit (``--time-limit-s``,
    allows it: recorded), for the bf16 speed-up; the other recipes if time is left.
 6. ``ddp``: where two GPUs exist, MixACM and AT steps in a 2-process NCCL run.
 
-``estimate`` (always, last): GPU-hours of every job of the config from the rows measured, each
+``--phases`` runs a subset (e.g. ``goals``). ``estimate`` (always, last): GPU-hours of every job of the config from the rows measured, each
 training run at the speed of its own precision; a figure that was not measured leaves its total
 open rather than guessed.
 
@@ -63,6 +63,7 @@ from mixacm.utils import atomic_json_dump, load_yaml, parse_eps, seed_everything
 IMAGES = {"cifar10": (50_000, 10_000, 32), "imagenet": (1_281_167, 50_000, 224)}  # train, test, side
 GOALS = {"mixacm_images_per_s": 3000.0, "mixacm_over_bare_plus_teacher": 1.10, "loader_over_mixacm": 1.0}
 FP32 = {"amp": "none", "channels_last": False}
+PHASES = ("goals", "train", "autoattack", "imagenet", "fp32", "ddp")
 
 
 class TimeUp(Exception):
@@ -200,7 +201,8 @@ def build_step(job: dict, precision: dict, args, device: torch.device) -> tuple[
         teacher = build_model(_arch(args.teacher_arch[dataset], args), classes).to(device, memory_format=fmt)
         teacher = teacher.eval().requires_grad_(False)
     method = cls(model, teacher=teacher, dataset=dataset, **method_knobs(cfg))
-    if cfg["train"]["cuda_graphs"] and device.type == "cuda":  # as mixacm.train.setup
+    graphs = cfg["train"]["cuda_graphs"]
+    if device.type == "cuda" and (graphs is True or (graphs == "auto" and job["gpus"] == 1)):  # as mixacm.train.setup
         method.use_cuda_graphs()
     recipe = resolve_recipe(cfg, method)
     method.recipe = {**getattr(method, "recipe", {}), **recipe}
@@ -618,7 +620,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="CIFAR-10 root (train/ and test/): loader and AutoAttack")
     p.add_argument("--time-limit-s", type=float, default=480.0)
     p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     args = p.parse_args(argv)
+    args.phases = [ph.strip() for ph in args.phases.split(",") if ph.strip()]
+    unknown = sorted(set(args.phases) - set(PHASES))
+    if unknown:
+        p.error(f"--phases: unknown {unknown}; valid: {list(PHASES)}")
     if args.dry_run:  # small figures for what the command line left at its default
         dry = {"steps": 2, "warmup": 1, "loader_batches": 2, "aa_n": 8, "aa_train_steps": 2, "ddp_steps": 2}
         for key, value in dry.items():
@@ -635,21 +642,24 @@ def run_phases(pipeline: dict, args, device: torch.device, report: Report) -> No
         report.data["skipped"].append(f"{what}: time")
         return False
 
-    goals_phase(pipeline, args, device, report)
-    for job in config_recipes(pipeline, "cifar10"):
+    on = set(args.phases)
+    if "goals" in on:
+        goals_phase(pipeline, args, device, report)
+    for job in config_recipes(pipeline, "cifar10") if "train" in on else []:
         if job["recipe"] != "mixacm" and fits(f"train {job['recipe']}", 60):
             report.add("train", time_recipe(job, _precision(job, device), args, device))
-    if fits("autoattack", 90):
+    if "autoattack" in on and fits("autoattack", 90):
         autoattack_phase(args, device, report)
-    for job in config_recipes(pipeline, "imagenet"):
+    for job in config_recipes(pipeline, "imagenet") if "imagenet" in on else []:
         if fits(f"imagenet {job['recipe']}", 45):
             report.add("imagenet", time_recipe(job, _precision(job, device), args, device))
-    if device.type == "cuda":
+    if device.type == "cuda" and "fp32" in on:
         jobs = config_recipes(pipeline, "cifar10")
         for job in sorted(jobs, key=lambda j: j["recipe"] not in ("mixacm", "at")):
             if fits(f"fp32 {job['recipe']}", 30):
                 report.add("train", time_recipe(job, FP32, args, device))
-    report.data["ddp"] = ddp_phase(pipeline, args) if device.type == "cuda" else {"skipped": "not on CUDA"}
+    if "ddp" in on:
+        report.data["ddp"] = ddp_phase(pipeline, args) if device.type == "cuda" else {"skipped": "not on CUDA"}
     report.write()
 
 

@@ -189,10 +189,10 @@ def _check_method(cfg: dict) -> None:
             f"teacher: method {cfg['method']['name']!r} needs a teacher model file "
             "(write one with `mixacm teacher`)"
         )
-    if cfg["train"]["cuda_graphs"] and not getattr(cls, "supports_cuda_graphs", False):
+    if cfg["train"]["cuda_graphs"] is not False and not getattr(cls, "supports_cuda_graphs", False):
         raise ConfigError(f"train.cuda_graphs: method {cfg['method']['name']!r} does not support CUDA graphs "
                           "(its network calls change shape or run inside an attack loop); set it to false")
-    if cfg["train"]["cuda_graphs"] and cfg["model"]["kwargs"].get("dropout", 0):
+    if cfg["train"]["cuda_graphs"] is not False and cfg["model"]["kwargs"].get("dropout", 0):
         raise ConfigError("train.cuda_graphs: the student uses dropout (model.kwargs.dropout); a CUDA graph "
                           "would replay one dropout mask every step")
     _check_feature_names(cfg, cls)
@@ -412,7 +412,7 @@ def check_pipeline_recipe(pipeline: Mapping[str, Any], recipe: str, *, dataset: 
         cfg = load_run_config(cfg)
         resolve_recipe(cfg)
         gpus = int(pipeline.get("resources", {}).get(dataset, {}).get("train", {}).get("gpu", 1) or 1)
-        if cfg["train"]["cuda_graphs"] and gpus > 1:
+        if cfg["train"]["cuda_graphs"] is True and gpus > 1:
             raise ConfigError(f"train.cuda_graphs: one process only, but resources.{dataset}.train.gpu is {gpus} "
                               "(DDP's gradient hooks are not captured)")
     except ConfigError as err:

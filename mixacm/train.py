@@ -359,7 +359,7 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
         method = cls(net, teacher=teacher, dataset=cfg["dataset"]["name"], **method_knobs(cfg))
     except ValueError as err:
         raise ConfigError(f"method: {err}") from None
-    if tcfg["cuda_graphs"]:
+    if tcfg["cuda_graphs"] is True or (tcfg["cuda_graphs"] == "auto" and device.type == "cuda" and not ctx.enabled):
         use_cuda_graphs(method, ctx)
     extra = method.extra_modules().to(device)
     if state is not None:
@@ -769,7 +769,7 @@ def _finish(run: Run, state: TrainState) -> dict:
         "images_per_s": totals["images"] / totals["train_time_s"] if totals["train_time_s"] > 0 else None,
         "device": str(ctx.device), "world_size": ctx.world_size,
         "device_hours": totals["wall_time_s"] * ctx.world_size / 3600.0,
-        "amp": tcfg["amp"], "channels_last": tcfg["channels_last"], "cuda_graphs": tcfg["cuda_graphs"],
+        "amp": tcfg["amp"], "channels_last": tcfg["channels_last"], "cuda_graphs": run.method.graphs is not None,
         "precision": _precision_record(tcfg, ctx.device),
         "selection": selection, "provenance": prov,
     }

@@ -18,9 +18,27 @@ from mixacm.train import training_step, use_cuda_graphs
 def test_a_method_without_support_is_refused_before_any_job():
     with pytest.raises(ConfigError, match=r"^train\.cuda_graphs: method 'at' does not support"):
         load_run_config({"method": {"name": "at"}, "train": {"cuda_graphs": True}})
+    with pytest.raises(ConfigError, match=r"^train\.cuda_graphs: method 'trades' does not support"):
+        load_run_config({"method": {"name": "trades"}, "train": {"cuda_graphs": "auto"}})
     cfg = load_run_config({"teacher": "t.pt", "train": {"cuda_graphs": True}})
     assert cfg["train"]["cuda_graphs"] is True
     assert load_run_config({"teacher": "t.pt"})["train"]["cuda_graphs"] is False  # the default
+
+
+def test_auto_trains_eagerly_off_cuda_and_says_so(tmp_path):
+    # `auto` (the paper config's MixACM setting) keeps the eager step on a CPU and records it;
+    # `true` on a CPU stops before the first step.
+    from mixacm.train import train
+    from test_train import make_image_folder, make_teacher, run_config
+
+    data, teacher = make_image_folder(tmp_path / "data"), make_teacher(tmp_path / "teacher.pt")
+    cfg = run_config(data, {"name": "mixacm"}, teacher, epochs=1)
+    cfg["train"].update(cuda_graphs="auto", max_steps_per_epoch=2)
+    assert train(cfg, tmp_path / "auto")["cuda_graphs"] is False
+    cfg["train"]["cuda_graphs"] = True
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        train(cfg, tmp_path / "true")
+    assert not (tmp_path / "true" / "state.pt").exists()
 
 
 def test_a_student_with_dropout_is_refused():
@@ -110,12 +128,15 @@ def test_graphed_mixacm_equals_the_eager_run_step_by_step(amp):
         runs[graphs] = (_run(method, x, y, 6, amp, graphs), method)
     (eager, m_e), (graphed, m_g) = runs[False], runs[True]
     assert m_g.graphs is not None and m_g.graphs.graphed is not None  # captured and replayed
-    for a, b in zip(eager, graphed):
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
-    for (name, p_e), p_g in zip(m_e.model.state_dict().items(), m_g.model.state_dict().values()):
-        # weights after six updates, and the BatchNorm statistics (the warm-up passes undone)
-        torch.testing.assert_close(p_g, p_e, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    pairs = [(f"step {i} {k}", a[k], b[k]) for i, (a, b) in enumerate(zip(eager, graphed)) for k in a]
+    # weights after six updates, and the BatchNorm statistics (the warm-up passes undone)
+    pairs += [(name, p_e, p_g) for (name, p_e), p_g in zip(m_e.model.state_dict().items(), m_g.model.state_dict().values())]
+    worst = max(((float((b.double() - a.double()).abs().max() / (a.double().abs().max() + 1e-6)), name)
+                 for name, a, b in pairs), key=lambda t: t[0])
+    print(f"amp {amp}: largest relative difference graphed vs eager {worst[0]:.2e} ({worst[1]})")
+    # The graph replays the eager kernels; cuDNN may pick another algorithm for a convolution
+    # at capture, which changes the last bits of TF32 sums (fp32 convolutions run in TF32).
+    assert worst[0] <= {"none": 1e-4, "bf16": 1e-5}[amp], worst
     # Another batch size runs eagerly instead of replaying the graph of 16.
     loss, _ = training_step(m_g, torch.optim.SGD(m_g.model.parameters(), lr=0.0), torch.amp.GradScaler("cuda", enabled=False),
                             x[0][:8], y[0][:8], amp=amp)
