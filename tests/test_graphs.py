@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from mixacm.config import ConfigError, check_pipeline_recipe, load_run_config
+from mixacm.config import ConfigError, check_pipeline_recipe, load_run_config, run_config_hash
 from mixacm.distributed import DistContext
 from mixacm.graphs import FeatureCall, GraphedCalls
 from mixacm.methods import build_method
@@ -23,6 +23,13 @@ def test_a_method_without_support_is_refused_before_any_job():
     cfg = load_run_config({"teacher": "t.pt", "train": {"cuda_graphs": True}})
     assert cfg["train"]["cuda_graphs"] is True
     assert load_run_config({"teacher": "t.pt"})["train"]["cuda_graphs"] is False  # the default
+
+
+def test_graphs_do_not_change_the_config_hash():
+    # A run resumes with or without graphs: they replay the eager step's kernels.
+    hashes = {run_config_hash(load_run_config({"teacher": "t.pt", "train": {"cuda_graphs": v}}))
+              for v in (False, True, "auto")}
+    assert len(hashes) == 1
 
 
 def test_auto_trains_eagerly_off_cuda_and_says_so(tmp_path):
@@ -117,26 +124,45 @@ def test_graphed_mixacm_equals_the_eager_run_step_by_step(amp):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     device = torch.device("cuda")
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as mixacm.train.setup on CUDA: both runs use the algorithms it picks
+    try:
+        _check_graphed_equals_eager(device, amp)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _worst(run_a, run_b) -> tuple[float, str]:
+    """Largest difference between two runs (per-step metrics, then every weight and BatchNorm
+    statistic), relative to the largest magnitude of that tensor in ``run_a``."""
+    (steps_a, m_a), (steps_b, m_b) = run_a, run_b
+    pairs = [(f"step {i} {k}", a[k], b[k]) for i, (a, b) in enumerate(zip(steps_a, steps_b)) for k in a]
+    pairs += [(name, p_a, p_b) for (name, p_a), p_b in zip(m_a.model.state_dict().items(), m_b.model.state_dict().values())]
+    return max(((float((b.double() - a.double()).abs().max() / (a.double().abs().max() + 1e-6)), name)
+                for name, a, b in pairs), key=lambda t: t[0])
+
+
+def _check_graphed_equals_eager(device: torch.device, amp: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = [torch.rand(16, 3, 32, 32, generator=g).to(device).contiguous(memory_format=torch.channels_last)
          for _ in range(2)]
     y = [torch.randint(0, 10, (16,), generator=g).to(device) for _ in range(2)]
     runs = {}
-    for graphs in (False, True):
+    for name, graphs in (("eager", False), ("eager again", False), ("graphed", True)):
         method = _mixacm(device)
         method.model.to(memory_format=torch.channels_last).train()
-        runs[graphs] = (_run(method, x, y, 6, amp, graphs), method)
-    (eager, m_e), (graphed, m_g) = runs[False], runs[True]
+        runs[name] = (_run(method, x, y, 6, amp, graphs), method)
+    m_g = runs["graphed"][1]
     assert m_g.graphs is not None and m_g.graphs.graphed is not None  # captured and replayed
-    pairs = [(f"step {i} {k}", a[k], b[k]) for i, (a, b) in enumerate(zip(eager, graphed)) for k in a]
     # weights after six updates, and the BatchNorm statistics (the warm-up passes undone)
-    pairs += [(name, p_e, p_g) for (name, p_e), p_g in zip(m_e.model.state_dict().items(), m_g.model.state_dict().values())]
-    worst = max(((float((b.double() - a.double()).abs().max() / (a.double().abs().max() + 1e-6)), name)
-                 for name, a, b in pairs), key=lambda t: t[0])
-    print(f"amp {amp}: largest relative difference graphed vs eager {worst[0]:.2e} ({worst[1]})")
-    # The graph replays the eager kernels; cuDNN may pick another algorithm for a convolution
-    # at capture, which changes the last bits of TF32 sums (fp32 convolutions run in TF32).
-    assert worst[0] <= {"none": 1e-4, "bf16": 1e-5}[amp], worst
+    noise, worst = _worst(runs["eager"], runs["eager again"]), _worst(runs["eager"], runs["graphed"])
+    first = [float(r[0][0]["loss"]) for r in runs.values()]
+    print(f"amp {amp}: largest relative difference eager vs eager {noise[0]:.2e} ({noise[1]}), "
+          f"graphed vs eager {worst[0]:.2e} ({worst[1]}); first losses {first}")
+    # The graph replays the eager run's kernels (cuDNN's autotuned algorithms are cached per
+    # shape, so the capture picks the eager run's); two eager runs differ where a kernel sums
+    # with atomics (some cuDNN weight-gradient algorithms), and the graphed run may differ as much.
+    assert worst[0] <= max(1e-5, 3 * noise[0]), (worst, noise)
     # Another batch size runs eagerly instead of replaying the graph of 16.
     loss, _ = training_step(m_g, torch.optim.SGD(m_g.model.parameters(), lr=0.0), torch.amp.GradScaler("cuda", enabled=False),
                             x[0][:8], y[0][:8], amp=amp)
