@@ -34,9 +34,11 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "run_config.schema.y
 RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
 
 # Keys that do not change what is trained: left out of the config hash so that renaming a run,
-# silencing progress bars or moving it to another device does not block its resume.
+# silencing progress bars or moving it to another device does not block its resume. CUDA graphs
+# replay the eager step's kernels: bit-equal to it in bf16 on an H200, and an fp32 eager step is
+# not bit-reproducible itself (tests/test_graphs.py, docs/benchmarks.md).
 _HASH_EXCLUDED = (("name",), ("device",), ("train", "progress"), ("train", "log_every"),
-                  ("train", "num_workers"))
+                  ("train", "num_workers"), ("train", "cuda_graphs"))
 
 
 # How a config gets past the eps sanity bound (mixacm.utils.parse_linf_eps): it does not.
