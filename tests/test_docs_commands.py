@@ -66,6 +66,12 @@ SUBSTITUTIONS = [
     ("docs/benchmarks.md", "python benchmarks/bench_methods.py --model wrn-34-10 --device cuda",
      ': "needs CUDA, not run" #',
      "needs a GPU (the GPU checks run it where there is one)"),
+    ("docs/benchmarks.md", "python benchmarks/profile_step.py --out",
+     "python benchmarks/profile_step.py --device cpu --dry-run --out",
+     "needs CUDA for its figures; the dry run times and profiles the same variants with tiny models on the CPU"),
+    ("docs/benchmarks.md", "python benchmarks/gpu_check.py --phases goals --steps 40",
+     "python benchmarks/gpu_check.py --device cpu --dry-run --phases goals",
+     "needs CUDA (gpu_check exits with status 2 without it); the dry run builds and times the same goals phase"),
     ("docs/benchmarks.md", "python benchmarks/bench_threads.py",
      "python benchmarks/bench_threads.py --seconds 0.2 --warmup 1 --workloads eval-pgd20 --batch 10",
      "the full measurement takes about 2 minutes; one job kind for a fraction of a second on a "
