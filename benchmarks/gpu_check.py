@@ -263,9 +263,10 @@ def _attack_label(job: dict, precision: dict) -> str:
 # ----------------------------------------------------------------------------- the goals
 
 
-def time_bare_and_teacher(job: dict, args, device: torch.device) -> dict:
-    """A bare bf16 + channels_last student step (CE forward, backward, SGD step) and the
-    teacher's bf16 forward, at the MixACM recipe's batch: what MixACM's step should cost."""
+def bare_and_teacher(job: dict, args, device: torch.device) -> dict[str, Callable[[], None]]:
+    """``{"bare": a bare bf16 + channels_last student step (CE forward, backward, SGD step),
+    "teacher": the teacher's bf16 forward}`` at the MixACM recipe's batch: what MixACM's step
+    should cost."""
     side, batch = _side("cifar10", args), _per_gpu_batch(job["resolved"]["batch_size"], job["gpus"], args)
     x, y = _batch(batch, side, 10, device, True)
     seed_everything(0)
@@ -286,8 +287,15 @@ def time_bare_and_teacher(job: dict, args, device: torch.device) -> dict:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             teacher(x)
 
-    out = {"batch": batch, "student": _arch(job["arch"], args), "teacher": _arch(args.teacher_arch["cifar10"], args)}
-    for name, fn in (("bare_step", bare), ("teacher_forward", teacher_forward)):
+    return {"bare": bare, "teacher": teacher_forward}
+
+
+def time_bare_and_teacher(job: dict, args, device: torch.device) -> dict:
+    """Milliseconds of ``bare_and_teacher``'s two calls."""
+    fns = bare_and_teacher(job, args, device)
+    out = {"batch": _per_gpu_batch(job["resolved"]["batch_size"], job["gpus"], args),
+           "student": _arch(job["arch"], args), "teacher": _arch(args.teacher_arch["cifar10"], args)}
+    for name, fn in (("bare_step", fns["bare"]), ("teacher_forward", fns["teacher"])):
         n, s = time_calls(fn, device, args.warmup, args.steps, args.max_seconds_per_row)
         out[f"{name}_ms"] = 1000 * s / n
     return out

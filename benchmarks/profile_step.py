@@ -40,8 +40,7 @@ import gpu_check  # noqa: E402  (benchmarks/gpu_check.py: the recipe's step as t
 
 import mixacm.distill  # noqa: E402
 from mixacm.losses import normalize_acm, pooled_power  # noqa: E402
-from mixacm.models import build_model  # noqa: E402
-from mixacm.utils import atomic_json_dump, seed_everything  # noqa: E402
+from mixacm.utils import atomic_json_dump  # noqa: E402
 
 
 def unfused_channel_map(feat, p=2, pooling="mean", normalize="l2", activation="relu"):
@@ -54,34 +53,14 @@ def unfused_channel_map(feat, p=2, pooling="mean", normalize="l2", activation="r
 
 
 def _parts(job: dict, args, device: torch.device) -> dict[str, Callable[[], Any]]:
-    """``bare``, ``teacher`` and ``bare_plus_teacher`` at the recipe's batch and precision."""
-    side, batch = gpu_check._side("cifar10", args), gpu_check._per_gpu_batch(job["resolved"]["batch_size"], job["gpus"], args)
-    cl = job["channels_last"]
-    x, y = gpu_check._batch(batch, side, 10, device, cl)
-    seed_everything(0)
-    fmt = gpu_check._fmt(cl)
-    student = build_model(gpu_check._arch(job["arch"], args), 10).to(device, memory_format=fmt).train()
-    teacher = build_model(gpu_check._arch(args.teacher_arch["cifar10"], args), 10).to(device, memory_format=fmt)
-    teacher.eval().requires_grad_(False)
-    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    bf16 = gpu_check._precision(job, device)["amp"] == "bf16"
-
-    def bare():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(student(x), y)
-        loss.backward()
-        opt.step()
-
-    def teacher_forward():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            teacher(x)
+    """``bare``, ``teacher`` (``gpu_check.bare_and_teacher``) and ``bare_plus_teacher``."""
+    out = gpu_check.bare_and_teacher(job, args, device)
 
     def both():
-        bare()
-        teacher_forward()
+        out["bare"]()
+        out["teacher"]()
 
-    return {"bare": bare, "teacher": teacher_forward, "bare_plus_teacher": both}
+    return {**out, "bare_plus_teacher": both}
 
 
 def _mixacm(job: dict, args, device: torch.device, unfused: bool = False, graphs: bool = False,
