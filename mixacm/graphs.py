@@ -63,21 +63,25 @@ class GraphedCalls:
 
     def __init__(self, calls: dict[str, tuple[nn.Module, Sequence[str], bool]]) -> None:
         for role, (net, _, _) in calls.items():
-            if _dropout(net) > 0:
+            if net.training and _dropout(net) > 0:  # an eval-mode network (the teacher) applies none
                 raise ValueError(f"train.cuda_graphs: the {role} network uses dropout (p={_dropout(net)}); "
                                  "a CUDA graph would replay one dropout mask every step")
         self.calls = {role: FeatureCall(net, names, act) for role, (net, names, act) in calls.items()}
         self.graphed: dict[str, nn.Module] | None = None
         self.shape: torch.Size | None = None
+        self.autocast: tuple[bool, torch.dtype] | None = None
         self.modes: dict[str, bool] = {}
+        self.replays = 0  # calls answered from a graph (the tests count them)
 
     def __call__(self, role: str, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         call = self.calls[role]
-        if self.graphed is None:
+        if self.graphed is None and torch.is_grad_enabled():  # the student's backward is captured too
             self._capture(x)
-        use_graph = x.shape == self.shape and call.net.training == self.modes[role]
+        use_graph = (self.graphed is not None and x.shape == self.shape and call.net.training == self.modes[role]
+                     and _autocast_state() == self.autocast)
         # The graphed module's own forward falls back to the eager one on a mode change only.
         out = self.graphed[role](x) if use_graph else FeatureCall.forward(call, x)
+        self.replays += use_graph
         return out[0], dict(zip(call.names, out[1:]))
 
     def _capture(self, x: Tensor) -> None:
@@ -90,9 +94,17 @@ class GraphedCalls:
         for call in self.calls.values():  # the wrapper follows its network's mode
             call.train(call.net.training)
         self.modes = {role: c.net.training for role, c in self.calls.items()}
-        graphed = torch.cuda.make_graphed_callables(tuple(self.calls.values()), tuple((sample,) for _ in self.calls))
-        with torch.no_grad():  # undo the warm-up passes' BatchNorm updates
-            for b, v in zip(buffers, saved):
-                b.copy_(v)
+        try:  # unused parameters (e.g. a checkpoint's idle group) get no gradient, as in the eager step
+            graphed = torch.cuda.make_graphed_callables(tuple(self.calls.values()),
+                                                        tuple((sample,) for _ in self.calls), allow_unused_input=True)
+        finally:
+            with torch.no_grad():  # undo the warm-up passes' BatchNorm updates
+                for b, v in zip(buffers, saved):
+                    b.copy_(v)
         self.graphed = dict(zip(self.calls, graphed))
-        self.shape = x.shape
+        self.shape, self.autocast = x.shape, _autocast_state()
+
+
+def _autocast_state() -> tuple[bool, torch.dtype]:
+    """CUDA autocast on or off, and its dtype: a graph replays the casts of its capture."""
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")

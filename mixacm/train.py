@@ -769,7 +769,7 @@ def _finish(run: Run, state: TrainState) -> dict:
         "images_per_s": totals["images"] / totals["train_time_s"] if totals["train_time_s"] > 0 else None,
         "device": str(ctx.device), "world_size": ctx.world_size,
         "device_hours": totals["wall_time_s"] * ctx.world_size / 3600.0,
-        "amp": tcfg["amp"], "channels_last": tcfg["channels_last"], "cuda_graphs": run.method.graphs is not None,
+        "amp": tcfg["amp"], "channels_last": tcfg["channels_last"], "cuda_graphs": bool(getattr(run.method.graphs, "replays", 0)),
         "precision": _precision_record(tcfg, ctx.device),
         "selection": selection, "provenance": prov,
     }

@@ -65,9 +65,12 @@ def test_a_multi_gpu_training_job_is_refused_under_the_pipeline_key():
         check_pipeline_recipe(cfg, "mixacm", dataset="cifar10", arch="tiny", teacher="t.pt")
 
 
-def _mixacm(device="cpu", seed=0, student="wrn-10-1"):
+def _mixacm(device="cpu", seed=0, student="wrn-10-1", teacher_width=1):
+    # teacher_width 2: the teacher's groups are twice as wide, so MixACM trains linear maps
+    # between the channel maps (its extra modules, outside the graphs).
     torch.manual_seed(seed)
-    s, t = build_model(student).to(device), build_model("wrn-10-1").to(device)
+    s = build_model(student).to(device)
+    t = build_model("wide_resnet", 10, depth=10, widen_factor=teacher_width).to(device)
     return build_method("mixacm", s, t.eval().requires_grad_(False))
 
 
@@ -137,7 +140,9 @@ def _worst(run_a, run_b) -> tuple[float, str]:
     statistic), relative to the largest magnitude of that tensor in ``run_a``."""
     (steps_a, m_a), (steps_b, m_b) = run_a, run_b
     pairs = [(f"step {i} {k}", a[k], b[k]) for i, (a, b) in enumerate(zip(steps_a, steps_b)) for k in a]
-    pairs += [(name, p_a, p_b) for (name, p_a), p_b in zip(m_a.model.state_dict().items(), m_b.model.state_dict().values())]
+    for part in ("model", "extra"):
+        sd_a, sd_b = ((m.model if part == "model" else m.extra_modules()).state_dict() for m in (m_a, m_b))
+        pairs += [(f"{part} {name}", p_a, sd_b[name]) for name, p_a in sd_a.items()]
     return max(((float((b.double() - a.double()).abs().max() / (a.double().abs().max() + 1e-6)), name)
                 for name, a, b in pairs), key=lambda t: t[0])
 
@@ -149,11 +154,12 @@ def _check_graphed_equals_eager(device: torch.device, amp: str) -> None:
     y = [torch.randint(0, 10, (16,), generator=g).to(device) for _ in range(2)]
     runs = {}
     for name, graphs in (("eager", False), ("eager again", False), ("graphed", True)):
-        method = _mixacm(device)
+        method = _mixacm(device, teacher_width=2)
         method.model.to(memory_format=torch.channels_last).train()
         runs[name] = (_run(method, x, y, 6, amp, graphs), method)
     m_g = runs["graphed"][1]
-    assert m_g.graphs is not None and m_g.graphs.graphed is not None  # captured and replayed
+    assert len(m_g.transforms) == 3  # linear maps to the wider teacher, trained outside the graphs
+    assert m_g.graphs.replays == 6 * 2  # every student and teacher call of the six steps replayed
     # weights after six updates, and the BatchNorm statistics (the warm-up passes undone)
     noise, worst = _worst(runs["eager"], runs["eager again"]), _worst(runs["eager"], runs["graphed"])
     first = [float(r[0][0]["loss"]) for r in runs.values()]
@@ -163,10 +169,15 @@ def _check_graphed_equals_eager(device: torch.device, amp: str) -> None:
     # shape, so the capture picks the eager run's); two eager runs differ where a kernel sums
     # with atomics (some cuDNN weight-gradient algorithms), and the graphed run may differ as much.
     assert worst[0] <= max(1e-5, 3 * noise[0]), (worst, noise)
-    # Another batch size runs eagerly instead of replaying the graph of 16.
-    loss, _ = training_step(m_g, torch.optim.SGD(m_g.model.parameters(), lr=0.0), torch.amp.GradScaler("cuda", enabled=False),
-                            x[0][:8], y[0][:8], amp=amp)
-    assert torch.isfinite(loss)
+    # Another batch size runs eagerly instead of replaying the graph of 16, and so does a
+    # student in eval mode.
+    opt0, scaler = torch.optim.SGD(m_g.model.parameters(), lr=0.0), torch.amp.GradScaler("cuda", enabled=False)
+    loss, _ = training_step(m_g, opt0, scaler, x[0][:8], y[0][:8], amp=amp)
+    assert torch.isfinite(loss) and m_g.graphs.replays == 12
+    m_g.model.eval()
+    logits, _ = m_g._features("student", x[0])
+    torch.testing.assert_close(logits, m_g.model(x[0]))
+    assert m_g.graphs.replays == 12
 
 
 @pytest.mark.gpu
@@ -195,3 +206,40 @@ def test_a_graphed_run_resumes_to_the_uninterrupted_run_and_equals_the_eager_one
     for k in a:
         assert torch.equal(a[k], b[k]), f"resumed: {k}"
         assert torch.equal(a[k], c[k]), f"eager: {k}"
+
+
+@pytest.mark.gpu
+def test_pooled_power_reads_a_bf16_map_without_a_float32_copy_on_cuda():
+    # On CUDA the float32 reduction reads bf16 directly: no cast of the map's size, forward or
+    # backward (the CPU reduction casts; tests/test_losses.py checks the backward there).
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from mixacm.losses import pooled_power
+    from test_losses import _map_sized_casts
+
+    feat = torch.randn(4, 8, 6, 6, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    for p in (1, 2):
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                a = pooled_power(feat, p, "mean")
+            a.square().sum().backward()
+        assert _map_sized_casts(step, feat) == [], p
+
+
+@pytest.mark.gpu
+def test_a_student_with_unused_parameters_is_graphed():
+    # WideResNet's sub_block1 (carried by some RobustBench checkpoints) is never used in the
+    # forward: the capture leaves its parameters without a gradient, as the eager step does.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    student = build_model("wrn-10-1", sub_block1=True).cuda().train()
+    method = build_method("mixacm", student, build_model("wrn-10-1").cuda().eval().requires_grad_(False))
+    method.use_cuda_graphs()
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    x, y = torch.rand(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    for _ in range(2):
+        loss, _ = training_step(method, opt, torch.amp.GradScaler("cuda", enabled=False), x, y, amp="bf16")
+    assert torch.isfinite(loss) and method.graphs.replays == 4
+    assert all(p.grad is None for n, p in student.named_parameters() if n.startswith("sub_block1."))
+    assert student.conv1.weight.grad is not None

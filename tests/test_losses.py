@@ -85,6 +85,28 @@ def test_pooled_power_of_bf16_maps_is_float32_and_keeps_their_layout():
     torch.testing.assert_close(g.float(), g_ref, rtol=2 ** -7, atol=1e-6)
 
 
+def _map_sized_casts(fn, feat: torch.Tensor) -> list[str]:
+    """The dtype casts (``aten::_to_copy``) of ``feat``'s full size that ``fn()`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+            and e.input_shapes[0] == list(feat.shape)]
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_pooled_power_backward_writes_no_float32_copy_of_the_map(p):
+    # The gradient of a bf16 map is formed in bf16 (p = 2: one product; p = 1: a broadcast view):
+    # no cast of the map's size in the backward (the forward's reduction reads bf16 directly on
+    # CUDA, tests/test_graphs.py checks it there; the CPU reduction casts).
+    feat = torch.randn(4, 8, 6, 6).to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = pooled_power(feat, p, "mean")
+    assert _map_sized_casts(lambda: a.sum().backward(), feat) == []
+    assert feat.grad.dtype == torch.bfloat16
+
+
 def test_pooled_power_rejects_other_powers():
     with pytest.raises(ValueError, match="p=3"):
         pooled_power(torch.ones(1, 1, 2, 2), 3)
