@@ -34,6 +34,7 @@ open rather than guessed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -51,13 +52,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from mixacm.config import (check_pipeline_recipe, evaluated_runs, experiment_runs, method_class,  # noqa: E402
-                           method_knobs, resolve_recipe, validate)
+                           method_knobs, resolve_recipe, training_gpus, validate)
 from mixacm.data import load_dataset  # noqa: E402
 from mixacm.distributed import cpus_per_rank  # noqa: E402
 from mixacm.loader import make_train_loader  # noqa: E402
 from mixacm.models import build_model  # noqa: E402
 from mixacm.provenance import compute_precision, provenance  # noqa: E402
-from mixacm.train import training_step  # noqa: E402
+from mixacm.train import graphs_wanted, training_step  # noqa: E402
 from mixacm.utils import atomic_json_dump, load_yaml, parse_eps, seed_everything  # noqa: E402
 
 IMAGES = {"cifar10": (50_000, 10_000, 32), "imagenet": (1_281_167, 50_000, 224)}  # train, test, side
@@ -145,7 +146,7 @@ def recipe_run(pipeline: dict, dataset: str, recipe: str, arch: str) -> dict:
     """What the workflow's training job of ``recipe`` runs: the run config, the resolved
     recipe, the GPUs of the job and its precision."""
     cfg = check_pipeline_recipe(pipeline, recipe, dataset=dataset, arch=arch, teacher="teacher.pt")
-    gpus = max(1, int(pipeline["resources"].get(dataset, {}).get("train", {}).get("gpu", 1)))
+    gpus = training_gpus(pipeline, dataset)
     return {"recipe": recipe, "dataset": dataset, "arch": arch, "cfg": cfg, "resolved": resolve_recipe(cfg),
             "gpus": gpus, "amp": cfg["train"]["amp"], "channels_last": cfg["train"]["channels_last"],
             "cuda_graphs": cfg["train"]["cuda_graphs"]}
@@ -201,8 +202,7 @@ def build_step(job: dict, precision: dict, args, device: torch.device) -> tuple[
         teacher = build_model(_arch(args.teacher_arch[dataset], args), classes).to(device, memory_format=fmt)
         teacher = teacher.eval().requires_grad_(False)
     method = cls(model, teacher=teacher, dataset=dataset, **method_knobs(cfg))
-    graphs = cfg["train"]["cuda_graphs"]
-    if device.type == "cuda" and (graphs is True or (graphs == "auto" and job["gpus"] == 1)):  # as mixacm.train.setup
+    if device.type == "cuda" and graphs_wanted(cfg["train"]["cuda_graphs"], device, job["gpus"]):  # as mixacm.train.setup
         method.use_cuda_graphs()
     recipe = resolve_recipe(cfg, method)
     method.recipe = {**getattr(method, "recipe", {}), **recipe}
@@ -466,14 +466,13 @@ def _ddp_worker(rank: int, world: int, port: int, jobs: list[dict], args, queue)
             batch = job["resolved"]["batch_size"]
             x, y = _batch(batch // world, 32, 10, ctx.device, True, seed=rank)
 
-            def step():
-                training_step(method, opt, scaler, x, y, amp=job["amp"], extra_params=params, ctx=ctx)
-
+            step = functools.partial(training_step, method, opt, scaler, x, y, amp=job["amp"], extra_params=params,
+                                     ctx=ctx)
             dist.barrier()
             n, seconds = time_calls(step, ctx.device, args.warmup, args.ddp_steps, args.max_seconds_per_row)
             rows.append({"recipe": job["recipe"], "world_size": world, "global_batch": batch, "steps": n,
                          "seconds": seconds, "images_per_s": n * batch / seconds})
-            del net, method, model, teacher, opt
+            del net, method, model, teacher, opt, step
         if rank == 0:
             queue.put(rows)
     finally:

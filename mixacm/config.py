@@ -403,6 +403,11 @@ def evaluated_runs(pipeline: Mapping[str, Any], name: str, key: str) -> list[tup
 _RECIPE_KEYS = {"method": "knobs", "optim": "optim", "train": "train"}
 
 
+def training_gpus(pipeline: Mapping[str, Any], dataset: str) -> int:
+    """GPUs (processes) of a training job of ``dataset`` in the pipeline config (at least 1)."""
+    return max(1, int(pipeline.get("resources", {}).get(dataset, {}).get("train", {}).get("gpu", 1) or 1))
+
+
 def check_pipeline_recipe(pipeline: Mapping[str, Any], recipe: str, *, dataset: str, arch: str,
                           teacher: str | None = None) -> dict:
     """Validate recipe ``recipe`` for ``dataset`` and ``arch`` exactly as ``mixacm train`` will
@@ -413,7 +418,7 @@ def check_pipeline_recipe(pipeline: Mapping[str, Any], recipe: str, *, dataset: 
     try:
         cfg = load_run_config(cfg)
         resolve_recipe(cfg)
-        gpus = int(pipeline.get("resources", {}).get(dataset, {}).get("train", {}).get("gpu", 1) or 1)
+        gpus = training_gpus(pipeline, dataset)
         if cfg["train"]["cuda_graphs"] is True and gpus > 1:
             raise ConfigError(f"train.cuda_graphs: one process only, but resources.{dataset}.train.gpu is {gpus} "
                               "(DDP's gradient hooks are not captured)")

@@ -359,7 +359,7 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
         method = cls(net, teacher=teacher, dataset=cfg["dataset"]["name"], **method_knobs(cfg))
     except ValueError as err:
         raise ConfigError(f"method: {err}") from None
-    if tcfg["cuda_graphs"] is True or (tcfg["cuda_graphs"] == "auto" and device.type == "cuda" and not ctx.enabled):
+    if graphs_wanted(tcfg["cuda_graphs"], device, ctx.world_size):
         use_cuda_graphs(method, ctx)
     extra = method.extra_modules().to(device)
     if state is not None:
@@ -397,6 +397,12 @@ def setup(cfg: dict, out: Path, ctx: ddp.DistContext, state: Mapping[str, Any] |
                source=dataset_source(full), spec=spec, model=model, net=net, method=method, extra=extra,
                recipe=recipe, local_batch_size=local_bs, loader=loader, steps_per_epoch=steps_per_epoch,
                memory_format=memory_format, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+
+def graphs_wanted(setting: bool | str, device: torch.device, world_size: int) -> bool:
+    """Whether a run with ``train.cuda_graphs: setting`` uses CUDA graphs: always for ``true``
+    (``use_cuda_graphs`` then refuses a CPU or a DDP run), for ``auto`` on one CUDA process."""
+    return setting is True or (setting == "auto" and device.type == "cuda" and world_size == 1)
 
 
 def use_cuda_graphs(method: Any, ctx: ddp.DistContext) -> None:
